@@ -1,0 +1,792 @@
+-- Queue layer: the public API (send, read, delete, archive, ...) and its internal helpers.
+--
+-- Conventions of every function here:
+-- * search_path is pinned and every object is schema-qualified, so no caller's objects can be
+--   substituted; public functions are SECURITY DEFINER so roles need EXECUTE only (finalize.sql).
+-- * Hot-path functions also pin enable_seqscan = off and jit = off: PL/pgSQL keeps each
+--   statement's plan for the life of the backend, and a plan first made while a queue table
+--   was empty would otherwise be a sequential scan that slows down as the table fills.
+-- * Arguments are checked before anything is written: bad input raises a specific SQLSTATE
+--   (22004 null, 22023 invalid value, 42622 name too long, 42704 unknown queue, 54000 over a
+--   limit) and, the function being one statement, changes nothing.
+-- * Parameter names collide with column names, hence `#variable_conflict use_column` and
+--   parameters referred to as function_name.parameter.
+
+-- The queue row for queue_name, or a clear error: a malformed name is reported as such, a
+-- well-formed unknown one as 42704.
+CREATE FUNCTION pgflow._queue(queue_name text) RETURNS pgflow.queues
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q pgflow.queues;
+BEGIN
+    SELECT * INTO q FROM pgflow.queues WHERE queue_name = _queue.queue_name;
+    IF NOT FOUND THEN
+        PERFORM pgflow._check_name(_queue.queue_name, 'queue_name');
+        RAISE EXCEPTION 'queue "%" does not exist', _queue.queue_name
+            USING ERRCODE = '42704', HINT = 'Create it with pgflow.create_queue(queue_name).';
+    END IF;
+    RETURN q;
+END
+$$;
+
+-- Checks shared by the functions that lease messages.
+CREATE FUNCTION pgflow._check_lease(vt integer, qty integer) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF vt IS NULL THEN
+        RAISE EXCEPTION 'vt must not be null' USING ERRCODE = '22004',
+            HINT = 'vt is the visibility timeout in seconds.';
+    ELSIF vt < 0 OR vt > 31536000 THEN
+        RAISE EXCEPTION 'vt must be between 0 and 31536000 seconds, not %', vt USING ERRCODE = '22023';
+    END IF;
+    IF qty IS NULL THEN
+        RAISE EXCEPTION 'qty must not be null' USING ERRCODE = '22004';
+    ELSIF qty < 1 OR qty > 100000 THEN
+        RAISE EXCEPTION 'qty must be between 1 and 100000, not %', qty USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+-- Checks shared by the send functions.
+CREATE FUNCTION pgflow._check_send(delay_seconds integer, priority integer, headers jsonb) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF delay_seconds IS NULL THEN
+        RAISE EXCEPTION 'delay must not be null' USING ERRCODE = '22004',
+            HINT = 'Pass 0 to send without delay.';
+    ELSIF delay_seconds < 0 OR delay_seconds > 31536000 THEN
+        RAISE EXCEPTION 'delay must be between 0 and 31536000 seconds, not %', delay_seconds
+            USING ERRCODE = '22023';
+    END IF;
+    IF priority IS NULL THEN
+        RAISE EXCEPTION 'priority must not be null' USING ERRCODE = '22004',
+            HINT = 'Pass 0 for normal priority; higher values are served first.';
+    END IF;
+    IF headers IS NOT NULL AND jsonb_typeof(headers) <> 'object' THEN
+        RAISE EXCEPTION 'headers must be a JSON object or null, not a JSON %', jsonb_typeof(headers)
+            USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+-- Remember that a queue has messages becoming visible at `due`, so the maintenance worker wakes
+-- its readers and notifies its listeners then. Rounded up to 100 ms: one row per burst.
+CREATE FUNCTION pgflow._due_at(queue_id bigint, due timestamptz) RETURNS void
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO pgflow.due_wakeups (queue_id, due_at)
+    VALUES ($1, to_timestamp(ceil(extract(epoch FROM $2) * 10) / 10))
+    ON CONFLICT DO NOTHING;
+$$;
+
+---------------------------------------------------------------------------------------------
+-- Managing queues
+---------------------------------------------------------------------------------------------
+
+CREATE FUNCTION pgflow.create_queue(
+    queue_name text,
+    max_retries integer DEFAULT 3,
+    retry_delay_ms integer DEFAULT 1000,
+    max_retry_delay_ms integer DEFAULT 3600000,
+    retry_jitter double precision DEFAULT 0,
+    notify boolean DEFAULT false
+) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    new_id bigint;
+    seq_name text;
+BEGIN
+    PERFORM pgflow._check_name(create_queue.queue_name, 'queue_name');
+    PERFORM pgflow._check_queue_options(create_queue.max_retries, create_queue.retry_delay_ms,
+        create_queue.max_retry_delay_ms, create_queue.retry_jitter, create_queue.notify);
+    IF EXISTS (SELECT 1 FROM pgflow.queues WHERE queue_name = create_queue.queue_name) THEN
+        RETURN false;
+    END IF;
+    -- The sequence is named after the queue's id, never its name: nothing a user typed is
+    -- spliced into SQL text.
+    new_id := nextval(pg_get_serial_sequence('pgflow.queues', 'queue_id')::regclass);
+    seq_name := 'queue_' || new_id::text || '_msg_seq';
+    EXECUTE format('CREATE SEQUENCE pgflow.%I AS bigint', seq_name);
+    INSERT INTO pgflow.queues (queue_id, queue_name, msg_seq, max_retries, retry_delay_ms,
+                               max_retry_delay_ms, retry_jitter, notify)
+    OVERRIDING SYSTEM VALUE
+    VALUES (new_id, create_queue.queue_name, ('pgflow.' || seq_name)::regclass,
+            create_queue.max_retries, create_queue.retry_delay_ms,
+            create_queue.max_retry_delay_ms, create_queue.retry_jitter, create_queue.notify)
+    ON CONFLICT (queue_name) DO NOTHING;
+    IF NOT FOUND THEN
+        -- A concurrent create_queue of the same name committed first: theirs stands.
+        EXECUTE format('DROP SEQUENCE pgflow.%I', seq_name);
+        RETURN false;
+    END IF;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION pgflow.create_queue(text, integer, integer, integer, double precision, boolean) IS
+'Create a queue. Returns true if created, false if a queue of that name already exists (its options are kept; change them with pgflow.alter_queue). Names: ASCII letters, digits, underscore, 1-48 bytes. max_retries: deliveries after the first before a message is dead-lettered (0-100); retry_delay_ms: first backoff, doubled per attempt up to max_retry_delay_ms; retry_jitter: 0-1, fraction of the backoff randomly taken off; notify: announce every committed send on pgflow.queue_channel(queue_name).';
+
+CREATE FUNCTION pgflow._check_queue_options(
+    max_retries integer, retry_delay_ms integer, max_retry_delay_ms integer,
+    retry_jitter double precision, notify boolean
+) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF max_retries IS NULL THEN
+        RAISE EXCEPTION 'max_retries must not be null' USING ERRCODE = '22004';
+    ELSIF max_retries < 0 OR max_retries > 100 THEN
+        RAISE EXCEPTION 'max_retries must be between 0 and 100, not %', max_retries USING ERRCODE = '22023',
+            HINT = '0 dead-letters a message at its first failure.';
+    END IF;
+    IF retry_delay_ms IS NULL THEN
+        RAISE EXCEPTION 'retry_delay_ms must not be null' USING ERRCODE = '22004';
+    ELSIF retry_delay_ms < 0 OR retry_delay_ms > 86400000 THEN
+        RAISE EXCEPTION 'retry_delay_ms must be between 0 and 86400000 (one day), not %', retry_delay_ms
+            USING ERRCODE = '22023';
+    END IF;
+    IF max_retry_delay_ms IS NULL THEN
+        RAISE EXCEPTION 'max_retry_delay_ms must not be null' USING ERRCODE = '22004';
+    ELSIF max_retry_delay_ms < 0 OR max_retry_delay_ms > 604800000 THEN
+        RAISE EXCEPTION 'max_retry_delay_ms must be between 0 and 604800000 (one week), not %', max_retry_delay_ms
+            USING ERRCODE = '22023';
+    END IF;
+    IF retry_jitter IS NULL THEN
+        RAISE EXCEPTION 'retry_jitter must not be null' USING ERRCODE = '22004';
+    ELSIF NOT (retry_jitter >= 0 AND retry_jitter <= 1) THEN
+        RAISE EXCEPTION 'retry_jitter must be between 0 and 1, not %', retry_jitter USING ERRCODE = '22023';
+    END IF;
+    IF notify IS NULL THEN
+        RAISE EXCEPTION 'notify must not be null' USING ERRCODE = '22004';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION pgflow.alter_queue(
+    queue_name text,
+    max_retries integer DEFAULT NULL,
+    retry_delay_ms integer DEFAULT NULL,
+    max_retry_delay_ms integer DEFAULT NULL,
+    retry_jitter double precision DEFAULT NULL,
+    notify boolean DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q pgflow.queues;
+BEGIN
+    q := pgflow._queue(alter_queue.queue_name);
+    q.max_retries := coalesce(alter_queue.max_retries, q.max_retries);
+    q.retry_delay_ms := coalesce(alter_queue.retry_delay_ms, q.retry_delay_ms);
+    q.max_retry_delay_ms := coalesce(alter_queue.max_retry_delay_ms, q.max_retry_delay_ms);
+    q.retry_jitter := coalesce(alter_queue.retry_jitter, q.retry_jitter);
+    q.notify := coalesce(alter_queue.notify, q.notify);
+    PERFORM pgflow._check_queue_options(q.max_retries, q.retry_delay_ms, q.max_retry_delay_ms,
+                                        q.retry_jitter, q.notify);
+    UPDATE pgflow.queues
+       SET max_retries = q.max_retries, retry_delay_ms = q.retry_delay_ms,
+           max_retry_delay_ms = q.max_retry_delay_ms, retry_jitter = q.retry_jitter, notify = q.notify
+     WHERE queue_id = q.queue_id;
+END
+$$;
+COMMENT ON FUNCTION pgflow.alter_queue(text, integer, integer, integer, double precision, boolean) IS
+'Change options of an existing queue; a NULL argument keeps the current value. Takes effect for messages read or failed from then on.';
+
+CREATE FUNCTION pgflow.drop_queue(queue_name text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q pgflow.queues;
+BEGIN
+    PERFORM pgflow._check_name(drop_queue.queue_name, 'queue_name');
+    SELECT * INTO q FROM pgflow.queues WHERE queue_name = drop_queue.queue_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF to_regclass('pgflow.flows') IS NOT NULL
+       AND EXISTS (SELECT 1 FROM pgflow.flows f WHERE f.flow_slug = q.queue_name) THEN
+        RAISE EXCEPTION 'queue "%" delivers the tasks of flow "%"', q.queue_name, q.queue_name
+            USING ERRCODE = '55000', HINT = 'Drop the flow with pgflow.drop_flow(flow_slug) instead.';
+    END IF;
+    DELETE FROM pgflow.messages WHERE queue_id = q.queue_id;
+    DELETE FROM pgflow.archive WHERE queue_id = q.queue_id;
+    DELETE FROM pgflow.due_wakeups WHERE queue_id = q.queue_id;
+    DELETE FROM pgflow.queues WHERE queue_id = q.queue_id;
+    EXECUTE format('DROP SEQUENCE %s', q.msg_seq::text);
+    -- Dead-lettered messages stay: they can be retried once a queue of that name exists again.
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION pgflow.drop_queue(text) IS
+'Drop a queue with its live and archived messages. Returns false if no such queue. Its dead-lettered messages are kept (pgflow.list_dlq_messages) and can be retried into a queue of the same name created later.';
+
+CREATE FUNCTION pgflow.purge_queue(queue_name text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q pgflow.queues;
+    n bigint;
+BEGIN
+    q := pgflow._queue(purge_queue.queue_name);
+    DELETE FROM pgflow.messages WHERE queue_id = q.queue_id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    DELETE FROM pgflow.due_wakeups WHERE queue_id = q.queue_id;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION pgflow.purge_queue(text) IS
+'Delete every live message of a queue (waiting, delayed or leased); archive and dead-letter queue are untouched. Returns how many were deleted.';
+
+CREATE FUNCTION pgflow.list_queues()
+RETURNS TABLE (queue_name text, created_at timestamptz, max_retries integer, retry_delay_ms integer,
+               max_retry_delay_ms integer, retry_jitter double precision, notify boolean)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT queue_name, created_at, max_retries, retry_delay_ms, max_retry_delay_ms, retry_jitter, notify
+      FROM pgflow.queues ORDER BY queue_name;
+$$;
+COMMENT ON FUNCTION pgflow.list_queues() IS 'Every queue with its creation time and options, by name.';
+
+---------------------------------------------------------------------------------------------
+-- Sending
+---------------------------------------------------------------------------------------------
+
+-- The one insert path of single messages. Announcements and wake-ups happen in the statement
+-- trigger on pgflow.messages (sql/events/notify.sql), so every path that inserts is covered.
+CREATE FUNCTION pgflow._send(q pgflow.queues, message jsonb, visible_at timestamptz, priority integer, headers jsonb)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    id bigint;
+BEGIN
+    IF _send.message IS NULL THEN
+        RAISE EXCEPTION 'message must not be null' USING ERRCODE = '22004',
+            HINT = 'Send ''{}''::jsonb for an empty message.';
+    END IF;
+    INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message, headers)
+    VALUES (q.queue_id, nextval(q.msg_seq), visible_at, _send.priority, _send.message, _send.headers)
+    RETURNING msg_id INTO id;
+    IF visible_at > clock_timestamp() THEN
+        PERFORM pgflow._due_at(q.queue_id, visible_at);
+    END IF;
+    RETURN id;
+END
+$$;
+
+CREATE FUNCTION pgflow.send(queue_name text, message jsonb, delay integer DEFAULT 0,
+                            priority integer DEFAULT 0, headers jsonb DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    PERFORM pgflow._check_send(delay, priority, headers);
+    RETURN pgflow._send(pgflow._queue(queue_name), message,
+                        clock_timestamp() + make_interval(secs => delay), priority, headers);
+END
+$$;
+COMMENT ON FUNCTION pgflow.send(text, jsonb, integer, integer, jsonb) IS
+'Send a message; returns its msg_id. It becomes readable when the sending transaction commits and delay seconds have passed. Higher priority is delivered first, FIFO by msg_id within a priority. headers: a JSON object or null.';
+
+CREATE FUNCTION pgflow.send(queue_name text, message jsonb, delay timestamptz,
+                            priority integer DEFAULT 0, headers jsonb DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    IF delay IS NULL THEN
+        RAISE EXCEPTION 'delay must not be null' USING ERRCODE = '22004',
+            HINT = 'Pass the time at which the message becomes readable.';
+    END IF;
+    PERFORM pgflow._check_send(0, priority, headers);
+    RETURN pgflow._send(pgflow._queue(queue_name), message, delay, priority, headers);
+END
+$$;
+COMMENT ON FUNCTION pgflow.send(text, jsonb, timestamptz, integer, jsonb) IS
+'Send a message that becomes readable at the given time (a time in the past means now); returns its msg_id.';
+
+CREATE FUNCTION pgflow._send_batch(q pgflow.queues, messages jsonb[], visible_at timestamptz,
+                                   priority integer, headers jsonb[])
+RETURNS SETOF bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    n integer := cardinality(messages);
+    bad integer;
+BEGIN
+    IF messages IS NULL THEN
+        RAISE EXCEPTION 'messages must not be null' USING ERRCODE = '22004';
+    ELSIF n = 0 THEN
+        RAISE EXCEPTION 'messages must not be empty' USING ERRCODE = '22023',
+            HINT = 'Send at least one message.';
+    ELSIF n > pgflow._max_batch_size() THEN
+        RAISE EXCEPTION 'messages holds % messages, more than the batch limit of %', n, pgflow._max_batch_size()
+            USING ERRCODE = '54000', HINT = 'Split the batch, or raise pgflow.max_batch_size.';
+    ELSIF array_ndims(messages) > 1 THEN
+        RAISE EXCEPTION 'messages must be a one-dimensional array' USING ERRCODE = '22023';
+    END IF;
+    bad := array_position(messages, NULL);
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'messages[%] is null', bad USING ERRCODE = '22004';
+    END IF;
+    IF headers IS NOT NULL THEN
+        IF cardinality(headers) <> n THEN
+            RAISE EXCEPTION 'headers has % elements but messages has %', cardinality(headers), n
+                USING ERRCODE = '22023', HINT = 'Give one headers object (or null) per message.';
+        END IF;
+        SELECT i INTO bad FROM unnest(headers) WITH ORDINALITY AS h(v, i)
+         WHERE v IS NOT NULL AND jsonb_typeof(v) <> 'object' LIMIT 1;
+        IF bad IS NOT NULL THEN
+            RAISE EXCEPTION 'headers[%] must be a JSON object or null', bad USING ERRCODE = '22023';
+        END IF;
+    END IF;
+    IF visible_at > clock_timestamp() THEN
+        PERFORM pgflow._due_at(q.queue_id, visible_at);
+    END IF;
+    RETURN QUERY
+    INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message, headers)
+    SELECT q.queue_id, nextval(q.msg_seq), visible_at, _send_batch.priority, m.body, headers[m.i]
+      FROM unnest(messages) WITH ORDINALITY AS m(body, i)
+     ORDER BY m.i
+    RETURNING msg_id;
+END
+$$;
+
+CREATE FUNCTION pgflow.send_batch(queue_name text, messages jsonb[], delay integer DEFAULT 0,
+                                  priority integer DEFAULT 0, headers jsonb[] DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    PERFORM pgflow._check_send(delay, priority, NULL);
+    RETURN QUERY SELECT pgflow._send_batch(pgflow._queue(queue_name), messages,
+                        clock_timestamp() + make_interval(secs => delay), priority, headers);
+END
+$$;
+COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], integer, integer, jsonb[]) IS
+'Send several messages in one statement; returns their msg_ids in array order (ids ascend in that order, so FIFO keeps it). At most pgflow.max_batch_size (default 10000) messages; headers, if given, has one object or null per message.';
+
+CREATE FUNCTION pgflow.send_batch(queue_name text, messages jsonb[], delay timestamptz,
+                                  priority integer DEFAULT 0, headers jsonb[] DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    IF delay IS NULL THEN
+        RAISE EXCEPTION 'delay must not be null' USING ERRCODE = '22004';
+    END IF;
+    PERFORM pgflow._check_send(0, priority, NULL);
+    RETURN QUERY SELECT pgflow._send_batch(pgflow._queue(queue_name), messages, delay, priority, headers);
+END
+$$;
+COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], timestamptz, integer, jsonb[]) IS
+'Send several messages in one statement, readable from the given time; returns their msg_ids in array order.';
+
+---------------------------------------------------------------------------------------------
+-- Reading
+---------------------------------------------------------------------------------------------
+
+-- Lease up to qty visible messages of queue q for vt seconds, in delivery order (priority
+-- descending, then msg_id). A message already delivered max_retries + 1 times whose lease
+-- expired without an ack is moved to the dead-letter queue instead (SQS's maxReceiveCount),
+-- and another message is looked for in its place. With consume, delivered messages are
+-- deleted at once (pop: at-most-once).
+CREATE FUNCTION pgflow._claim(q pgflow.queues, vt integer, qty integer, consume boolean)
+RETURNS SETOF pgflow.message_record
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    want integer := qty;
+    n_dead bigint;
+    got pgflow.message_record[];
+BEGIN
+    LOOP
+        IF consume THEN
+            WITH c AS (
+                SELECT m.msg_id, m.read_ct FROM pgflow.messages m
+                 WHERE m.queue_id = q.queue_id AND m.vt <= clock_timestamp()
+                 ORDER BY m.priority DESC, m.msg_id
+                 LIMIT want
+                   FOR UPDATE SKIP LOCKED
+            ), dead AS (
+                SELECT pgflow._dead_letter(q, c.msg_id, NULL) FROM c WHERE c.read_ct > q.max_retries
+            ), taken AS (
+                DELETE FROM pgflow.messages m USING c
+                 WHERE m.queue_id = q.queue_id AND m.msg_id = c.msg_id AND c.read_ct <= q.max_retries
+                RETURNING m.msg_id, m.read_ct + 1 AS read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority
+            )
+            SELECT (SELECT count(*) FROM dead),
+                   coalesce(array_agg(ROW(t.*)::pgflow.message_record ORDER BY t.priority DESC, t.msg_id), '{}')
+              INTO n_dead, got FROM taken t;
+        ELSE
+            WITH c AS (
+                SELECT m.msg_id, m.read_ct FROM pgflow.messages m
+                 WHERE m.queue_id = q.queue_id AND m.vt <= clock_timestamp()
+                 ORDER BY m.priority DESC, m.msg_id
+                 LIMIT want
+                   FOR UPDATE SKIP LOCKED
+            ), dead AS (
+                SELECT pgflow._dead_letter(q, c.msg_id, NULL) FROM c WHERE c.read_ct > q.max_retries
+            ), leased AS (
+                UPDATE pgflow.messages m
+                   SET vt = clock_timestamp() + make_interval(secs => _claim.vt), read_ct = m.read_ct + 1
+                  FROM c
+                 WHERE m.queue_id = q.queue_id AND m.msg_id = c.msg_id AND c.read_ct <= q.max_retries
+                RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority
+            )
+            SELECT (SELECT count(*) FROM dead),
+                   coalesce(array_agg(ROW(l.*)::pgflow.message_record ORDER BY l.priority DESC, l.msg_id), '{}')
+              INTO n_dead, got FROM leased l;
+        END IF;
+        RETURN QUERY SELECT * FROM unnest(got);
+        want := want - cardinality(got);
+        EXIT WHEN n_dead = 0 OR want <= 0;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION pgflow.read(queue_name text, vt integer, qty integer DEFAULT 1)
+RETURNS SETOF pgflow.message_record
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    PERFORM pgflow._check_lease(vt, qty);
+    RETURN QUERY SELECT * FROM pgflow._claim(pgflow._queue(queue_name), vt, qty, false);
+END
+$$;
+COMMENT ON FUNCTION pgflow.read(text, integer, integer) IS
+'Lease up to qty visible messages for vt seconds, highest priority first, then FIFO. Each row''s (msg_id, read_ct) identifies the delivery: pass read_ct to delete/archive/set_vt/nack so a late consumer whose lease expired cannot act on a redelivered message. Never blocks; concurrent readers get distinct messages.';
+
+CREATE FUNCTION pgflow.read_with_poll(queue_name text, vt integer, qty integer DEFAULT 1,
+                                      max_poll_seconds integer DEFAULT 5, poll_interval_ms integer DEFAULT 100)
+RETURNS SETOF pgflow.message_record
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+DECLARE
+    q pgflow.queues;
+    deadline timestamptz;
+    epoch bigint;
+    left_ms integer;
+BEGIN
+    PERFORM pgflow._check_lease(vt, qty);
+    IF max_poll_seconds IS NULL THEN
+        RAISE EXCEPTION 'max_poll_seconds must not be null' USING ERRCODE = '22004';
+    ELSIF max_poll_seconds < 0 OR max_poll_seconds > 3600 THEN
+        RAISE EXCEPTION 'max_poll_seconds must be between 0 and 3600, not %', max_poll_seconds USING ERRCODE = '22023';
+    END IF;
+    IF poll_interval_ms IS NULL THEN
+        RAISE EXCEPTION 'poll_interval_ms must not be null' USING ERRCODE = '22004';
+    ELSIF poll_interval_ms < 1 OR poll_interval_ms > 60000 THEN
+        RAISE EXCEPTION 'poll_interval_ms must be between 1 and 60000, not %', poll_interval_ms USING ERRCODE = '22023';
+    END IF;
+    q := pgflow._queue(queue_name);
+    deadline := clock_timestamp() + make_interval(secs => max_poll_seconds);
+    LOOP
+        -- Taken before looking, so a send committing between the look and the wait wakes us.
+        epoch := pgflow._wake_epoch(q.queue_id);
+        RETURN QUERY SELECT * FROM pgflow._claim(q, vt, qty, false);
+        IF FOUND THEN
+            RETURN;
+        END IF;
+        left_ms := ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000);
+        EXIT WHEN left_ms <= 0;
+        PERFORM pgflow._wait_for_wake(q.queue_id, epoch, least(left_ms, poll_interval_ms));
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgflow.read_with_poll(text, integer, integer, integer, integer) IS
+'Like pgflow.read, but waits up to max_poll_seconds for messages. With pgflow in shared_preload_libraries it wakes as soon as a send to the queue commits; otherwise it looks again every poll_interval_ms (which also bounds how late it notices expired leases and due delayed messages). Returns nothing if none came in time.';
+
+CREATE FUNCTION pgflow.pop(queue_name text, qty integer DEFAULT 1)
+RETURNS SETOF pgflow.message_record
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    PERFORM pgflow._check_lease(0, qty);
+    RETURN QUERY SELECT * FROM pgflow._claim(pgflow._queue(queue_name), 0, qty, true);
+END
+$$;
+COMMENT ON FUNCTION pgflow.pop(text, integer) IS
+'Read and delete up to qty visible messages at once (at-most-once delivery: a consumer that fails after pop has lost the message).';
+
+---------------------------------------------------------------------------------------------
+-- Acknowledging and leases
+---------------------------------------------------------------------------------------------
+
+CREATE FUNCTION pgflow._check_ids(msg_ids bigint[], read_cts integer[]) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF msg_ids IS NULL THEN
+        RAISE EXCEPTION 'msg_ids must not be null' USING ERRCODE = '22004';
+    ELSIF array_position(msg_ids, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'msg_ids[%] is null', array_position(msg_ids, NULL) USING ERRCODE = '22004';
+    END IF;
+    IF read_cts IS NOT NULL AND cardinality(read_cts) <> cardinality(msg_ids) THEN
+        RAISE EXCEPTION 'read_cts has % elements but msg_ids has %', cardinality(read_cts), cardinality(msg_ids)
+            USING ERRCODE = '22023', HINT = 'Give one read_ct per msg_id, or none.';
+    END IF;
+END
+$$;
+
+-- Delete (archive = false) or archive the given messages whose lease matches; returns the ids
+-- acted on. read_cts, when given, must match the message's current read_ct (the delivery the
+-- caller holds); a null element accepts any.
+CREATE FUNCTION pgflow._ack(q pgflow.queues, msg_ids bigint[], read_cts integer[], to_archive boolean)
+RETURNS SETOF bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF cardinality(msg_ids) = 1 THEN
+        -- The common single-message ack, without unnest.
+        IF to_archive THEN
+            RETURN QUERY
+            WITH gone AS (
+                DELETE FROM pgflow.messages m
+                 WHERE m.queue_id = q.queue_id AND m.msg_id = msg_ids[1]
+                   AND (read_cts[1] IS NULL OR m.read_ct = read_cts[1])
+                RETURNING m.*
+            )
+            INSERT INTO pgflow.archive (queue_id, msg_id, read_ct, enqueued_at, vt, priority, message, headers)
+            SELECT queue_id, msg_id, read_ct, enqueued_at, vt, priority, message, headers FROM gone
+            RETURNING msg_id;
+        ELSE
+            RETURN QUERY
+            DELETE FROM pgflow.messages m
+             WHERE m.queue_id = q.queue_id AND m.msg_id = msg_ids[1]
+               AND (read_cts[1] IS NULL OR m.read_ct = read_cts[1])
+            RETURNING m.msg_id;
+        END IF;
+    ELSIF to_archive THEN
+        RETURN QUERY
+        WITH want AS (
+            SELECT id, rc FROM unnest(msg_ids, coalesce(read_cts, '{}')) AS w(id, rc)
+        ), gone AS (
+            DELETE FROM pgflow.messages m USING want w
+             WHERE m.queue_id = q.queue_id AND m.msg_id = w.id AND (w.rc IS NULL OR m.read_ct = w.rc)
+            RETURNING m.*
+        )
+        INSERT INTO pgflow.archive (queue_id, msg_id, read_ct, enqueued_at, vt, priority, message, headers)
+        SELECT queue_id, msg_id, read_ct, enqueued_at, vt, priority, message, headers FROM gone
+        RETURNING msg_id;
+    ELSE
+        RETURN QUERY
+        DELETE FROM pgflow.messages m
+         USING unnest(msg_ids, coalesce(read_cts, '{}')) AS w(id, rc)
+         WHERE m.queue_id = q.queue_id AND m.msg_id = w.id AND (w.rc IS NULL OR m.read_ct = w.rc)
+        RETURNING m.msg_id;
+    END IF;
+END
+$$;
+
+CREATE FUNCTION pgflow.delete(queue_name text, msg_id bigint, read_ct integer DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    IF msg_id IS NULL THEN
+        RAISE EXCEPTION 'msg_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    RETURN EXISTS (SELECT 1 FROM pgflow._ack(pgflow._queue(queue_name), ARRAY[msg_id], ARRAY[read_ct], false));
+END
+$$;
+COMMENT ON FUNCTION pgflow.delete(text, bigint, integer) IS
+'Delete a message (acknowledge it). Returns false if there is no such message, or if read_ct is given and the message has been delivered again since (the caller''s lease is stale).';
+
+CREATE FUNCTION pgflow.delete(queue_name text, msg_ids bigint[], read_cts integer[] DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    PERFORM pgflow._check_ids(msg_ids, read_cts);
+    RETURN QUERY SELECT pgflow._ack(pgflow._queue(queue_name), msg_ids, read_cts, false);
+END
+$$;
+COMMENT ON FUNCTION pgflow.delete(text, bigint[], integer[]) IS
+'Delete several messages; returns the ids deleted. With read_cts (one per id, null for any), a message whose read_ct differs is left alone.';
+
+CREATE FUNCTION pgflow.archive(queue_name text, msg_id bigint, read_ct integer DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    IF msg_id IS NULL THEN
+        RAISE EXCEPTION 'msg_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    RETURN EXISTS (SELECT 1 FROM pgflow._ack(pgflow._queue(queue_name), ARRAY[msg_id], ARRAY[read_ct], true));
+END
+$$;
+COMMENT ON FUNCTION pgflow.archive(text, bigint, integer) IS
+'Move a message to the archive (acknowledge it, keeping it queryable in pgflow.archive). Returns false if there is no such message or read_ct is stale.';
+
+CREATE FUNCTION pgflow.archive(queue_name text, msg_ids bigint[], read_cts integer[] DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    PERFORM pgflow._check_ids(msg_ids, read_cts);
+    RETURN QUERY SELECT pgflow._ack(pgflow._queue(queue_name), msg_ids, read_cts, true);
+END
+$$;
+COMMENT ON FUNCTION pgflow.archive(text, bigint[], integer[]) IS
+'Archive several messages; returns the ids archived. With read_cts, a message whose read_ct differs is left alone.';
+
+CREATE FUNCTION pgflow.ack_and_read(queue_name text, ack_msg_ids bigint[], vt integer, qty integer DEFAULT 1,
+                                    archive boolean DEFAULT true, ack_read_cts integer[] DEFAULT NULL)
+RETURNS SETOF pgflow.message_record
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+DECLARE
+    q pgflow.queues;
+BEGIN
+    PERFORM pgflow._check_ids(ack_msg_ids, ack_read_cts);
+    PERFORM pgflow._check_lease(vt, qty);
+    IF archive IS NULL THEN
+        RAISE EXCEPTION 'archive must not be null' USING ERRCODE = '22004';
+    END IF;
+    q := pgflow._queue(queue_name);
+    IF cardinality(ack_msg_ids) > 0 THEN
+        PERFORM pgflow._ack(q, ack_msg_ids, ack_read_cts, archive);
+    END IF;
+    RETURN QUERY SELECT * FROM pgflow._claim(q, vt, qty, false);
+END
+$$;
+COMMENT ON FUNCTION pgflow.ack_and_read(text, bigint[], integer, integer, boolean, integer[]) IS
+'Acknowledge the messages a consumer finished (archive, or delete when archive is false; ack_read_cts as for archive) and lease its next ones, in one statement and one commit. Returns the new leases as pgflow.read does.';
+
+CREATE FUNCTION pgflow.set_vt(queue_name text, msg_id bigint, vt integer, read_ct integer DEFAULT NULL)
+RETURNS SETOF pgflow.message_record
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    q pgflow.queues;
+BEGIN
+    IF set_vt.msg_id IS NULL THEN
+        RAISE EXCEPTION 'msg_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    PERFORM pgflow._check_lease(set_vt.vt, 1);
+    q := pgflow._queue(set_vt.queue_name);
+    RETURN QUERY
+    UPDATE pgflow.messages m
+       SET vt = clock_timestamp() + make_interval(secs => set_vt.vt)
+     WHERE m.queue_id = q.queue_id AND m.msg_id = set_vt.msg_id
+       AND (set_vt.read_ct IS NULL OR m.read_ct = set_vt.read_ct)
+    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority;
+END
+$$;
+COMMENT ON FUNCTION pgflow.set_vt(text, bigint, integer, integer) IS
+'Set a message''s visibility timeout to vt seconds from now (extend or end a lease). Returns the updated message, or no row if there is no such message or read_ct is stale.';
+
+---------------------------------------------------------------------------------------------
+-- Inspection
+---------------------------------------------------------------------------------------------
+
+CREATE FUNCTION pgflow._stats(q pgflow.queues) RETURNS pgflow.queue_stats
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT q.queue_name,
+           count(*),
+           count(*) FILTER (WHERE m.vt <= clock_timestamp()),
+           count(*) FILTER (WHERE m.vt > clock_timestamp() AND m.read_ct > 0),
+           count(*) FILTER (WHERE m.vt > clock_timestamp() AND m.read_ct = 0),
+           (SELECT count(*) FROM pgflow.archive a WHERE a.queue_id = q.queue_id),
+           (SELECT count(*) FROM pgflow.dlq d WHERE d.queue_name = q.queue_name),
+           extract(epoch FROM clock_timestamp() - min(m.enqueued_at))::double precision,
+           extract(epoch FROM clock_timestamp() - max(m.enqueued_at))::double precision,
+           coalesce(pg_sequence_last_value(q.msg_seq), 0),
+           clock_timestamp()
+      FROM pgflow.messages m
+     WHERE m.queue_id = q.queue_id;
+$$;
+
+CREATE FUNCTION pgflow.get_queue_stats(queue_name text) RETURNS pgflow.queue_stats
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN pgflow._stats(pgflow._queue(queue_name));
+END
+$$;
+COMMENT ON FUNCTION pgflow.get_queue_stats(text) IS
+'Statistics of one queue: depth (live messages), visible now, in_flight (leased, or waiting out a retry backoff), delayed (never delivered, not yet due), archived, dead_lettered, age in seconds of the oldest and newest live message, total_sent (msg_ids issued: like pgmq, a rolled-back send counts) and the time of the count.';
+
+CREATE FUNCTION pgflow.get_queue_stats() RETURNS SETOF pgflow.queue_stats
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT (pgflow._stats(q)).* FROM pgflow.queues q ORDER BY q.queue_name;
+$$;
+COMMENT ON FUNCTION pgflow.get_queue_stats() IS 'pgflow.get_queue_stats(queue_name) for every queue, by name.';
+
+CREATE FUNCTION pgflow.list_pending_messages(queue_name text, lim integer DEFAULT 100)
+RETURNS TABLE (msg_id bigint, state text, read_ct integer, priority integer, enqueued_at timestamptz,
+               vt timestamptz, message jsonb, headers jsonb, errors jsonb)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q pgflow.queues;
+BEGIN
+    IF lim IS NULL THEN
+        RAISE EXCEPTION 'lim must not be null' USING ERRCODE = '22004';
+    ELSIF lim < 1 OR lim > 100000 THEN
+        RAISE EXCEPTION 'lim must be between 1 and 100000, not %', lim USING ERRCODE = '22023';
+    END IF;
+    q := pgflow._queue(list_pending_messages.queue_name);
+    RETURN QUERY
+    SELECT m.msg_id,
+           CASE WHEN m.vt <= clock_timestamp() THEN 'visible'
+                WHEN m.read_ct > 0 THEN 'in_flight'
+                ELSE 'delayed' END,
+           m.read_ct, m.priority, m.enqueued_at, m.vt, m.message, m.headers, m.errors
+      FROM pgflow.messages m
+     WHERE m.queue_id = q.queue_id
+     ORDER BY m.priority DESC, m.msg_id
+     LIMIT lim;
+END
+$$;
+COMMENT ON FUNCTION pgflow.list_pending_messages(text, integer) IS
+'The live messages of a queue in delivery order (priority, then msg_id), each with its state: visible, in_flight (leased or waiting for a retry) or delayed.';

@@ -1,0 +1,113 @@
+-- Queue layer: tables and types.
+--
+-- One set of tables holds every queue, keyed by queue_id. No table is created per queue and no
+-- user-supplied name is ever spliced into SQL text; the only per-queue object is the sequence
+-- that numbers a queue's messages, named after the queue's integer id.
+
+CREATE TABLE pgflow.queues (
+    queue_id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue_name         text NOT NULL UNIQUE,
+    -- numbers this queue's messages; its last value is the queue's "total ever sent"
+    msg_seq            regclass NOT NULL,
+    max_retries        integer NOT NULL DEFAULT 3,
+    retry_delay_ms     integer NOT NULL DEFAULT 1000,
+    max_retry_delay_ms integer NOT NULL DEFAULT 3600000,
+    retry_jitter       double precision NOT NULL DEFAULT 0,
+    notify             boolean NOT NULL DEFAULT false,
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT queues_name_allowed CHECK (queue_name ~ '^[A-Za-z0-9_]{1,48}$'),
+    CONSTRAINT queues_max_retries_range CHECK (max_retries BETWEEN 0 AND 100),
+    CONSTRAINT queues_retry_delay_range CHECK (retry_delay_ms BETWEEN 0 AND 86400000),
+    CONSTRAINT queues_max_retry_delay_range CHECK (max_retry_delay_ms BETWEEN 0 AND 604800000),
+    CONSTRAINT queues_jitter_range CHECK (retry_jitter >= 0 AND retry_jitter <= 1)
+);
+COMMENT ON TABLE pgflow.queues IS 'pgflow: one row per queue with its retry and notify options.';
+
+-- Live messages: waiting, delayed, or leased to a consumer (vt in the future after a read).
+-- fillfactor leaves room on each page so the update a read makes (vt, read_ct) stays HOT:
+-- neither column is indexed, so no index entry is written per delivery.
+CREATE TABLE pgflow.messages (
+    queue_id     bigint NOT NULL,
+    msg_id       bigint NOT NULL,
+    read_ct      integer NOT NULL DEFAULT 0,
+    enqueued_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    vt           timestamptz NOT NULL,
+    priority     integer NOT NULL DEFAULT 0,
+    message      jsonb NOT NULL,
+    headers      jsonb,
+    -- one entry per failed attempt: {"attempt", "error", "at"}; bounded by max_retries + 1
+    errors       jsonb,
+    PRIMARY KEY (queue_id, msg_id)
+) WITH (fillfactor = 80);
+-- Delivery order: higher priority first, then FIFO by msg_id; vt is filtered, not indexed.
+CREATE INDEX messages_delivery_order ON pgflow.messages (queue_id, priority DESC, msg_id);
+COMMENT ON TABLE pgflow.messages IS 'pgflow: live messages of every queue (waiting, delayed or leased).';
+
+-- Messages a consumer archived instead of deleting: kept for inspection and replay.
+CREATE TABLE pgflow.archive (
+    queue_id     bigint NOT NULL,
+    msg_id       bigint NOT NULL,
+    read_ct      integer NOT NULL,
+    enqueued_at  timestamptz NOT NULL,
+    vt           timestamptz NOT NULL,
+    priority     integer NOT NULL,
+    message      jsonb NOT NULL,
+    headers      jsonb,
+    archived_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (queue_id, msg_id)
+);
+COMMENT ON TABLE pgflow.archive IS 'pgflow: archived messages of every queue.';
+
+-- When a delayed message or a retry comes due, the maintenance worker wakes readers and
+-- notifies listeners. Only delayed sends and retries write here, never the common path.
+-- due_at is rounded up to the next 100 ms so a burst of delayed sends shares one row.
+CREATE TABLE pgflow.due_wakeups (
+    queue_id  bigint NOT NULL,
+    due_at    timestamptz NOT NULL,
+    PRIMARY KEY (due_at, queue_id)
+);
+COMMENT ON TABLE pgflow.due_wakeups IS 'pgflow: times at which delayed messages or retries of a queue become visible.';
+
+CREATE TYPE pgflow.message_record AS (
+    msg_id      bigint,
+    read_ct     integer,
+    enqueued_at timestamptz,
+    vt          timestamptz,
+    message     jsonb,
+    headers     jsonb,
+    priority    integer
+);
+COMMENT ON TYPE pgflow.message_record IS 'pgflow: a delivered message; (msg_id, read_ct) identifies the delivery (its lease).';
+
+CREATE TYPE pgflow.queue_stats AS (
+    queue_name           text,
+    depth                bigint,
+    visible              bigint,
+    in_flight            bigint,
+    delayed              bigint,
+    archived             bigint,
+    dead_lettered        bigint,
+    oldest_msg_age_sec   double precision,
+    newest_msg_age_sec   double precision,
+    total_sent           bigint,
+    scraped_at           timestamptz
+);
+COMMENT ON TYPE pgflow.queue_stats IS 'pgflow: statistics of one queue, as returned by pgflow.get_queue_stats.';
+
+-- Dead-letter queue: messages that exhausted their deliveries. Rows keep the queue's name so
+-- they survive drop_queue and can be retried into a queue of that name created later.
+CREATE TABLE pgflow.dlq (
+    dlq_id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue_name        text NOT NULL,
+    msg_id            bigint NOT NULL,
+    message           jsonb NOT NULL,
+    headers           jsonb,
+    priority          integer NOT NULL,
+    attempts          integer NOT NULL,
+    last_error        text,
+    errors            jsonb NOT NULL DEFAULT '[]',
+    enqueued_at       timestamptz NOT NULL,
+    dead_lettered_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX dlq_by_queue ON pgflow.dlq (queue_name, dlq_id);
+COMMENT ON TABLE pgflow.dlq IS 'pgflow: dead-lettered messages of every queue, with the error of each failed attempt.';

@@ -1,0 +1,418 @@
+//! Events: notifications to LISTENing clients and wake-ups of blocked readers, both at commit.
+//!
+//! Two mechanisms, both fed by SQL functions during a transaction and acted on when it ends:
+//!
+//! * **Notifications.** Events are collected per channel in backend-local memory and handed to
+//!   `Async_Notify` just before commit, merged so that a channel gets at most one notification
+//!   per transaction whatever the number of sends (10,000 sends in one transaction announce one
+//!   id range). Payloads are bounded below PostgreSQL's 8000-byte limit. An aborted transaction
+//!   drops what it collected, so nothing is announced that did not commit.
+//! * **Wake-ups.** `pgflow.read_with_poll` sleeps on its latch. A committed send bumps an epoch
+//!   counter for the queue's bucket in shared memory and sets the latch of every reader waiting
+//!   on that bucket, so the reader wakes within milliseconds instead of sleeping out its poll
+//!   interval. Shared memory exists only when pgflow is in `shared_preload_libraries`; without
+//!   it readers fall back to sleeping for the poll interval, which is still correct.
+
+use crate::errors::{check_name, raise};
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock, PgSqlErrorCode};
+use serde_json::{json, Map, Value};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// PostgreSQL refuses payloads of 8000 bytes or more; stay clearly below.
+pub const MAX_PAYLOAD_BYTES: usize = 7900;
+
+/// Queues hash into this many wake-up buckets. A collision only causes a spurious wake-up.
+const WAKE_BUCKETS: usize = 1024;
+/// Waiting readers are tracked by their PGPROC number; a backend numbered beyond this polls.
+const MAX_WAITERS: usize = 4096;
+
+#[derive(Copy, Clone)]
+pub struct WakeBoard {
+    /// Bumped at every commit that sent to a queue of the bucket.
+    epochs: [u64; WAKE_BUCKETS],
+    /// For each PGPROC number: 0 when not waiting, else 1 + the bucket it waits on.
+    waiting_on: [u32; MAX_WAITERS],
+}
+unsafe impl PGRXSharedMemory for WakeBoard {}
+
+impl WakeBoard {
+    const fn new() -> Self {
+        WakeBoard { epochs: [0; WAKE_BUCKETS], waiting_on: [0; MAX_WAITERS] }
+    }
+}
+
+static WAKE_BOARD: PgLwLock<WakeBoard> = unsafe { PgLwLock::new(c"pgflow_wake_board") };
+static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
+
+/// Messages sent to one queue in the open transaction.
+struct SentRange {
+    queue_name: String,
+    first: i64,
+    last: i64,
+    count: i64,
+    /// Whether the range is announced on the queue's channel (queue notify on, or
+    /// send_with_notify was called).
+    announce: bool,
+}
+
+/// What this backend's open transaction will announce and wake when it commits.
+#[derive(Default)]
+struct PendingEvents {
+    /// queue_id -> the ids sent to it, merged into one range per queue.
+    sent: BTreeMap<i64, SentRange>,
+    /// channel -> other events, in the order they happened.
+    notifications: BTreeMap<String, Vec<Value>>,
+    wake_buckets: BTreeSet<usize>,
+}
+
+thread_local! {
+    static PENDING: RefCell<PendingEvents> = RefCell::new(PendingEvents::default());
+}
+
+/// Called from `_PG_init`: request shared memory when preloading, and hook transaction end.
+pub fn init() {
+    unsafe {
+        if pg_sys::process_shared_preload_libraries_in_progress {
+            pg_shmem_init!(WAKE_BOARD = WakeBoard::new());
+            SHARED_MEMORY.store(true, Ordering::Relaxed);
+        }
+        pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+    }
+}
+
+/// Whether commit-time wake-ups are available (pgflow was preloaded).
+pub fn wakeups_available() -> bool {
+    SHARED_MEMORY.load(Ordering::Relaxed)
+}
+
+fn bucket_of(queue_id: i64) -> usize {
+    (queue_id.unsigned_abs() % WAKE_BUCKETS as u64) as usize
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_COMMIT => emit_notifications(),
+        XACT_EVENT_COMMIT => {
+            let buckets = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()).wake_buckets);
+            if !buckets.is_empty() {
+                wake(&buckets);
+            }
+        }
+        // Aborted or handed to two-phase commit: announce nothing (a prepared transaction may
+        // not NOTIFY); readers of a prepared send find it by polling once it is committed.
+        XACT_EVENT_ABORT | XACT_EVENT_PRE_PREPARE | XACT_EVENT_PARALLEL_ABORT => {
+            PENDING.with(|p| *p.borrow_mut() = PendingEvents::default());
+        }
+        _ => {}
+    }
+}
+
+unsafe extern "C-unwind" {
+    // commands/async.h, not among the bindings pgrx generates. Called only through
+    // pg_guard_ffi_boundary, so an ERROR it raises unwinds safely.
+    fn Async_Notify(channel: *const std::ffi::c_char, payload: *const std::ffi::c_char);
+}
+
+/// At PRE_COMMIT the transaction can still notify; each channel gets one notification.
+fn emit_notifications() {
+    let (sent, mut notifications) = PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        (std::mem::take(&mut p.sent), std::mem::take(&mut p.notifications))
+    });
+    for range in sent.into_values().filter(|r| r.announce) {
+        let event = json!({
+            "event": "message_sent", "queue": range.queue_name,
+            "first_msg_id": range.first, "last_msg_id": range.last, "count": range.count
+        });
+        notifications.entry(queue_channel_of(&range.queue_name)).or_default().insert(0, event);
+    }
+    for (channel, events) in notifications {
+        let payload = payload_for(&events);
+        let channel = std::ffi::CString::new(channel).expect("channel names hold no NUL");
+        let payload = std::ffi::CString::new(payload).expect("JSON text holds no NUL");
+        unsafe {
+            pg_sys::ffi::pg_guard_ffi_boundary(|| Async_Notify(channel.as_ptr(), payload.as_ptr()))
+        };
+    }
+}
+
+/// One payload for all events of a channel in a transaction, always under MAX_PAYLOAD_BYTES:
+/// a single event as itself, several as `{"event":"batch","events":[...]}` with as many as fit
+/// and the number left out in `"omitted"`.
+pub fn payload_for(events: &[Value]) -> String {
+    if events.len() == 1 {
+        return bounded(&events[0]);
+    }
+    let mut kept: Vec<Value> = Vec::new();
+    let mut size = 64; // the envelope
+    for event in events {
+        let text = bounded(event);
+        if size + text.len() + 1 > MAX_PAYLOAD_BYTES {
+            break;
+        }
+        size += text.len() + 1;
+        kept.push(serde_json::from_str(&text).expect("bounded() returns JSON"));
+    }
+    let omitted = events.len() - kept.len();
+    let mut envelope = json!({"event": "batch", "count": events.len(), "events": kept});
+    if omitted > 0 {
+        envelope["omitted"] = json!(omitted);
+    }
+    envelope.to_string()
+}
+
+/// An event's JSON text, shrunk below MAX_PAYLOAD_BYTES by replacing its largest fields with
+/// their sizes (`"<field>_bytes"`) until it fits; the identifying small fields survive.
+pub fn bounded(event: &Value) -> String {
+    let text = event.to_string();
+    if text.len() < MAX_PAYLOAD_BYTES {
+        return text;
+    }
+    let Value::Object(fields) = event else {
+        return json!({"event": "oversized", "bytes": text.len()}).to_string();
+    };
+    let mut fields: Map<String, Value> = fields.clone();
+    let mut by_size: Vec<(usize, String)> =
+        fields.iter().map(|(k, v)| (v.to_string().len(), k.clone())).collect();
+    by_size.sort_unstable_by(|a, b| b.cmp(a));
+    for (size, key) in by_size {
+        fields.remove(&key);
+        let short_key: String = key.chars().take(64).collect();
+        fields.insert(format!("{short_key}_bytes"), json!(size));
+        let text = Value::Object(fields.clone()).to_string();
+        if text.len() < MAX_PAYLOAD_BYTES {
+            return text;
+        }
+    }
+    json!({"event": "oversized", "bytes": text.len()}).to_string()
+}
+
+fn add_event(channel: String, event: Value) {
+    PENDING.with(|p| {
+        p.borrow_mut().notifications.entry(channel).or_default().push(event);
+    });
+}
+
+/// Merge a send of ids `first..=last` into the transaction's range for the queue, so any number
+/// of sends in a transaction makes one announcement.
+fn add_sent(queue_id: i64, queue_name: &str, first: i64, last: i64, count: i64, announce: bool) {
+    PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        p.wake_buckets.insert(bucket_of(queue_id));
+        let range = p.sent.entry(queue_id).or_insert_with(|| SentRange {
+            queue_name: queue_name.to_string(),
+            first,
+            last,
+            count: 0,
+            announce: false,
+        });
+        range.first = range.first.min(first);
+        range.last = range.last.max(last);
+        range.count += count;
+        range.announce |= announce;
+    });
+}
+
+/// Bump the epochs of `buckets` and set the latch of every reader waiting on one of them.
+fn wake(buckets: &BTreeSet<usize>) {
+    if !wakeups_available() {
+        return;
+    }
+    let mut waiting: Vec<usize> = Vec::new();
+    {
+        let mut board = WAKE_BOARD.exclusive();
+        for &b in buckets {
+            board.epochs[b] = board.epochs[b].wrapping_add(1);
+        }
+        for (procno, &w) in board.waiting_on.iter().enumerate() {
+            if w != 0 && buckets.contains(&((w - 1) as usize)) {
+                waiting.push(procno);
+            }
+        }
+    }
+    for procno in waiting {
+        unsafe {
+            let proc_ = (*pg_sys::ProcGlobal).allProcs.add(procno);
+            pg_sys::SetLatch(&raw mut (*proc_).procLatch);
+        }
+    }
+}
+
+/// The channel on which a queue's events are announced: `pgflow.queue.<queue_name>`, case kept.
+pub fn queue_channel_of(queue_name: &str) -> String {
+    format!("pgflow.queue.{queue_name}")
+}
+
+/// The channel of one flow's events: `pgflow.flow.<flow_slug>`, case kept.
+pub fn flow_channel_of(flow_slug: &str) -> String {
+    format!("pgflow.flow.{flow_slug}")
+}
+
+/// `pgflow.queue_channel(queue_name)`: the channel to LISTEN on for a queue's events.
+#[pg_extern(immutable, parallel_safe)]
+fn queue_channel(queue_name: Option<&str>) -> String {
+    check_name(queue_name, "queue_name");
+    queue_channel_of(queue_name.unwrap_or_default())
+}
+
+/// `pgflow.flow_channel(flow_slug)`: the channel to LISTEN on for a flow's workflow events.
+#[pg_extern(immutable, parallel_safe)]
+fn flow_channel(flow_slug: Option<&str>) -> String {
+    check_name(flow_slug, "flow_slug");
+    flow_channel_of(flow_slug.unwrap_or_default())
+}
+
+/// Internal: messages `first..=last` (`count` of them) were sent to a queue in this transaction.
+/// Wakes its blocked readers at commit, and announces the range on the queue's channel at
+/// commit when `announce` is true (here or in any other call for the queue in the transaction).
+#[pg_extern(volatile, parallel_unsafe, name = "_on_commit_sent")]
+fn on_commit_sent(queue_id: i64, queue_name: &str, first: i64, last: i64, count: i64, announce: bool) {
+    add_sent(queue_id, queue_name, first, last, count, announce);
+}
+
+/// Internal: wake the blocked readers of a queue at commit (a retry or delayed message is due).
+#[pg_extern(volatile, parallel_unsafe, name = "_on_commit_wake")]
+fn on_commit_wake(queue_id: i64) {
+    PENDING.with(|p| {
+        p.borrow_mut().wake_buckets.insert(bucket_of(queue_id));
+    });
+}
+
+/// Internal: announce `event` (a JSON object) on `channel` when the transaction commits.
+#[pg_extern(volatile, parallel_unsafe, name = "_on_commit_notify")]
+fn on_commit_notify(channel: &str, event: pgrx::JsonB) {
+    if channel.is_empty() || channel.len() >= 64 {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("channel must be 1 to 63 bytes, not {}", channel.len()),
+            None,
+        );
+    }
+    add_event(channel.to_string(), event.0);
+}
+
+/// Internal: the current wake-up epoch of a queue's bucket (0 without shared memory). A reader
+/// takes it before looking for messages and passes it to `_wait_for_wake`, so a send that
+/// commits in between is never missed.
+#[pg_extern(volatile, parallel_unsafe, name = "_wake_epoch")]
+fn wake_epoch(queue_id: i64) -> i64 {
+    if !wakeups_available() {
+        return 0;
+    }
+    WAKE_BOARD.share().epochs[bucket_of(queue_id)] as i64
+}
+
+/// Internal: sleep up to `timeout_ms`, returning early (true) once a send to the queue's bucket
+/// commits after `epoch` was taken. Without shared memory this is an interruptible sleep.
+#[pg_extern(volatile, parallel_unsafe, name = "_wait_for_wake")]
+fn wait_for_wake(queue_id: i64, epoch: i64, timeout_ms: i32) -> bool {
+    let timeout_ms = timeout_ms.max(0) as i64;
+    let bucket = bucket_of(queue_id);
+    let procno = unsafe { (*pg_sys::MyProc).pgprocno } as usize;
+    if !wakeups_available() || procno >= MAX_WAITERS {
+        sleep_on_latch(timeout_ms);
+        return false;
+    }
+    {
+        let mut board = WAKE_BOARD.exclusive();
+        if board.epochs[bucket] as i64 != epoch {
+            return true;
+        }
+        board.waiting_on[procno] = bucket as u32 + 1;
+    }
+    // Clear the registration however the wait ends, a cancel included.
+    let woke = PgTryBuilder::new(|| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms as u64);
+        loop {
+            if WAKE_BOARD.share().epochs[bucket] as i64 != epoch {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            sleep_on_latch(left.as_millis().max(1) as i64);
+        }
+    })
+    .finally(|| {
+        WAKE_BOARD.exclusive().waiting_on[procno] = 0;
+    })
+    .execute();
+    woke
+}
+
+/// Wait on this backend's latch for up to `timeout_ms`, honouring cancel and postmaster death.
+fn sleep_on_latch(timeout_ms: i64) {
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            timeout_ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pgrx::check_for_interrupts!();
+}
+
+/// `pgflow.wakeups_enabled()`: whether blocking reads are woken at commit (pgflow preloaded)
+/// rather than polling.
+#[pg_extern(stable, parallel_safe)]
+fn wakeups_enabled() -> bool {
+    wakeups_available()
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::*;
+
+    #[pg_test]
+    fn one_event_is_its_own_payload() {
+        let e = json!({"event": "message_sent", "queue": "q", "first_msg_id": 1});
+        assert_eq!(payload_for(&[e.clone()]), e.to_string());
+    }
+
+    #[pg_test]
+    fn large_fields_are_replaced_by_their_size() {
+        let e = json!({"event": "workflow_started", "run_id": "r", "input": "x".repeat(20_000)});
+        let text = payload_for(&[e]);
+        assert!(text.len() < MAX_PAYLOAD_BYTES);
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["run_id"], "r");
+        assert_eq!(v["input_bytes"], 20_002);
+    }
+
+    #[pg_test]
+    fn many_events_fit_one_payload() {
+        let events: Vec<Value> =
+            (0..1000).map(|i| json!({"event": "task_completed", "task_index": i, "pad": "y".repeat(50)})).collect();
+        let text = payload_for(&events);
+        assert!(text.len() < MAX_PAYLOAD_BYTES);
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["count"], 1000);
+        let kept = v["events"].as_array().unwrap().len();
+        assert_eq!(v["omitted"].as_u64().unwrap() as usize, 1000 - kept);
+    }
+
+    #[pg_test]
+    fn sends_in_one_transaction_merge_into_one_range() {
+        PENDING.with(|p| *p.borrow_mut() = PendingEvents::default());
+        add_sent(7, "q", 5, 5, 1, false);
+        add_sent(7, "q", 6, 9, 4, false);
+        add_sent(7, "q", 3, 3, 1, true);
+        add_sent(7, "q", 3, 3, 0, true);
+        PENDING.with(|p| {
+            let p = p.borrow();
+            let r = &p.sent[&7];
+            assert_eq!((r.first, r.last, r.count, r.announce), (3, 9, 6, true));
+            assert!(p.wake_buckets.contains(&bucket_of(7)));
+        });
+        PENDING.with(|p| *p.borrow_mut() = PendingEvents::default());
+    }
+}

@@ -1,0 +1,62 @@
+//! Server settings of pgflow, all under the reserved `pgflow.` prefix, with their bounds.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+/// Largest number of messages one `send_batch` call may carry.
+pub static MAX_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+/// How often the maintenance worker looks for delayed messages and retries that came due.
+pub static MAINTENANCE_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(100);
+
+/// Database the maintenance worker connects to (the one holding `CREATE EXTENSION pgflow`).
+pub static MAINTENANCE_DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+
+/// Whether the maintenance worker runs at all (it is only started when preloaded).
+pub static MAINTENANCE_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+
+pub fn init() {
+    GucRegistry::define_int_guc(
+        c"pgflow.max_batch_size",
+        c"Largest number of messages one pgflow.send_batch call may carry.",
+        c"A larger batch is refused with SQLSTATE 54000. Range 1 to 1000000.",
+        &MAX_BATCH_SIZE,
+        1,
+        1_000_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgflow.maintenance_interval_ms",
+        c"Milliseconds between two passes of the pgflow maintenance worker.",
+        c"Each pass announces delayed messages and retries that came due. Range 10 to 60000.",
+        &MAINTENANCE_INTERVAL_MS,
+        10,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"pgflow.maintenance_database",
+        c"Database in which the pgflow maintenance worker runs.",
+        c"It must hold CREATE EXTENSION pgflow; until it does, the worker waits.",
+        &MAINTENANCE_DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pgflow.maintenance_enabled",
+        c"Whether the pgflow maintenance worker does its passes.",
+        c"The worker exists only when pgflow is in shared_preload_libraries.",
+        &MAINTENANCE_ENABLED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
+
+/// `pgflow._max_batch_size()`: the current `pgflow.max_batch_size`, for the SQL layer.
+#[pgrx::pg_extern(stable, parallel_safe, name = "_max_batch_size")]
+fn max_batch_size() -> i32 {
+    MAX_BATCH_SIZE.get()
+}

@@ -23,7 +23,11 @@ pub fn raise(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
 /// A short, printable rendering of a user value for an error message: never the whole of an
 /// overlong argument, never a control character.
 pub fn shown(value: &str) -> String {
-    let mut out: String = value.chars().take(64).map(|c| if c.is_control() { '?' } else { c }).collect();
+    let mut out: String = value
+        .chars()
+        .take(64)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
     if value.chars().count() > 64 {
         out.push_str("...");
     }
@@ -43,7 +47,10 @@ pub fn name_problem(value: &str) -> Option<NameProblem> {
         Some(NameProblem::Empty)
     } else if value.len() > MAX_NAME_BYTES {
         Some(NameProblem::TooLong(value.len()))
-    } else if !value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+    } else if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
         Some(NameProblem::BadCharacter)
     } else {
         None
@@ -74,7 +81,10 @@ pub fn check_name(value: Option<&str>, arg: &str) {
         ),
         Some(NameProblem::BadCharacter) => raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("{arg} \"{}\" contains a character that is not allowed", shown(value)),
+            format!(
+                "{arg} \"{}\" contains a character that is not allowed",
+                shown(value)
+            ),
             Some("Names use ASCII letters, digits and underscores only."),
         ),
     }
@@ -96,7 +106,10 @@ mod tests {
         assert_eq!(name_problem("orders_2"), None);
         assert_eq!(name_problem(""), Some(NameProblem::Empty));
         assert_eq!(name_problem(&"a".repeat(48)), None);
-        assert_eq!(name_problem(&"a".repeat(49)), Some(NameProblem::TooLong(49)));
+        assert_eq!(
+            name_problem(&"a".repeat(49)),
+            Some(NameProblem::TooLong(49))
+        );
         assert_eq!(name_problem("a;drop"), Some(NameProblem::BadCharacter));
         assert_eq!(name_problem("caf\u{e9}"), Some(NameProblem::BadCharacter));
         assert_eq!(name_problem("a b"), Some(NameProblem::BadCharacter));

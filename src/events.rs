@@ -40,7 +40,10 @@ unsafe impl PGRXSharedMemory for WakeBoard {}
 
 impl WakeBoard {
     const fn new() -> Self {
-        WakeBoard { epochs: [0; WAKE_BUCKETS], waiting_on: [0; MAX_WAITERS] }
+        WakeBoard {
+            epochs: [0; WAKE_BUCKETS],
+            waiting_on: [0; MAX_WAITERS],
+        }
     }
 }
 
@@ -93,7 +96,10 @@ fn bucket_of(queue_id: i64) -> usize {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT => emit_notifications(),
@@ -122,14 +128,20 @@ unsafe extern "C-unwind" {
 fn emit_notifications() {
     let (sent, mut notifications) = PENDING.with(|p| {
         let mut p = p.borrow_mut();
-        (std::mem::take(&mut p.sent), std::mem::take(&mut p.notifications))
+        (
+            std::mem::take(&mut p.sent),
+            std::mem::take(&mut p.notifications),
+        )
     });
     for range in sent.into_values().filter(|r| r.announce) {
         let event = json!({
             "event": "message_sent", "queue": range.queue_name,
             "first_msg_id": range.first, "last_msg_id": range.last, "count": range.count
         });
-        notifications.entry(queue_channel_of(&range.queue_name)).or_default().insert(0, event);
+        notifications
+            .entry(queue_channel_of(&range.queue_name))
+            .or_default()
+            .insert(0, event);
     }
     for (channel, events) in notifications {
         let payload = payload_for(&events);
@@ -177,8 +189,10 @@ pub fn bounded(event: &Value) -> String {
         return json!({"event": "oversized", "bytes": text.len()}).to_string();
     };
     let mut fields: Map<String, Value> = fields.clone();
-    let mut by_size: Vec<(usize, String)> =
-        fields.iter().map(|(k, v)| (v.to_string().len(), k.clone())).collect();
+    let mut by_size: Vec<(usize, String)> = fields
+        .iter()
+        .map(|(k, v)| (v.to_string().len(), k.clone()))
+        .collect();
     by_size.sort_unstable_by(|a, b| b.cmp(a));
     for (size, key) in by_size {
         fields.remove(&key);
@@ -194,7 +208,11 @@ pub fn bounded(event: &Value) -> String {
 
 fn add_event(channel: String, event: Value) {
     PENDING.with(|p| {
-        p.borrow_mut().notifications.entry(channel).or_default().push(event);
+        p.borrow_mut()
+            .notifications
+            .entry(channel)
+            .or_default()
+            .push(event);
     });
 }
 
@@ -271,7 +289,14 @@ fn flow_channel(flow_slug: Option<&str>) -> String {
 /// Wakes its blocked readers at commit, and announces the range on the queue's channel at
 /// commit when `announce` is true (here or in any other call for the queue in the transaction).
 #[pg_extern(volatile, parallel_unsafe, name = "_on_commit_sent")]
-fn on_commit_sent(queue_id: i64, queue_name: &str, first: i64, last: i64, count: i64, announce: bool) {
+fn on_commit_sent(
+    queue_id: i64,
+    queue_name: &str,
+    first: i64,
+    last: i64,
+    count: i64,
+    announce: bool,
+) {
     add_sent(queue_id, queue_name, first, last, count, announce);
 }
 
@@ -327,7 +352,8 @@ fn wait_for_wake(queue_id: i64, epoch: i64, timeout_ms: i32) -> bool {
     }
     // Clear the registration however the wait ends, a cancel included.
     let woke = PgTryBuilder::new(|| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms as u64);
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms as u64);
         loop {
             if WAKE_BOARD.share().epochs[bucket] as i64 != epoch {
                 return true;
@@ -390,8 +416,9 @@ mod tests {
 
     #[pg_test]
     fn many_events_fit_one_payload() {
-        let events: Vec<Value> =
-            (0..1000).map(|i| json!({"event": "task_completed", "task_index": i, "pad": "y".repeat(50)})).collect();
+        let events: Vec<Value> = (0..1000)
+            .map(|i| json!({"event": "task_completed", "task_index": i, "pad": "y".repeat(50)}))
+            .collect();
         let text = payload_for(&events);
         assert!(text.len() < MAX_PAYLOAD_BYTES);
         let v: Value = serde_json::from_str(&text).unwrap();

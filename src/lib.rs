@@ -27,13 +27,26 @@ pub mod maintenance;
 // then the SQL API of each layer, grants last.
 extension_sql_file!("../sql/queue/tables.sql", name = "queue_tables", bootstrap);
 extension_sql_file!("../sql/queue/api.sql", name = "queue_api");
-extension_sql_file!("../sql/queue/retries.sql", name = "queue_retries", requires = ["queue_api"]);
+extension_sql_file!(
+    "../sql/queue/retries.sql",
+    name = "queue_retries",
+    requires = ["queue_api"]
+);
 extension_sql_file!(
     "../sql/events/notify.sql",
     name = "events",
-    requires = ["queue_retries", events::queue_channel, events::flow_channel, events::wakeups_enabled]
+    requires = [
+        "queue_retries",
+        events::queue_channel,
+        events::flow_channel,
+        events::wakeups_enabled
+    ]
 );
-extension_sql_file!("../sql/maintenance/maintenance.sql", name = "maintenance", requires = ["events"]);
+extension_sql_file!(
+    "../sql/maintenance/maintenance.sql",
+    name = "maintenance",
+    requires = ["events"]
+);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 /// Library load: settings, transaction hooks, and (when preloaded) shared memory and the worker.
@@ -53,6 +66,9 @@ pub mod pg_test {
 
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries = 'pgflow'", "pgflow.maintenance_enabled = off"]
+        vec![
+            "shared_preload_libraries = 'pgflow'",
+            "pgflow.maintenance_enabled = off",
+        ]
     }
 }

@@ -48,7 +48,7 @@ pub extern "C-unwind" fn pgflow_maintenance_main(_arg: pg_sys::Datum) {
         }
         // Look for the extension now and then, not on every tick, until it is there.
         if !installed {
-            if checks % 20 == 0 {
+            if checks.is_multiple_of(20) {
                 installed = BackgroundWorker::transaction(|| {
                     Spi::get_one::<bool>(
                         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pgflow')",

@@ -41,8 +41,19 @@ BEGIN
 END
 $$;
 
+-- The outcome of a nack. A named type rather than RETURNS TABLE: an output column msg_id would
+-- clash with the parameter msg_id.
+CREATE TYPE pgflow.nack_result AS (
+    msg_id      bigint,
+    outcome     text,
+    attempt     integer,
+    visible_at  timestamptz,
+    dlq_id      bigint
+);
+COMMENT ON TYPE pgflow.nack_result IS 'pgflow: the outcome of pgflow.nack: retrying (with visible_at), dead_lettered (with dlq_id) or stale.';
+
 CREATE FUNCTION pgflow.nack(queue_name text, msg_id bigint, error text DEFAULT NULL, read_ct integer DEFAULT NULL)
-RETURNS TABLE (msg_id bigint, outcome text, attempt integer, visible_at timestamptz, dlq_id bigint)
+RETURNS pgflow.nack_result
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
@@ -65,15 +76,13 @@ BEGIN
         IF EXISTS (SELECT 1 FROM pgflow.archive a WHERE a.queue_id = q.queue_id AND a.msg_id = nack.msg_id)
            OR nack.msg_id <= coalesce(pg_sequence_last_value(q.msg_seq), 0) THEN
             -- It existed: acked, archived or dead-lettered by someone else. A late nack is a no-op.
-            RETURN QUERY SELECT nack.msg_id, 'stale'::text, NULL::integer, NULL::timestamptz, NULL::bigint;
-            RETURN;
+            RETURN ROW(nack.msg_id, 'stale', NULL, NULL, NULL)::pgflow.nack_result;
         END IF;
         RAISE EXCEPTION 'message % does not exist in queue "%"', nack.msg_id, q.queue_name
             USING ERRCODE = '42704', HINT = 'Pass the msg_id returned by pgflow.read.';
     END IF;
     IF nack.read_ct IS NOT NULL AND m.read_ct <> nack.read_ct THEN
-        RETURN QUERY SELECT nack.msg_id, 'stale'::text, m.read_ct, NULL::timestamptz, NULL::bigint;
-        RETURN;
+        RETURN ROW(nack.msg_id, 'stale', m.read_ct, NULL, NULL)::pgflow.nack_result;
     END IF;
     IF m.read_ct = 0 THEN
         RAISE EXCEPTION 'message % of queue "%" has not been delivered', nack.msg_id, q.queue_name
@@ -83,9 +92,8 @@ BEGIN
     IF m.read_ct > q.max_retries THEN
         UPDATE pgflow.messages mm SET errors = coalesce(mm.errors, '[]'::jsonb) || jsonb_build_array(entry)
          WHERE mm.queue_id = q.queue_id AND mm.msg_id = nack.msg_id;
-        RETURN QUERY SELECT nack.msg_id, 'dead_lettered'::text, m.read_ct, NULL::timestamptz,
-                            pgflow._dead_letter(q, nack.msg_id, coalesce(nack.error, 'nacked without an error'));
-        RETURN;
+        RETURN ROW(nack.msg_id, 'dead_lettered', m.read_ct, NULL,
+                   pgflow._dead_letter(q, nack.msg_id, coalesce(nack.error, 'nacked without an error')))::pgflow.nack_result;
     END IF;
     -- retry_delay_ms * 2^(attempt-1), capped, then up to retry_jitter of it taken off at random.
     delay_ms := least(q.retry_delay_ms * power(2::double precision, m.read_ct - 1), q.max_retry_delay_ms::double precision);
@@ -97,17 +105,23 @@ BEGIN
     IF delay_ms > 0 THEN
         PERFORM pgflow._due_at(q.queue_id, at);
     ELSE
+        -- Due at once: no maintenance pass will announce it, so announce it here, at commit.
         PERFORM pgflow._on_commit_wake(q.queue_id);
+        IF q.notify THEN
+            PERFORM pgflow._on_commit_notify(pgflow.queue_channel(q.queue_name),
+                jsonb_build_object('event', 'message_due', 'queue', q.queue_name));
+        END IF;
     END IF;
-    RETURN QUERY SELECT nack.msg_id, 'retrying'::text, m.read_ct, at, NULL::bigint;
+    RETURN ROW(nack.msg_id, 'retrying', m.read_ct, at, NULL)::pgflow.nack_result;
 END
 $$;
 COMMENT ON FUNCTION pgflow.nack(text, bigint, text, integer) IS
 'Report a failed attempt. The message becomes visible again after retry_delay_ms * 2^(attempt-1) ms (capped by max_retry_delay_ms, less up to retry_jitter of it at random), or, if this was its last allowed delivery (max_retries + 1), moves to the dead-letter queue. Returns outcome retrying (with visible_at), dead_lettered (with dlq_id) or stale (read_ct no longer matches, or the message was already acked: nothing changed). The error text is kept with the message, truncated to 2000 characters.';
 
+-- Rows of pgflow.dlq as they are (RETURNS TABLE would clash: its queue_name column with the
+-- parameter queue_name).
 CREATE FUNCTION pgflow.list_dlq_messages(queue_name text DEFAULT NULL, lim integer DEFAULT 100)
-RETURNS TABLE (dlq_id bigint, queue_name text, msg_id bigint, message jsonb, headers jsonb, priority integer,
-               attempts integer, last_error text, errors jsonb, enqueued_at timestamptz, dead_lettered_at timestamptz)
+RETURNS SETOF pgflow.dlq
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -122,9 +136,7 @@ BEGIN
         RAISE EXCEPTION 'lim must be between 1 and 100000, not %', lim USING ERRCODE = '22023';
     END IF;
     RETURN QUERY
-    SELECT d.dlq_id, d.queue_name, d.msg_id, d.message, d.headers, d.priority, d.attempts, d.last_error,
-           d.errors, d.enqueued_at, d.dead_lettered_at
-      FROM pgflow.dlq d
+    SELECT d.* FROM pgflow.dlq d
      WHERE list_dlq_messages.queue_name IS NULL OR d.queue_name = list_dlq_messages.queue_name
      ORDER BY d.dlq_id
      LIMIT lim;

@@ -117,6 +117,13 @@ BEGIN
     -- spliced into SQL text.
     new_id := nextval(pg_get_serial_sequence('pgflow.queues', 'queue_id')::regclass);
     seq_name := 'queue_' || new_id::text || '_msg_seq';
+    -- The schema outlives DROP EXTENSION, and so do the sequences of its queues; queue ids then
+    -- start again at 1. A sequence of this name that no queue uses is such a leftover.
+    IF to_regclass('pgflow.' || quote_ident(seq_name)) IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pgflow.queues
+                        WHERE msg_seq = to_regclass('pgflow.' || quote_ident(seq_name))) THEN
+        EXECUTE format('DROP SEQUENCE pgflow.%I', seq_name);
+    END IF;
     EXECUTE format('CREATE SEQUENCE pgflow.%I AS bigint', seq_name);
     INSERT INTO pgflow.queues (queue_id, queue_name, msg_seq, max_retries, retry_delay_ms,
                                max_retry_delay_ms, retry_jitter, notify)
@@ -319,6 +326,9 @@ BEGIN
     IF delay IS NULL THEN
         RAISE EXCEPTION 'delay must not be null' USING ERRCODE = '22004',
             HINT = 'Pass the time at which the message becomes readable.';
+    ELSIF NOT isfinite(delay) THEN
+        RAISE EXCEPTION 'delay must be a finite time, not %', delay USING ERRCODE = '22023',
+            HINT = 'Pass the time at which the message becomes readable.';
     END IF;
     PERFORM pgflow._check_send(0, priority, headers);
     RETURN pgflow._send(pgflow._queue(queue_name), message, delay, priority, headers);
@@ -354,7 +364,9 @@ BEGIN
         RAISE EXCEPTION 'messages[%] is null', bad USING ERRCODE = '22004';
     END IF;
     IF headers IS NOT NULL THEN
-        IF cardinality(headers) <> n THEN
+        IF array_ndims(headers) > 1 THEN
+            RAISE EXCEPTION 'headers must be a one-dimensional array' USING ERRCODE = '22023';
+        ELSIF cardinality(headers) <> n THEN
             RAISE EXCEPTION 'headers has % elements but messages has %', cardinality(headers), n
                 USING ERRCODE = '22023', HINT = 'Give one headers object (or null) per message.';
         END IF;
@@ -369,7 +381,9 @@ BEGIN
     END IF;
     RETURN QUERY
     INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message, headers)
-    SELECT q.queue_id, nextval(q.msg_seq), visible_at, _send_batch.priority, m.body, headers[m.i]
+    -- headers are matched by position, whatever the arrays' lower bounds ('[0:1]={...}').
+    SELECT q.queue_id, nextval(q.msg_seq), visible_at, _send_batch.priority, m.body,
+           headers[array_lower(headers, 1) + m.i - 1]
       FROM unnest(messages) WITH ORDINALITY AS m(body, i)
      ORDER BY m.i
     RETURNING msg_id;
@@ -400,6 +414,8 @@ AS $$
 BEGIN
     IF delay IS NULL THEN
         RAISE EXCEPTION 'delay must not be null' USING ERRCODE = '22004';
+    ELSIF NOT isfinite(delay) THEN
+        RAISE EXCEPTION 'delay must be a finite time, not %', delay USING ERRCODE = '22023';
     END IF;
     PERFORM pgflow._check_send(0, priority, NULL);
     RETURN QUERY SELECT pgflow._send_batch(pgflow._queue(queue_name), messages, delay, priority, headers);
@@ -544,19 +560,26 @@ COMMENT ON FUNCTION pgflow.pop(text, integer) IS
 -- Acknowledging and leases
 ---------------------------------------------------------------------------------------------
 
-CREATE FUNCTION pgflow._check_ids(msg_ids bigint[], read_cts integer[]) RETURNS void
+-- ids_arg and cts_arg: the caller's names of the two arguments, for the error messages.
+CREATE FUNCTION pgflow._check_ids(msg_ids bigint[], read_cts integer[],
+                                  ids_arg text DEFAULT 'msg_ids', cts_arg text DEFAULT 'read_cts')
+RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF msg_ids IS NULL THEN
-        RAISE EXCEPTION 'msg_ids must not be null' USING ERRCODE = '22004';
+        RAISE EXCEPTION '% must not be null', ids_arg USING ERRCODE = '22004';
+    ELSIF array_ndims(msg_ids) > 1 THEN
+        RAISE EXCEPTION '% must be a one-dimensional array', ids_arg USING ERRCODE = '22023';
     ELSIF array_position(msg_ids, NULL) IS NOT NULL THEN
-        RAISE EXCEPTION 'msg_ids[%] is null', array_position(msg_ids, NULL) USING ERRCODE = '22004';
+        RAISE EXCEPTION '%[%] is null', ids_arg, array_position(msg_ids, NULL) USING ERRCODE = '22004';
     END IF;
-    IF read_cts IS NOT NULL AND cardinality(read_cts) <> cardinality(msg_ids) THEN
-        RAISE EXCEPTION 'read_cts has % elements but msg_ids has %', cardinality(read_cts), cardinality(msg_ids)
-            USING ERRCODE = '22023', HINT = 'Give one read_ct per msg_id, or none.';
+    IF read_cts IS NOT NULL AND array_ndims(read_cts) > 1 THEN
+        RAISE EXCEPTION '% must be a one-dimensional array', cts_arg USING ERRCODE = '22023';
+    ELSIF read_cts IS NOT NULL AND cardinality(read_cts) <> cardinality(msg_ids) THEN
+        RAISE EXCEPTION '% has % elements but % has %', cts_arg, cardinality(read_cts), ids_arg, cardinality(msg_ids)
+            USING ERRCODE = '22023', HINT = format('Give one %s element per %s element, or none.', cts_arg, ids_arg);
     END IF;
 END
 $$;
@@ -678,7 +701,7 @@ AS $$
 DECLARE
     q pgflow.queues;
 BEGIN
-    PERFORM pgflow._check_ids(ack_msg_ids, ack_read_cts);
+    PERFORM pgflow._check_ids(ack_msg_ids, ack_read_cts, 'ack_msg_ids', 'ack_read_cts');
     PERFORM pgflow._check_lease(vt, qty);
     IF archive IS NULL THEN
         RAISE EXCEPTION 'archive must not be null' USING ERRCODE = '22004';
@@ -722,23 +745,25 @@ COMMENT ON FUNCTION pgflow.set_vt(text, bigint, integer, integer) IS
 -- Inspection
 ---------------------------------------------------------------------------------------------
 
+-- One clock reading for the whole count, so visible + in_flight + delayed = depth.
 CREATE FUNCTION pgflow._stats(q pgflow.queues) RETURNS pgflow.queue_stats
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT q.queue_name,
-           count(*),
-           count(*) FILTER (WHERE m.vt <= clock_timestamp()),
-           count(*) FILTER (WHERE m.vt > clock_timestamp() AND m.read_ct > 0),
-           count(*) FILTER (WHERE m.vt > clock_timestamp() AND m.read_ct = 0),
+           count(m.msg_id),
+           count(m.msg_id) FILTER (WHERE m.vt <= t.now),
+           count(m.msg_id) FILTER (WHERE m.vt > t.now AND m.read_ct > 0),
+           count(m.msg_id) FILTER (WHERE m.vt > t.now AND m.read_ct = 0),
            (SELECT count(*) FROM pgflow.archive a WHERE a.queue_id = q.queue_id),
            (SELECT count(*) FROM pgflow.dlq d WHERE d.queue_name = q.queue_name),
-           extract(epoch FROM clock_timestamp() - min(m.enqueued_at))::double precision,
-           extract(epoch FROM clock_timestamp() - max(m.enqueued_at))::double precision,
+           extract(epoch FROM t.now - min(m.enqueued_at))::double precision,
+           extract(epoch FROM t.now - max(m.enqueued_at))::double precision,
            coalesce(pg_sequence_last_value(q.msg_seq), 0),
-           clock_timestamp()
-      FROM pgflow.messages m
-     WHERE m.queue_id = q.queue_id;
+           t.now
+      FROM (SELECT clock_timestamp() AS now) t
+      LEFT JOIN pgflow.messages m ON m.queue_id = q.queue_id
+     GROUP BY t.now;
 $$;
 
 CREATE FUNCTION pgflow.get_queue_stats(queue_name text) RETURNS pgflow.queue_stats
@@ -756,7 +781,8 @@ CREATE FUNCTION pgflow.get_queue_stats() RETURNS SETOF pgflow.queue_stats
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT (pgflow._stats(q)).* FROM pgflow.queues q ORDER BY q.queue_name;
+    -- LATERAL: one call per queue (a (f(q)).* would call _stats once per column).
+    SELECT s.* FROM pgflow.queues q CROSS JOIN LATERAL pgflow._stats(q) s ORDER BY q.queue_name;
 $$;
 COMMENT ON FUNCTION pgflow.get_queue_stats() IS 'pgflow.get_queue_stats(queue_name) for every queue, by name.';
 

@@ -92,6 +92,7 @@ pub fn check_name(value: Option<&str>, arg: &str) {
 
 /// `pgflow._check_name(value, arg)`: raises the specific error for a malformed name.
 #[pg_extern(immutable, parallel_safe, name = "_check_name")]
+#[search_path(pg_catalog, pg_temp)]
 fn check_name_sql(value: Option<&str>, arg: &str) {
     check_name(value, arg)
 }

@@ -273,6 +273,7 @@ pub fn flow_channel_of(flow_slug: &str) -> String {
 
 /// `pgflow.queue_channel(queue_name)`: the channel to LISTEN on for a queue's events.
 #[pg_extern(immutable, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
 fn queue_channel(queue_name: Option<&str>) -> String {
     check_name(queue_name, "queue_name");
     queue_channel_of(queue_name.unwrap_or_default())
@@ -280,6 +281,7 @@ fn queue_channel(queue_name: Option<&str>) -> String {
 
 /// `pgflow.flow_channel(flow_slug)`: the channel to LISTEN on for a flow's workflow events.
 #[pg_extern(immutable, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
 fn flow_channel(flow_slug: Option<&str>) -> String {
     check_name(flow_slug, "flow_slug");
     flow_channel_of(flow_slug.unwrap_or_default())
@@ -289,6 +291,7 @@ fn flow_channel(flow_slug: Option<&str>) -> String {
 /// Wakes its blocked readers at commit, and announces the range on the queue's channel at
 /// commit when `announce` is true (here or in any other call for the queue in the transaction).
 #[pg_extern(volatile, parallel_unsafe, name = "_on_commit_sent")]
+#[search_path(pg_catalog, pg_temp)]
 fn on_commit_sent(
     queue_id: i64,
     queue_name: &str,
@@ -302,6 +305,7 @@ fn on_commit_sent(
 
 /// Internal: wake the blocked readers of a queue at commit (a retry or delayed message is due).
 #[pg_extern(volatile, parallel_unsafe, name = "_on_commit_wake")]
+#[search_path(pg_catalog, pg_temp)]
 fn on_commit_wake(queue_id: i64) {
     PENDING.with(|p| {
         p.borrow_mut().wake_buckets.insert(bucket_of(queue_id));
@@ -310,6 +314,7 @@ fn on_commit_wake(queue_id: i64) {
 
 /// Internal: announce `event` (a JSON object) on `channel` when the transaction commits.
 #[pg_extern(volatile, parallel_unsafe, name = "_on_commit_notify")]
+#[search_path(pg_catalog, pg_temp)]
 fn on_commit_notify(channel: &str, event: pgrx::JsonB) {
     if channel.is_empty() || channel.len() >= 64 {
         raise(
@@ -325,6 +330,7 @@ fn on_commit_notify(channel: &str, event: pgrx::JsonB) {
 /// takes it before looking for messages and passes it to `_wait_for_wake`, so a send that
 /// commits in between is never missed.
 #[pg_extern(volatile, parallel_unsafe, name = "_wake_epoch")]
+#[search_path(pg_catalog, pg_temp)]
 fn wake_epoch(queue_id: i64) -> i64 {
     if !wakeups_available() {
         return 0;
@@ -335,6 +341,7 @@ fn wake_epoch(queue_id: i64) -> i64 {
 /// Internal: sleep up to `timeout_ms`, returning early (true) once a send to the queue's bucket
 /// commits after `epoch` was taken. Without shared memory this is an interruptible sleep.
 #[pg_extern(volatile, parallel_unsafe, name = "_wait_for_wake")]
+#[search_path(pg_catalog, pg_temp)]
 fn wait_for_wake(queue_id: i64, epoch: i64, timeout_ms: i32) -> bool {
     let timeout_ms = timeout_ms.max(0) as i64;
     let bucket = bucket_of(queue_id);
@@ -389,6 +396,7 @@ fn sleep_on_latch(timeout_ms: i64) {
 /// `pgflow.wakeups_enabled()`: whether blocking reads are woken at commit (pgflow preloaded)
 /// rather than polling.
 #[pg_extern(stable, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
 fn wakeups_enabled() -> bool {
     wakeups_available()
 }

@@ -57,6 +57,7 @@ pub fn init() {
 
 /// `pgflow._max_batch_size()`: the current `pgflow.max_batch_size`, for the SQL layer.
 #[pgrx::pg_extern(stable, parallel_safe, name = "_max_batch_size")]
+#[pgrx::search_path(pg_catalog, pg_temp)]
 fn max_batch_size() -> i32 {
     MAX_BATCH_SIZE.get()
 }

@@ -225,10 +225,12 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    IF to_regclass('pgflow.flows') IS NOT NULL
-       AND EXISTS (SELECT 1 FROM pgflow.flows f WHERE f.flow_slug = q.queue_name) THEN
-        RAISE EXCEPTION 'queue "%" delivers the tasks of flow "%"', q.queue_name, q.queue_name
-            USING ERRCODE = '55000', HINT = 'Drop the flow with pgflow.drop_flow(flow_slug) instead.';
+    -- Two IFs: a query naming pgflow.flows cannot even be planned while that table is absent.
+    IF to_regclass('pgflow.flows') IS NOT NULL THEN
+        IF EXISTS (SELECT 1 FROM pgflow.flows f WHERE f.flow_slug = q.queue_name) THEN
+            RAISE EXCEPTION 'queue "%" delivers the tasks of flow "%"', q.queue_name, q.queue_name
+                USING ERRCODE = '55000', HINT = 'Drop the flow with pgflow.drop_flow(flow_slug) instead.';
+        END IF;
     END IF;
     DELETE FROM pgflow.messages WHERE queue_id = q.queue_id;
     DELETE FROM pgflow.archive WHERE queue_id = q.queue_id;

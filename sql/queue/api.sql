@@ -32,6 +32,20 @@ BEGIN
 END
 $$;
 
+-- The lock that keeps a queue from being dropped under a caller that uses its message sequence
+-- (send, send_batch, get_queue_stats): taken shared by them, exclusive by create_queue and
+-- drop_queue, keyed by the queue's name, held to the end of the transaction. Take it in its own
+-- statement BEFORE looking the queue up, so the look-up's snapshot already sees a drop that
+-- committed meanwhile (42704) instead of a sequence that is gone. Lock manager only: nothing
+-- is written. 1885824625 = 'pgfq', the key space of pgflow queue names.
+CREATE FUNCTION pgflow._lock_queue_name(queue_name text, exclusive boolean) RETURNS void
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN $2 THEN pg_advisory_xact_lock(1885824625, hashtext($1))
+                ELSE pg_advisory_xact_lock_shared(1885824625, hashtext($1)) END;
+$$;
+
 -- Checks shared by the functions that lease messages.
 CREATE FUNCTION pgflow._check_lease(vt integer, qty integer) RETURNS void
 LANGUAGE plpgsql IMMUTABLE
@@ -110,6 +124,7 @@ BEGIN
     PERFORM pgflow._check_name(create_queue.queue_name, 'queue_name');
     PERFORM pgflow._check_queue_options(create_queue.max_retries, create_queue.retry_delay_ms,
         create_queue.max_retry_delay_ms, create_queue.retry_jitter, create_queue.notify);
+    PERFORM pgflow._lock_queue_name(create_queue.queue_name, true);
     IF EXISTS (SELECT 1 FROM pgflow.queues WHERE queue_name = create_queue.queue_name) THEN
         RETURN false;
     END IF;
@@ -221,6 +236,7 @@ DECLARE
     q pgflow.queues;
 BEGIN
     PERFORM pgflow._check_name(drop_queue.queue_name, 'queue_name');
+    PERFORM pgflow._lock_queue_name(drop_queue.queue_name, true);
     SELECT * INTO q FROM pgflow.queues WHERE queue_name = drop_queue.queue_name FOR UPDATE;
     IF NOT FOUND THEN
         RETURN false;
@@ -311,6 +327,7 @@ SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     PERFORM pgflow._check_send(delay, priority, headers);
+    PERFORM pgflow._lock_queue_name(queue_name, false);
     RETURN pgflow._send(pgflow._queue(queue_name), message,
                         clock_timestamp() + make_interval(secs => delay), priority, headers);
 END
@@ -333,6 +350,7 @@ BEGIN
             HINT = 'Pass the time at which the message becomes readable.';
     END IF;
     PERFORM pgflow._check_send(0, priority, headers);
+    PERFORM pgflow._lock_queue_name(queue_name, false);
     RETURN pgflow._send(pgflow._queue(queue_name), message, delay, priority, headers);
 END
 $$;
@@ -400,6 +418,7 @@ SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     PERFORM pgflow._check_send(delay, priority, NULL);
+    PERFORM pgflow._lock_queue_name(queue_name, false);
     RETURN QUERY SELECT pgflow._send_batch(pgflow._queue(queue_name), messages,
                         clock_timestamp() + make_interval(secs => delay), priority, headers);
 END
@@ -420,6 +439,7 @@ BEGIN
         RAISE EXCEPTION 'delay must be a finite time, not %', delay USING ERRCODE = '22023';
     END IF;
     PERFORM pgflow._check_send(0, priority, NULL);
+    PERFORM pgflow._lock_queue_name(queue_name, false);
     RETURN QUERY SELECT pgflow._send_batch(pgflow._queue(queue_name), messages, delay, priority, headers);
 END
 $$;
@@ -768,25 +788,40 @@ AS $$
      GROUP BY t.now;
 $$;
 
+-- VOLATILE, so that the look-up after the lock takes a new snapshot.
 CREATE FUNCTION pgflow.get_queue_stats(queue_name text) RETURNS pgflow.queue_stats
-LANGUAGE plpgsql STABLE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM pgflow._lock_queue_name(queue_name, false);
     RETURN pgflow._stats(pgflow._queue(queue_name));
 END
 $$;
 COMMENT ON FUNCTION pgflow.get_queue_stats(text) IS
 'Statistics of one queue: depth (live messages), visible now, in_flight (leased, or waiting out a retry backoff), delayed (never delivered, not yet due), archived, dead_lettered, age in seconds of the oldest and newest live message, total_sent (msg_ids issued: like pgmq, a rolled-back send counts) and the time of the count.';
 
+-- A queue whose drop_queue is in progress is passed over rather than waited for: waiting while
+-- holding the locks of the queues already counted could deadlock with a transaction dropping
+-- several queues.
 CREATE FUNCTION pgflow.get_queue_stats() RETURNS SETOF pgflow.queue_stats
-LANGUAGE sql STABLE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    -- LATERAL: one call per queue (a (f(q)).* would call _stats once per column).
-    SELECT s.* FROM pgflow.queues q CROSS JOIN LATERAL pgflow._stats(q) s ORDER BY q.queue_name;
+DECLARE
+    name text;
+    q pgflow.queues;
+BEGIN
+    FOR name IN SELECT x.queue_name FROM pgflow.queues x ORDER BY x.queue_name LOOP
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock_shared(1885824625, hashtext(name));
+        SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = name;
+        IF FOUND THEN
+            RETURN NEXT pgflow._stats(q);
+        END IF;
+    END LOOP;
+END
 $$;
-COMMENT ON FUNCTION pgflow.get_queue_stats() IS 'pgflow.get_queue_stats(queue_name) for every queue, by name.';
+COMMENT ON FUNCTION pgflow.get_queue_stats() IS 'pgflow.get_queue_stats(queue_name) for every queue, by name (a queue being dropped at that moment is left out).';
 
 CREATE FUNCTION pgflow.list_pending_messages(queue_name text, lim integer DEFAULT 100)
 RETURNS TABLE (msg_id bigint, state text, read_ct integer, priority integer, enqueued_at timestamptz,

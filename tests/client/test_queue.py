@@ -513,3 +513,88 @@ def test_stats_total_sent_counts_every_id_issued(conn, queue):
     send(conn, queue)
     assert stats(conn, queue)["total_sent"] == 11
     assert stats(conn, queue)["depth"] == 1
+
+
+# --- dropping a queue while others use it --------------------------------------------------------
+
+@pytest.mark.parametrize("call", [
+    "SELECT pgflow.send(%s, '{}')",
+    "SELECT pgflow.send(%s, '{}', now())",
+    "SELECT pgflow.send_batch(%s, ARRAY['{}']::jsonb[])",
+    "SELECT * FROM pgflow.get_queue_stats(%s)",
+])
+def test_call_racing_drop_queue_gets_unknown_queue(make_conn, call):
+    """A call that arrives while drop_queue's transaction is open waits for it, then reports the
+    queue as unknown (42704), never an internal error about its vanished sequence."""
+    admin = make_conn(autocommit=False)
+    other = make_conn()
+    name = unique_name()
+    other.execute("SELECT pgflow.create_queue(%s)", (name,))
+    other.execute("SELECT pgflow.send(%s, '{}')", (name,))
+    assert one(admin, "SELECT pgflow.drop_queue(%s)", (name,)) is True
+    result = {}
+
+    def run():
+        try:
+            result["rows"] = other.execute(call, (name,)).fetchall()
+        except psycopg.Error as e:
+            result["error"] = e.sqlstate
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.3)
+    assert t.is_alive(), "the call did not wait for drop_queue"
+    admin.commit()
+    t.join(10)
+    assert result == {"error": "42704"}
+    assert one(other, "SELECT count(*) FROM pgflow.messages m WHERE NOT EXISTS"
+                      " (SELECT 1 FROM pgflow.queues q WHERE q.queue_id = m.queue_id)") == 0
+
+
+def test_drop_queue_waits_for_an_open_send(make_conn):
+    producer = make_conn(autocommit=False)
+    admin = make_conn()
+    name = unique_name()
+    admin.execute("SELECT pgflow.create_queue(%s)", (name,))
+    send(producer, name, {"in": "flight"})
+    result = {}
+    t = threading.Thread(target=lambda: result.update(dropped=one(admin, "SELECT pgflow.drop_queue(%s)", (name,))))
+    t.start()
+    time.sleep(0.3)
+    assert t.is_alive(), "drop_queue did not wait for the open send"
+    producer.commit()
+    t.join(10)
+    assert result == {"dropped": True}
+    assert one(admin, "SELECT count(*) FROM pgflow.list_queues() WHERE queue_name = %s", (name,)) == 0
+
+
+def test_stats_of_all_queues_pass_over_a_queue_being_dropped(make_conn):
+    admin = make_conn(autocommit=False)
+    other = make_conn()
+    name = unique_name()
+    other.execute("SELECT pgflow.create_queue(%s)", (name,))
+    admin.execute("SELECT pgflow.drop_queue(%s)", (name,))
+    start = time.monotonic()
+    names = [r[0] for r in other.execute("SELECT queue_name FROM pgflow.get_queue_stats()")]
+    assert time.monotonic() - start < 2 and name not in names
+    admin.rollback()
+    assert name in [r[0] for r in other.execute("SELECT queue_name FROM pgflow.get_queue_stats()")]
+    other.execute("SELECT pgflow.drop_queue(%s)", (name,))
+
+
+def test_create_queue_racing_drop_queue_of_the_same_name(make_conn):
+    admin = make_conn(autocommit=False)
+    other = make_conn()
+    name = unique_name()
+    other.execute("SELECT pgflow.create_queue(%s)", (name,))
+    admin.execute("SELECT pgflow.drop_queue(%s)", (name,))
+    result = {}
+    t = threading.Thread(target=lambda: result.update(created=one(other, "SELECT pgflow.create_queue(%s)", (name,))))
+    t.start()
+    time.sleep(0.3)
+    admin.commit()
+    t.join(10)
+    # the drop went first, so the queue was created anew, and it exists
+    assert result == {"created": True}
+    assert one(other, "SELECT count(*) FROM pgflow.list_queues() WHERE queue_name = %s", (name,)) == 1
+    other.execute("SELECT pgflow.drop_queue(%s)", (name,))

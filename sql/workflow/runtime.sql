@@ -1,0 +1,798 @@
+-- Workflow layer: runs, tasks and their events.
+--
+-- Lock order, everywhere: the run row first (every function that changes a run's step states
+-- or ends a task takes it FOR NO KEY UPDATE before anything else), then step states (in
+-- step_index order), then task messages (in msg_id order), then task rows. Claiming
+-- (poll_for_tasks, start_tasks) locks only messages and then their task rows, and never waits
+-- for a run row (it uses SKIP LOCKED on the rare path that needs one), so no two workers can
+-- wait on each other in a cycle. Because a run's step states change only under its run lock,
+-- sibling steps completing at once are serialised: a dependent step is started exactly once.
+--
+-- Events go through pgflow._on_commit_notify: one notification per channel per transaction,
+-- sent at commit, nothing on rollback.
+
+-- Longest error text carried in an event, in characters (the task row keeps 2000).
+CREATE FUNCTION pgflow._event_error(error text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN CASE WHEN length(error) > 500 THEN left(error, 500) || '... (truncated)' ELSE error END;
+END
+$$;
+
+-- Announce a workflow event on the flow's channel and on pgflow.flows, if the setting
+-- pgflow.workflow_events allows it: 'all' (the default) announces every event; 'runs' only the
+-- workflow_* events of runs starting and ending; 'off' none. A transaction that notifies holds
+-- PostgreSQL's cluster-wide notify lock from its commit until the commit is flushed, so per-task
+-- events put a ceiling on task throughput; see docs/workflows.md.
+CREATE FUNCTION pgflow._emit(flow_slug text, event jsonb) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    level text := coalesce(current_setting('pgflow.workflow_events', true), '');
+BEGIN
+    IF level = 'off' OR (level = 'runs' AND left(event ->> 'event', 5) = 'task_') THEN
+        RETURN;
+    END IF;
+    PERFORM pgflow._on_commit_notify('pgflow.flow.' || flow_slug, event);
+    PERFORM pgflow._on_commit_notify('pgflow.flows', event);
+END
+$$;
+
+CREATE FUNCTION pgflow._ms_since(t timestamptz) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN round(extract(epoch FROM clock_timestamp() - t) * 1000)::bigint;
+END
+$$;
+
+-- The output of a completed step of a run: a single step's task output, a map step's array.
+CREATE FUNCTION pgflow._step_output(run_id uuid, step_slug text, step_type text) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    o jsonb;
+BEGIN
+    IF step_type = 'map' THEN
+        SELECT s.output INTO o FROM pgflow.step_states s
+         WHERE s.run_id = _step_output.run_id AND s.step_slug = _step_output.step_slug;
+    ELSE
+        SELECT t.output INTO o FROM pgflow.step_tasks t
+         WHERE t.run_id = _step_output.run_id AND t.step_slug = _step_output.step_slug AND t.task_index = 0;
+    END IF;
+    RETURN o;
+END
+$$;
+
+-- Input of the task of a single step: {"run": <run input>, "<dep>": <dep output>, ...}.
+CREATE FUNCTION pgflow._task_input(flow_slug text, run_id uuid, run_input jsonb, step_slug text, deps_count integer)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    o jsonb;
+BEGIN
+    IF deps_count = 0 THEN
+        RETURN jsonb_build_object('run', run_input);
+    END IF;
+    SELECT jsonb_object_agg(d.dep_slug, pgflow._step_output(_task_input.run_id, d.dep_slug, s.step_type)) INTO o
+      FROM pgflow.deps d
+      JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
+     WHERE d.flow_slug = _task_input.flow_slug AND d.step_slug = _task_input.step_slug;
+    RETURN jsonb_build_object('run', run_input) || coalesce(o, '{}'::jsonb);
+END
+$$;
+
+-- Fail run r (whose row the caller has locked) because of step failed_step: its queued and
+-- started tasks are no longer handed out (their messages are deleted, in msg_id order).
+CREATE FUNCTION pgflow._fail_run(r pgflow.runs, queue_id bigint, failed_step text, error text) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    ids bigint[];
+BEGIN
+    ids := ARRAY(SELECT t.message_id FROM pgflow.step_tasks t
+                  WHERE t.run_id = r.run_id AND t.status IN ('queued', 'started') ORDER BY t.message_id);
+    IF cardinality(ids) > 0 THEN
+        PERFORM 1 FROM pgflow.messages m
+         WHERE m.queue_id = _fail_run.queue_id AND m.msg_id = ANY (ids) ORDER BY m.msg_id FOR UPDATE;
+        DELETE FROM pgflow.messages m WHERE m.queue_id = _fail_run.queue_id AND m.msg_id = ANY (ids);
+    END IF;
+    UPDATE pgflow.runs SET status = 'failed', failed_at = clock_timestamp() WHERE run_id = r.run_id;
+    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+        'event', 'workflow_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug,
+        'error', pgflow._event_error(error), 'failed_step', failed_step));
+END
+$$;
+
+-- Complete run r if every step of it has completed. Output: {<leaf step>: <its output>, ...}.
+CREATE FUNCTION pgflow._maybe_complete_run(r pgflow.runs) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF EXISTS (SELECT 1 FROM pgflow.step_states s WHERE s.run_id = r.run_id AND s.status <> 'completed') THEN
+        RETURN;
+    END IF;
+    UPDATE pgflow.runs
+       SET status = 'completed', completed_at = clock_timestamp(),
+           output = coalesce((
+               SELECT jsonb_object_agg(s.step_slug, pgflow._step_output(r.run_id, s.step_slug, s.step_type))
+                 FROM pgflow.steps s
+                WHERE s.flow_slug = r.flow_slug
+                  AND NOT EXISTS (SELECT 1 FROM pgflow.deps d WHERE d.flow_slug = s.flow_slug AND d.dep_slug = s.step_slug)),
+               '{}'::jsonb)
+     WHERE run_id = r.run_id AND status = 'started';
+    IF FOUND THEN
+        PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+            'event', 'workflow_completed', 'run_id', r.run_id, 'flow_slug', r.flow_slug,
+            'duration_ms', pgflow._ms_since(r.started_at)));
+    END IF;
+END
+$$;
+
+-- Start step st of run r (all its deps completed; the caller holds the run lock): set its state
+-- to started and queue its tasks, one for a single step, one per array element for a map step.
+-- A map over an empty array completes at once with []; over a non-array it fails the run.
+-- Returns false if the run failed.
+CREATE FUNCTION pgflow._start_step(r pgflow.runs, q pgflow.queues, st pgflow.steps) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    now_ timestamptz := clock_timestamp();
+    visible_at timestamptz := now_ + make_interval(secs => coalesce(st.opt_start_delay, 0));
+    arr jsonb;
+    n integer := 1;
+    dep text;
+    dep_type text;
+    err text;
+BEGIN
+    IF st.step_type = 'map' THEN
+        IF st.deps_count = 0 THEN
+            arr := r.input;
+        ELSE
+            SELECT d.dep_slug, s.step_type INTO dep, dep_type
+              FROM pgflow.deps d JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
+             WHERE d.flow_slug = st.flow_slug AND d.step_slug = st.step_slug;
+            arr := pgflow._step_output(r.run_id, dep, dep_type);
+        END IF;
+        IF jsonb_typeof(arr) IS DISTINCT FROM 'array' THEN
+            err := format('map step "%s" needs an array to map over, but %s is a JSON %s',
+                          st.step_slug, CASE WHEN dep IS NULL THEN 'the run input' ELSE format('the output of step "%s"', dep) END,
+                          coalesce(jsonb_typeof(arr), 'null'));
+            INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, failed_at, error_message)
+            VALUES (r.flow_slug, r.run_id, st.step_slug, 'failed', 0, now_, err)
+            ON CONFLICT (run_id, step_slug) DO UPDATE
+               SET status = 'failed', remaining_deps = 0, failed_at = now_, error_message = err;
+            PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
+            RETURN false;
+        END IF;
+        n := jsonb_array_length(arr);
+    END IF;
+
+    INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, remaining_tasks,
+                                    initial_tasks, started_at, completed_at, output)
+    VALUES (r.flow_slug, r.run_id, st.step_slug, CASE WHEN n = 0 THEN 'completed' ELSE 'started' END, 0, n, n,
+            now_, CASE WHEN n = 0 THEN now_ END, CASE WHEN n = 0 THEN '[]'::jsonb END)
+    ON CONFLICT (run_id, step_slug) DO UPDATE
+       SET status = excluded.status, remaining_deps = 0, remaining_tasks = n, initial_tasks = n,
+           started_at = now_, completed_at = excluded.completed_at, output = excluded.output;
+
+    IF n = 0 THEN
+        RETURN pgflow._step_completed(r, q, st);
+    END IF;
+
+    IF st.step_type = 'single' THEN
+        WITH m AS (
+            INSERT INTO pgflow.messages (queue_id, msg_id, vt, message)
+            VALUES (q.queue_id, nextval(q.msg_seq), visible_at,
+                    jsonb_build_object('run_id', r.run_id, 'step_slug', st.step_slug, 'task_index', 0))
+            RETURNING msg_id
+        )
+        INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id, queued_at)
+        SELECT r.flow_slug, r.run_id, st.step_slug, 0, m.msg_id, now_ FROM m;
+    ELSE
+        -- One message and one task per element, in element order, in two set-based statements
+        -- (no batch limit applies: this is not pgflow.send_batch).
+        WITH m AS (
+            INSERT INTO pgflow.messages (queue_id, msg_id, vt, message)
+            SELECT q.queue_id, nextval(q.msg_seq), visible_at,
+                   jsonb_build_object('run_id', r.run_id, 'step_slug', st.step_slug, 'task_index', e.i - 1,
+                                      'input', e.v)
+              FROM jsonb_array_elements(arr) WITH ORDINALITY AS e(v, i)
+             ORDER BY e.i
+            RETURNING msg_id, (message ->> 'task_index')::integer AS task_index
+        )
+        INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id, queued_at)
+        SELECT r.flow_slug, r.run_id, st.step_slug, m.task_index, m.msg_id, now_ FROM m;
+    END IF;
+    IF visible_at > now_ THEN
+        PERFORM pgflow._due_at(q.queue_id, visible_at);
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- Step st of run r has just completed (its state says so): start the dependents whose deps are
+-- now all complete, in step_index order, and complete the run when a leaf completes and no
+-- step is left. Returns false if the run failed meanwhile (a map over a non-array).
+CREATE FUNCTION pgflow._step_completed(r pgflow.runs, q pgflow.queues, st pgflow.steps) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    nxt pgflow.steps;
+    left_deps integer;
+    leaf boolean := true;
+BEGIN
+    FOR nxt IN
+        SELECT s.* FROM pgflow.deps d
+          JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.step_slug
+         WHERE d.flow_slug = st.flow_slug AND d.dep_slug = st.step_slug
+         ORDER BY s.step_index
+    LOOP
+        leaf := false;
+        SELECT ss.remaining_deps INTO left_deps FROM pgflow.step_states ss
+         WHERE ss.run_id = r.run_id AND ss.step_slug = nxt.step_slug;
+        IF left_deps = 1 THEN
+            IF NOT pgflow._start_step(r, q, nxt) THEN
+                RETURN false;
+            END IF;
+        ELSE
+            UPDATE pgflow.step_states SET remaining_deps = remaining_deps - 1
+             WHERE run_id = r.run_id AND step_slug = nxt.step_slug;
+        END IF;
+    END LOOP;
+    IF leaf THEN
+        PERFORM pgflow._maybe_complete_run(r);
+    END IF;
+    RETURN true;
+END
+$$;
+
+---------------------------------------------------------------------------------------------
+-- Starting runs
+---------------------------------------------------------------------------------------------
+
+CREATE FUNCTION pgflow.start_flow(flow_slug text, input jsonb, run_id uuid DEFAULT NULL)
+RETURNS pgflow.runs
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    f pgflow.flows;
+    q pgflow.queues;
+    r pgflow.runs;
+    st pgflow.steps;
+BEGIN
+    f := pgflow._flow(start_flow.flow_slug);
+    IF start_flow.input IS NULL THEN
+        RAISE EXCEPTION 'input must not be null' USING ERRCODE = '22004',
+            HINT = 'Pass ''{}''::jsonb (or JSON null, ''null''::jsonb) for a run without input.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pgflow.steps s WHERE s.flow_slug = f.flow_slug) THEN
+        RAISE EXCEPTION 'flow "%" has no steps', f.flow_slug USING ERRCODE = '55000',
+            HINT = 'Add steps with pgflow.add_step before starting runs.';
+    END IF;
+    q := pgflow._queue(f.flow_slug);
+    INSERT INTO pgflow.runs (run_id, flow_slug, input)
+    VALUES (coalesce(start_flow.run_id, gen_random_uuid()), f.flow_slug, start_flow.input)
+    ON CONFLICT (run_id) DO NOTHING
+    RETURNING * INTO r;
+    IF NOT FOUND THEN
+        -- An explicit run_id works as an idempotency key: starting the same run again returns it.
+        SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = start_flow.run_id;
+        IF r.flow_slug = f.flow_slug AND r.input = start_flow.input THEN
+            RETURN r;
+        END IF;
+        RAISE EXCEPTION 'run % already exists with another flow or input', start_flow.run_id
+            USING ERRCODE = '42710', HINT = 'Pass a new run_id, or NULL to have one generated.';
+    END IF;
+    PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
+        'event', 'workflow_started', 'run_id', r.run_id, 'flow_slug', f.flow_slug,
+        'input', CASE WHEN pg_column_size(r.input) <= 2000 THEN r.input END,
+        'input_bytes', CASE WHEN pg_column_size(r.input) > 2000 THEN pg_column_size(r.input) END));
+    INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, remaining_deps)
+    SELECT f.flow_slug, r.run_id, s.step_slug, s.deps_count
+      FROM pgflow.steps s WHERE s.flow_slug = f.flow_slug AND s.deps_count > 0
+     ORDER BY s.step_index;
+    FOR st IN SELECT * FROM pgflow.steps s WHERE s.flow_slug = f.flow_slug AND s.deps_count = 0 ORDER BY s.step_index LOOP
+        EXIT WHEN NOT pgflow._start_step(r, q, st);
+    END LOOP;
+    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = r.run_id;
+    RETURN r;
+END
+$$;
+COMMENT ON FUNCTION pgflow.start_flow(text, jsonb, uuid) IS
+'Start a run of a flow with the given input (any JSON value, not SQL NULL); returns the run row. Creates the state of every step and queues the tasks of the root steps (after their start_delay). A given run_id acts as an idempotency key: starting it again with the same flow and input returns the existing run; with another flow or input fails with 42710. A root map step over an input that is not an array fails the run at once.';
+
+---------------------------------------------------------------------------------------------
+-- Claiming tasks
+---------------------------------------------------------------------------------------------
+
+-- The last allowed attempt of a task timed out (its message came back after max_attempts
+-- deliveries): fail the task, its step and its run. The caller holds the message lock, so the
+-- run lock is only tried (SKIP LOCKED): if busy, the message is looked at again a second later.
+CREATE FUNCTION pgflow._task_timed_out(f pgflow.flows, q pgflow.queues, st pgflow.steps, msg_id bigint,
+                                       run_id uuid, task_index integer, read_ct integer) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    r pgflow.runs;
+    tstatus text;
+    err text;
+    now_ timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = _task_timed_out.run_id FOR NO KEY UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        UPDATE pgflow.messages m SET vt = now_ + interval '1 second'
+         WHERE m.queue_id = q.queue_id AND m.msg_id = _task_timed_out.msg_id;
+        RETURN;
+    END IF;
+    SELECT t.status INTO tstatus FROM pgflow.step_tasks t
+     WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_timed_out.task_index;
+    IF r.status <> 'started' OR tstatus IS DISTINCT FROM 'started' THEN
+        DELETE FROM pgflow.messages m WHERE m.queue_id = q.queue_id AND m.msg_id = _task_timed_out.msg_id;
+        RETURN;
+    END IF;
+    err := format('timed out: not completed within %s s on its last attempt (%s of %s)',
+                  coalesce(st.opt_timeout, f.opt_timeout), read_ct - 1, coalesce(st.opt_max_attempts, f.opt_max_attempts));
+    UPDATE pgflow.step_states SET status = 'failed', failed_at = now_, error_message = err
+     WHERE run_id = r.run_id AND step_slug = st.step_slug;
+    PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
+        'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', f.flow_slug, 'step_slug', st.step_slug,
+        'task_index', task_index, 'error', err, 'attempt', read_ct - 1, 'will_retry', false));
+    PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
+    UPDATE pgflow.step_tasks t SET status = 'failed', failed_at = now_, error_message = err, attempts_count = read_ct - 1
+     WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_timed_out.task_index;
+END
+$$;
+
+-- Start the tasks of messages just leased by this transaction (msg_ids, their read_ct and
+-- bodies, in msg_id order) and return them with their inputs. A message whose task can no
+-- longer run (run failed, task done) is deleted; a message that is not a task of this flow is
+-- dead-lettered; a task whose last attempt timed out fails.
+CREATE FUNCTION pgflow._start_claimed(f pgflow.flows, q pgflow.queues, msg_ids bigint[], read_cts integer[],
+                                      bodies jsonb[], worker_id uuid)
+RETURNS SETOF pgflow.step_task_record
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    c record;
+    st pgflow.steps;
+    rstatus text;
+    rinput jsonb;
+    last_run uuid;
+    tstatus text;
+    now_ timestamptz := clock_timestamp();
+    res pgflow.step_task_record;
+BEGIN
+    FOR c IN
+        SELECT x.id, x.rc, x.body,
+               CASE WHEN x.body ->> 'run_id' ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                     AND jsonb_typeof(x.body -> 'step_slug') = 'string'
+                     AND jsonb_typeof(x.body -> 'task_index') = 'number'
+                    THEN (x.body ->> 'run_id')::uuid END AS rid,
+               x.body ->> 'step_slug' AS sslug,
+               x.body -> 'task_index' AS tidx
+          FROM unnest(msg_ids, read_cts, bodies) AS x(id, rc, body)
+         ORDER BY x.id
+    LOOP
+        IF c.rid IS NULL THEN
+            PERFORM pgflow._dead_letter(q, c.id, format('not a task of flow "%s"', f.flow_slug));
+            CONTINUE;
+        END IF;
+        IF st.step_slug IS DISTINCT FROM c.sslug THEN
+            SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = f.flow_slug AND s.step_slug = c.sslug;
+            IF NOT FOUND THEN
+                PERFORM pgflow._dead_letter(q, c.id, format('not a task of flow "%s"', f.flow_slug));
+                CONTINUE;
+            END IF;
+        END IF;
+        IF last_run IS DISTINCT FROM c.rid THEN
+            SELECT x.status, x.input INTO rstatus, rinput FROM pgflow.runs x WHERE x.run_id = c.rid;
+            last_run := c.rid;
+        END IF;
+        SELECT t.status INTO tstatus FROM pgflow.step_tasks t
+         WHERE t.run_id = c.rid AND t.step_slug = c.sslug AND t.task_index = (c.tidx)::integer;
+        IF rstatus IS DISTINCT FROM 'started' OR tstatus IS NULL OR tstatus NOT IN ('queued', 'started') THEN
+            -- the run failed or the task is done: nothing to hand out
+            DELETE FROM pgflow.messages m WHERE m.queue_id = q.queue_id AND m.msg_id = c.id;
+            CONTINUE;
+        END IF;
+        IF c.rc > coalesce(st.opt_max_attempts, f.opt_max_attempts) THEN
+            PERFORM pgflow._task_timed_out(f, q, st, c.id, c.rid, (c.tidx)::integer, c.rc);
+            last_run := NULL;
+            CONTINUE;
+        END IF;
+        UPDATE pgflow.step_tasks t
+           SET status = 'started', attempts_count = c.rc, started_at = now_, last_worker_id = _start_claimed.worker_id
+         WHERE t.run_id = c.rid AND t.step_slug = c.sslug AND t.task_index = (c.tidx)::integer
+           AND t.status IN ('queued', 'started');
+        IF NOT FOUND THEN
+            CONTINUE;
+        END IF;
+        IF tstatus = 'started' THEN
+            -- its previous attempt timed out; this one is a retry
+            PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
+                'event', 'task_failed', 'run_id', c.rid, 'flow_slug', f.flow_slug, 'step_slug', c.sslug,
+                'task_index', c.tidx, 'attempt', c.rc - 1, 'will_retry', true,
+                'error', format('timed out: not completed within %s s', coalesce(st.opt_timeout, f.opt_timeout))));
+        END IF;
+        PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
+            'event', 'task_started', 'run_id', c.rid, 'flow_slug', f.flow_slug, 'step_slug', c.sslug,
+            'task_index', c.tidx, 'attempt', c.rc));
+        res.flow_slug := f.flow_slug;
+        res.run_id := c.rid;
+        res.step_slug := c.sslug;
+        res.task_index := (c.tidx)::integer;
+        res.msg_id := c.id;
+        res.input := CASE WHEN st.step_type = 'map' THEN c.body -> 'input'
+                          ELSE pgflow._task_input(f.flow_slug, c.rid, rinput, c.sslug, st.deps_count) END;
+        RETURN NEXT res;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION pgflow.start_tasks(flow_slug text, msg_ids bigint[], worker_id uuid)
+RETURNS SETOF pgflow.step_task_record
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    f pgflow.flows;
+    q pgflow.queues;
+    ids bigint[];
+    cts integer[];
+    bodies jsonb[];
+BEGIN
+    f := pgflow._flow(start_tasks.flow_slug);
+    PERFORM pgflow._check_ids(start_tasks.msg_ids, NULL);
+    IF start_tasks.worker_id IS NULL THEN
+        RAISE EXCEPTION 'worker_id must not be null' USING ERRCODE = '22004',
+            HINT = 'Each worker passes a uuid of its own; complete_task and fail_task can check it.';
+    END IF;
+    q := pgflow._queue(f.flow_slug);
+    -- Lock in msg_id order, then lease each task for its step's timeout.
+    PERFORM 1 FROM pgflow.messages m
+     WHERE m.queue_id = q.queue_id AND m.msg_id = ANY (start_tasks.msg_ids) AND m.read_ct > 0
+     ORDER BY m.msg_id FOR UPDATE;
+    WITH u AS (
+        UPDATE pgflow.messages m
+           SET vt = clock_timestamp() + make_interval(secs => coalesce(
+                   (SELECT s.opt_timeout FROM pgflow.steps s
+                     WHERE s.flow_slug = f.flow_slug AND s.step_slug = m.message ->> 'step_slug'),
+                   f.opt_timeout))
+         WHERE m.queue_id = q.queue_id AND m.msg_id = ANY (start_tasks.msg_ids) AND m.read_ct > 0
+        RETURNING m.msg_id, m.read_ct, m.message
+    )
+    SELECT array_agg(u.msg_id ORDER BY u.msg_id), array_agg(u.read_ct ORDER BY u.msg_id),
+           array_agg(u.message ORDER BY u.msg_id)
+      INTO ids, cts, bodies FROM u;
+    IF ids IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT * FROM pgflow._start_claimed(f, q, ids, cts, bodies, start_tasks.worker_id);
+END
+$$;
+COMMENT ON FUNCTION pgflow.start_tasks(text, bigint[], uuid) IS
+'Start the tasks of messages a worker read from the flow''s queue (pgflow.read or read_with_poll): marks each task started, counts the attempt, leases it for its step''s timeout, and returns (flow_slug, run_id, step_slug, task_index, msg_id, input). input is {"run": <run input>, "<dep>": <dep output>, ...}, or the array element for a map task. Messages of failed runs or finished tasks are dropped and not returned; a task whose last attempt timed out fails (and with it its step and run). worker_id is recorded and may be passed to complete_task / fail_task.';
+
+CREATE FUNCTION pgflow.poll_for_tasks(flow_slug text, vt integer, qty integer, max_poll_seconds integer DEFAULT 5,
+                                      poll_interval_ms integer DEFAULT 100, worker_id uuid DEFAULT NULL)
+RETURNS SETOF pgflow.step_task_record
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    f pgflow.flows;
+    q pgflow.queues;
+    deadline timestamptz;
+    epoch bigint;
+    left_ms integer;
+    ids bigint[];
+    cts integer[];
+    bodies jsonb[];
+BEGIN
+    f := pgflow._flow(poll_for_tasks.flow_slug);
+    PERFORM pgflow._check_lease(poll_for_tasks.vt, poll_for_tasks.qty);
+    IF max_poll_seconds IS NULL THEN
+        RAISE EXCEPTION 'max_poll_seconds must not be null' USING ERRCODE = '22004';
+    ELSIF max_poll_seconds < 0 OR max_poll_seconds > 3600 THEN
+        RAISE EXCEPTION 'max_poll_seconds must be between 0 and 3600, not %', max_poll_seconds USING ERRCODE = '22023';
+    END IF;
+    IF poll_interval_ms IS NULL THEN
+        RAISE EXCEPTION 'poll_interval_ms must not be null' USING ERRCODE = '22004';
+    ELSIF poll_interval_ms < 1 OR poll_interval_ms > 60000 THEN
+        RAISE EXCEPTION 'poll_interval_ms must be between 1 and 60000, not %', poll_interval_ms USING ERRCODE = '22023';
+    END IF;
+    q := pgflow._queue(f.flow_slug);
+    deadline := clock_timestamp() + make_interval(secs => max_poll_seconds);
+    LOOP
+        -- Taken before looking, so tasks queued by a commit between the look and the wait wake us.
+        epoch := pgflow._wake_epoch(q.queue_id);
+        -- Lease the next visible messages, each for its step's timeout (vt for a message that is
+        -- not a task of this flow). Two statements, each with a plan that stays an index scan.
+        ids := ARRAY(
+            SELECT m.msg_id FROM pgflow.messages m
+             WHERE m.queue_id = q.queue_id AND m.vt <= clock_timestamp()
+             ORDER BY m.priority DESC, m.msg_id
+             LIMIT poll_for_tasks.qty
+               FOR UPDATE SKIP LOCKED);
+        IF cardinality(ids) > 0 THEN
+            WITH u AS (
+                UPDATE pgflow.messages m
+                   SET vt = clock_timestamp() + make_interval(secs => coalesce(
+                           (SELECT s.opt_timeout FROM pgflow.steps s
+                             WHERE s.flow_slug = f.flow_slug AND s.step_slug = m.message ->> 'step_slug'),
+                           CASE WHEN m.message ? 'run_id' THEN f.opt_timeout ELSE poll_for_tasks.vt END)),
+                       read_ct = m.read_ct + 1
+                 WHERE m.queue_id = q.queue_id AND m.msg_id = ANY (ids)
+                RETURNING m.msg_id, m.read_ct, m.message
+            )
+            SELECT array_agg(u.msg_id ORDER BY u.msg_id), array_agg(u.read_ct ORDER BY u.msg_id),
+                   array_agg(u.message ORDER BY u.msg_id)
+              INTO ids, cts, bodies FROM u;
+        ELSE
+            ids := NULL;
+        END IF;
+        IF ids IS NOT NULL THEN
+            RETURN QUERY SELECT * FROM pgflow._start_claimed(f, q, ids, cts, bodies, poll_for_tasks.worker_id);
+            IF FOUND THEN
+                RETURN;
+            END IF;
+        END IF;
+        left_ms := ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000);
+        EXIT WHEN left_ms <= 0;
+        PERFORM pgflow._wait_for_wake(q.queue_id, epoch, least(left_ms, poll_interval_ms));
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgflow.poll_for_tasks(text, integer, integer, integer, integer, uuid) IS
+'Claim up to qty tasks of a flow in one statement: leases their messages and starts them as pgflow.start_tasks does, returning (flow_slug, run_id, step_slug, task_index, msg_id, input). Each task is leased for its step''s timeout (vt applies only to a stray message that is not a task). Waits up to max_poll_seconds for tasks, woken at the commit that queues new ones (looking again every poll_interval_ms for timed-out tasks and delayed retries). worker_id, optional, is recorded as the task''s last_worker_id.';
+
+---------------------------------------------------------------------------------------------
+-- Completing and failing tasks
+---------------------------------------------------------------------------------------------
+
+-- Common prologue of complete_task and fail_task: lock the run, read the task, and say why
+-- nothing is to be done (NULL if the task can be ended). Raises for unknown runs, steps, tasks.
+CREATE FUNCTION pgflow._end_task_check(run_id uuid, step_slug text, task_index integer, worker_id uuid,
+                                       OUT r pgflow.runs, OUT t pgflow.step_tasks, OUT outcome text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF _end_task_check.run_id IS NULL THEN
+        RAISE EXCEPTION 'run_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF _end_task_check.step_slug IS NULL THEN
+        RAISE EXCEPTION 'step_slug must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF _end_task_check.task_index IS NULL THEN
+        RAISE EXCEPTION 'task_index must not be null' USING ERRCODE = '22004';
+    END IF;
+    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = _end_task_check.run_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'run % does not exist', _end_task_check.run_id USING ERRCODE = '42704',
+            HINT = 'Pass the run_id returned by pgflow.start_tasks or pgflow.poll_for_tasks.';
+    END IF;
+    SELECT * INTO t FROM pgflow.step_tasks x
+     WHERE x.run_id = _end_task_check.run_id AND x.step_slug = _end_task_check.step_slug
+       AND x.task_index = _end_task_check.task_index;
+    IF NOT FOUND THEN
+        PERFORM pgflow._check_name(_end_task_check.step_slug, 'step_slug');
+        IF NOT EXISTS (SELECT 1 FROM pgflow.steps s WHERE s.flow_slug = r.flow_slug AND s.step_slug = _end_task_check.step_slug) THEN
+            RAISE EXCEPTION 'flow "%" of run % has no step "%"', r.flow_slug, _end_task_check.run_id,
+                _end_task_check.step_slug USING ERRCODE = '42704',
+                HINT = 'Pass the step_slug returned with the task.';
+        END IF;
+        RAISE EXCEPTION 'run % has no task % of step "%"', _end_task_check.run_id, _end_task_check.task_index,
+            _end_task_check.step_slug USING ERRCODE = '42704',
+            HINT = 'Tasks exist once their step has started; pass the task_index returned with the task.';
+    END IF;
+    outcome := CASE
+        WHEN r.status = 'failed' THEN 'run_failed'
+        WHEN t.status = 'completed' THEN 'already_completed'
+        WHEN t.status = 'failed' THEN 'already_failed'
+        WHEN t.status = 'queued' THEN 'not_started'
+        WHEN _end_task_check.worker_id IS NOT NULL AND t.last_worker_id IS DISTINCT FROM _end_task_check.worker_id THEN 'stale'
+    END;
+END
+$$;
+
+CREATE FUNCTION pgflow.complete_task(run_id uuid, step_slug text, task_index integer, output jsonb,
+                                     worker_id uuid DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    r pgflow.runs;
+    t pgflow.step_tasks;
+    outcome text;
+    chk record;
+    st pgflow.steps;
+    q pgflow.queues;
+    left_tasks integer;
+    now_ timestamptz;
+BEGIN
+    SELECT * INTO chk FROM pgflow._end_task_check(complete_task.run_id, complete_task.step_slug,
+                                                  complete_task.task_index, complete_task.worker_id);
+    r := chk.r;
+    t := chk.t;
+    outcome := chk.outcome;
+    IF complete_task.output IS NULL THEN
+        RAISE EXCEPTION 'output must not be null' USING ERRCODE = '22004',
+            HINT = 'Pass JSON null (''null''::jsonb) for a task without output.';
+    END IF;
+    IF outcome IS NOT NULL THEN
+        RETURN outcome;
+    END IF;
+    now_ := clock_timestamp();
+    SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = r.flow_slug AND s.step_slug = complete_task.step_slug;
+    SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
+    -- step state, then message, then task
+    UPDATE pgflow.step_states s
+       SET remaining_tasks = s.remaining_tasks - 1,
+           status = CASE WHEN s.remaining_tasks = 1 AND st.step_type = 'single' THEN 'completed' ELSE s.status END,
+           completed_at = CASE WHEN s.remaining_tasks = 1 AND st.step_type = 'single' THEN now_ ELSE s.completed_at END
+     WHERE s.run_id = complete_task.run_id AND s.step_slug = complete_task.step_slug
+    RETURNING s.remaining_tasks INTO left_tasks;
+    DELETE FROM pgflow.messages m WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id;
+    UPDATE pgflow.step_tasks x
+       SET status = 'completed', output = complete_task.output, completed_at = now_
+     WHERE x.run_id = complete_task.run_id AND x.step_slug = complete_task.step_slug
+       AND x.task_index = complete_task.task_index;
+    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+        'event', 'task_completed', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
+        'task_index', complete_task.task_index, 'duration_ms', round(extract(epoch FROM now_ - t.started_at) * 1000)));
+    IF left_tasks = 0 THEN
+        IF st.step_type = 'map' THEN
+            UPDATE pgflow.step_states s
+               SET status = 'completed', completed_at = now_,
+                   output = (SELECT jsonb_agg(x.output ORDER BY x.task_index) FROM pgflow.step_tasks x
+                              WHERE x.run_id = complete_task.run_id AND x.step_slug = complete_task.step_slug)
+             WHERE s.run_id = complete_task.run_id AND s.step_slug = complete_task.step_slug;
+        END IF;
+        PERFORM pgflow._step_completed(r, q, st);
+    END IF;
+    RETURN 'completed';
+END
+$$;
+COMMENT ON FUNCTION pgflow.complete_task(uuid, text, integer, jsonb, uuid) IS
+'Complete a started task with its output (any JSON value, not SQL NULL). Returns the outcome: completed; or, changing nothing: already_completed (the first completion wins), already_failed, not_started (queued, e.g. waiting for a retry), run_failed, stale (worker_id given and the task was since handed to another worker). When its step''s last task completes, the step completes (a map step with the array of its task outputs), the dependents whose deps are all complete start, and once every step is complete the run completes with output {<leaf step>: <output>, ...}. Unknown run, step or task: 42704.';
+
+CREATE FUNCTION pgflow.fail_task(run_id uuid, step_slug text, task_index integer, error_message text,
+                                 worker_id uuid DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    r pgflow.runs;
+    t pgflow.step_tasks;
+    outcome text;
+    chk record;
+    f pgflow.flows;
+    st pgflow.steps;
+    q pgflow.queues;
+    err text := pgflow._error_text(fail_task.error_message);
+    max_att integer;
+    delay_s double precision;
+    at timestamptz;
+    now_ timestamptz;
+BEGIN
+    SELECT * INTO chk FROM pgflow._end_task_check(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
+                                                  fail_task.worker_id);
+    r := chk.r;
+    t := chk.t;
+    outcome := chk.outcome;
+    IF outcome IS NOT NULL THEN
+        RETURN outcome;
+    END IF;
+    now_ := clock_timestamp();
+    SELECT * INTO f FROM pgflow.flows x WHERE x.flow_slug = r.flow_slug;
+    SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = r.flow_slug AND s.step_slug = fail_task.step_slug;
+    SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
+    max_att := coalesce(st.opt_max_attempts, f.opt_max_attempts);
+    IF t.attempts_count < max_att THEN
+        -- retry after base_delay * 2^(attempt-1) seconds, at most one day
+        delay_s := least(coalesce(st.opt_base_delay, f.opt_base_delay) * power(2::double precision, t.attempts_count - 1),
+                         86400);
+        at := now_ + make_interval(secs => delay_s);
+        UPDATE pgflow.messages m SET vt = at WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id;
+        UPDATE pgflow.step_tasks x SET status = 'queued', error_message = err
+         WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
+        IF delay_s > 0 THEN
+            PERFORM pgflow._due_at(q.queue_id, at);
+        ELSE
+            PERFORM pgflow._on_commit_wake(q.queue_id);
+        END IF;
+        PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+            'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
+            'task_index', fail_task.task_index, 'error', pgflow._event_error(fail_task.error_message),
+            'attempt', t.attempts_count, 'will_retry', true));
+        RETURN 'retrying';
+    END IF;
+    -- Out of attempts: step state, then the run's messages, then the task; the run fails.
+    UPDATE pgflow.step_states s SET status = 'failed', failed_at = now_, error_message = err
+     WHERE s.run_id = fail_task.run_id AND s.step_slug = fail_task.step_slug;
+    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+        'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
+        'task_index', fail_task.task_index, 'error', pgflow._event_error(fail_task.error_message),
+        'attempt', t.attempts_count, 'will_retry', false));
+    PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, fail_task.error_message);
+    UPDATE pgflow.step_tasks x SET status = 'failed', error_message = err, failed_at = now_
+     WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
+    RETURN 'failed';
+END
+$$;
+COMMENT ON FUNCTION pgflow.fail_task(uuid, text, integer, text, uuid) IS
+'Report a failed attempt of a started task. Returns retrying (the task is queued again and becomes claimable after base_delay * 2^(attempt-1) seconds, capped at 86400) or failed (it was the last of max_attempts: the task, its step and its run fail, and the run''s other queued tasks are no longer handed out); or, changing nothing, the no-op outcomes of complete_task (already_completed, already_failed, not_started, run_failed, stale). The error is kept on the task, truncated to 2000 characters.';
+
+---------------------------------------------------------------------------------------------
+-- Inspection
+---------------------------------------------------------------------------------------------
+
+CREATE FUNCTION pgflow.get_run_with_states(run_id uuid) RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r pgflow.runs;
+BEGIN
+    IF get_run_with_states.run_id IS NULL THEN
+        RAISE EXCEPTION 'run_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = get_run_with_states.run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'run % does not exist', get_run_with_states.run_id USING ERRCODE = '42704';
+    END IF;
+    RETURN to_jsonb(r) || jsonb_build_object('steps', coalesce((
+        SELECT jsonb_agg(jsonb_build_object(
+                   'step_slug', s.step_slug, 'step_type', s.step_type, 'status', ss.status,
+                   'remaining_deps', ss.remaining_deps, 'remaining_tasks', ss.remaining_tasks,
+                   'initial_tasks', ss.initial_tasks, 'error_message', ss.error_message,
+                   'created_at', ss.created_at, 'started_at', ss.started_at,
+                   'completed_at', ss.completed_at, 'failed_at', ss.failed_at,
+                   'tasks', (SELECT jsonb_build_object(
+                                 'queued', count(*) FILTER (WHERE t.status = 'queued'),
+                                 'started', count(*) FILTER (WHERE t.status = 'started'),
+                                 'completed', count(*) FILTER (WHERE t.status = 'completed'),
+                                 'failed', count(*) FILTER (WHERE t.status = 'failed'),
+                                 'attempts', coalesce(sum(t.attempts_count), 0))
+                               FROM pgflow.step_tasks t WHERE t.run_id = r.run_id AND t.step_slug = s.step_slug))
+                 ORDER BY s.step_index)
+          FROM pgflow.steps s
+          JOIN pgflow.step_states ss ON ss.run_id = r.run_id AND ss.step_slug = s.step_slug
+         WHERE s.flow_slug = r.flow_slug), '[]'::jsonb));
+END
+$$;
+COMMENT ON FUNCTION pgflow.get_run_with_states(uuid) IS
+'A run as one JSON document for psql and dashboards: the run row (status, input, output, times) and "steps", in definition order, each with its state (status, remaining_deps, remaining_tasks, initial_tasks, error_message, times) and task counts per status ("tasks": {"queued","started","completed","failed","attempts"}).';

@@ -1,0 +1,130 @@
+-- Workflow layer: tables.
+--
+-- Definitions: pgflow.flows, pgflow.steps, pgflow.deps (a DAG, built in dependency order).
+-- Runtime: pgflow.runs, pgflow.step_states, pgflow.step_tasks. A task travels as one message
+-- of the queue named after its flow; the message body identifies the task
+-- ({"run_id","step_slug","task_index"}, plus "input" for a map task) and stays the same across
+-- its attempts, so a task's attempts are the message's deliveries (read_ct).
+--
+-- The runtime tables carry no foreign keys: a foreign-key check locks the referenced row
+-- (FOR KEY SHARE) on every insert, which would add a write to every queued task. Their
+-- integrity is kept by the functions, which take the run row lock first (see workflows.md).
+-- fillfactor leaves room so that the updates a task and a step state go through stay HOT
+-- (no indexed column changes), writing no index entries.
+
+CREATE TABLE pgflow.flows (
+    flow_slug         text PRIMARY KEY,
+    opt_max_attempts  integer NOT NULL DEFAULT 3,
+    opt_base_delay    integer NOT NULL DEFAULT 1,
+    opt_timeout       integer NOT NULL DEFAULT 60,
+    created_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    CONSTRAINT flows_slug_allowed CHECK (flow_slug ~ '^[A-Za-z0-9_]{1,48}$'),
+    CONSTRAINT flows_max_attempts_range CHECK (opt_max_attempts BETWEEN 1 AND 100),
+    CONSTRAINT flows_base_delay_range CHECK (opt_base_delay BETWEEN 0 AND 86400),
+    CONSTRAINT flows_timeout_range CHECK (opt_timeout BETWEEN 1 AND 86400)
+);
+COMMENT ON TABLE pgflow.flows IS 'pgflow: one row per flow (workflow definition) with its default task options.';
+
+CREATE TABLE pgflow.steps (
+    flow_slug         text NOT NULL REFERENCES pgflow.flows (flow_slug),
+    step_slug         text NOT NULL,
+    step_type         text NOT NULL DEFAULT 'single',
+    -- definition order (0, 1, ...): a step's deps always have smaller indexes
+    step_index        integer NOT NULL,
+    deps_count        integer NOT NULL DEFAULT 0,
+    -- NULL: inherit the flow's option
+    opt_max_attempts  integer,
+    opt_base_delay    integer,
+    opt_timeout       integer,
+    opt_start_delay   integer,
+    created_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (flow_slug, step_slug),
+    UNIQUE (flow_slug, step_index),
+    CONSTRAINT steps_slug_allowed CHECK (step_slug ~ '^[A-Za-z0-9_]{1,48}$'),
+    CONSTRAINT steps_type_allowed CHECK (step_type IN ('single', 'map')),
+    CONSTRAINT steps_map_deps CHECK (step_type = 'single' OR deps_count <= 1),
+    CONSTRAINT steps_max_attempts_range CHECK (opt_max_attempts BETWEEN 1 AND 100),
+    CONSTRAINT steps_base_delay_range CHECK (opt_base_delay BETWEEN 0 AND 86400),
+    CONSTRAINT steps_timeout_range CHECK (opt_timeout BETWEEN 1 AND 86400),
+    CONSTRAINT steps_start_delay_range CHECK (opt_start_delay BETWEEN 0 AND 31536000)
+);
+COMMENT ON TABLE pgflow.steps IS 'pgflow: the steps of each flow, in definition order, with their type and option overrides.';
+
+CREATE TABLE pgflow.deps (
+    flow_slug   text NOT NULL,
+    dep_slug    text NOT NULL,
+    step_slug   text NOT NULL,
+    -- position of dep_slug in the deps_slugs array given to add_step
+    dep_index   integer NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (flow_slug, dep_slug, step_slug),
+    FOREIGN KEY (flow_slug, dep_slug) REFERENCES pgflow.steps (flow_slug, step_slug),
+    FOREIGN KEY (flow_slug, step_slug) REFERENCES pgflow.steps (flow_slug, step_slug),
+    CONSTRAINT deps_not_self CHECK (dep_slug <> step_slug)
+);
+CREATE INDEX deps_of_step ON pgflow.deps (flow_slug, step_slug, dep_index);
+COMMENT ON TABLE pgflow.deps IS 'pgflow: dependency edges: step_slug runs once dep_slug has completed.';
+
+CREATE TABLE pgflow.runs (
+    run_id        uuid PRIMARY KEY,
+    flow_slug     text NOT NULL,
+    status        text NOT NULL DEFAULT 'started',
+    input         jsonb NOT NULL,
+    output        jsonb,
+    started_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    completed_at  timestamptz,
+    failed_at     timestamptz,
+    CONSTRAINT runs_status_allowed CHECK (status IN ('started', 'completed', 'failed'))
+) WITH (fillfactor = 70);
+COMMENT ON TABLE pgflow.runs IS 'pgflow: one row per flow run: status started, completed or failed; output {<leaf step>: <its output>} once completed.';
+
+CREATE TABLE pgflow.step_states (
+    flow_slug        text NOT NULL,
+    run_id           uuid NOT NULL,
+    step_slug        text NOT NULL,
+    status           text NOT NULL DEFAULT 'created',
+    remaining_deps   integer NOT NULL,
+    remaining_tasks  integer,
+    initial_tasks    integer,
+    -- the step's output when it is a map step (array of its task outputs, in element order);
+    -- a single step's output is its task's output
+    output           jsonb,
+    error_message    text,
+    created_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    started_at       timestamptz,
+    completed_at     timestamptz,
+    failed_at        timestamptz,
+    PRIMARY KEY (run_id, step_slug),
+    CONSTRAINT step_states_status_allowed CHECK (status IN ('created', 'started', 'completed', 'failed'))
+) WITH (fillfactor = 60);
+COMMENT ON TABLE pgflow.step_states IS 'pgflow: state of each step of each run: created (waiting for deps), started (tasks queued), completed or failed.';
+
+CREATE TABLE pgflow.step_tasks (
+    flow_slug       text NOT NULL,
+    run_id          uuid NOT NULL,
+    step_slug       text NOT NULL,
+    task_index      integer NOT NULL,
+    message_id      bigint NOT NULL,
+    status          text NOT NULL DEFAULT 'queued',
+    attempts_count  integer NOT NULL DEFAULT 0,
+    error_message   text,
+    output          jsonb,
+    queued_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    started_at      timestamptz,
+    completed_at    timestamptz,
+    failed_at       timestamptz,
+    last_worker_id  uuid,
+    PRIMARY KEY (run_id, step_slug, task_index),
+    CONSTRAINT step_tasks_status_allowed CHECK (status IN ('queued', 'started', 'completed', 'failed'))
+) WITH (fillfactor = 60);
+COMMENT ON TABLE pgflow.step_tasks IS 'pgflow: one row per task (one per single step, one per array element of a map step): queued, started, completed or failed, with attempts, output and last error.';
+
+CREATE TYPE pgflow.step_task_record AS (
+    flow_slug   text,
+    run_id      uuid,
+    step_slug   text,
+    task_index  integer,
+    msg_id      bigint,
+    input       jsonb
+);
+COMMENT ON TYPE pgflow.step_task_record IS 'pgflow: a task handed to a worker by pgflow.start_tasks or pgflow.poll_for_tasks, with its input.';

@@ -566,6 +566,9 @@ def test_drop_queue_waits_for_an_open_send(make_conn):
     t.join(10)
     assert result == {"dropped": True}
     assert one(admin, "SELECT count(*) FROM pgflow.list_queues() WHERE queue_name = %s", (name,)) == 0
+    # the committed message went with its queue: nothing is left that belongs to no queue
+    assert one(admin, "SELECT count(*) FROM pgflow.messages m WHERE NOT EXISTS"
+                      " (SELECT 1 FROM pgflow.queues q WHERE q.queue_id = m.queue_id)") == 0
 
 
 def test_stats_of_all_queues_pass_over_a_queue_being_dropped(make_conn):

@@ -258,7 +258,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.drop_queue(text) IS
-'Drop a queue with its live and archived messages. Returns false if no such queue. Its dead-lettered messages are kept (pgflow.list_dlq_messages) and can be retried into a queue of the same name created later.';
+'Drop a queue with its live and archived messages; waits for transactions sending to it, and takes their messages along. Returns false if no such queue. Its dead-lettered messages are kept (pgflow.list_dlq_messages) and can be retried into a queue of the same name created later.';
 
 CREATE FUNCTION pgflow.purge_queue(queue_name text) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -355,7 +355,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.send(text, jsonb, timestamptz, integer, jsonb) IS
-'Send a message that becomes readable at the given time (a time in the past means now); returns its msg_id.';
+'Send a message that becomes readable at the given time (a finite timestamptz; a time in the past means now); returns its msg_id.';
 
 CREATE FUNCTION pgflow._send_batch(q pgflow.queues, messages jsonb[], visible_at timestamptz,
                                    priority integer, headers jsonb[])
@@ -444,7 +444,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], timestamptz, integer, jsonb[]) IS
-'Send several messages in one statement, readable from the given time; returns their msg_ids in array order.';
+'Send several messages in one statement, readable from the given time (a finite timestamptz; a time in the past means now); returns their msg_ids in array order.';
 
 ---------------------------------------------------------------------------------------------
 -- Reading

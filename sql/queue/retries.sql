@@ -74,7 +74,7 @@ BEGIN
        FOR UPDATE;
     IF NOT FOUND THEN
         IF EXISTS (SELECT 1 FROM pgflow.archive a WHERE a.queue_id = q.queue_id AND a.msg_id = nack.msg_id)
-           OR nack.msg_id <= coalesce(pg_sequence_last_value(q.msg_seq), 0) THEN
+           OR nack.msg_id BETWEEN 1 AND coalesce(pg_sequence_last_value(q.msg_seq), 0) THEN
             -- It existed: acked, archived or dead-lettered by someone else. A late nack is a no-op.
             RETURN ROW(nack.msg_id, 'stale', NULL, NULL, NULL)::pgflow.nack_result;
         END IF;

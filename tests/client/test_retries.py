@@ -310,6 +310,8 @@ def test_bad_input_has_specific_errors_and_changes_nothing(conn, make_queue):
         ("SELECT * FROM pgflow.list_dlq_messages(%s, 0)", (q,), "22023"),
         ("SELECT * FROM pgflow.list_dlq_messages(%s, NULL)", (q,), "22004"),
         ("SELECT * FROM pgflow.nack(%s, 999999999, 'x')", (q,), "42704"),
+        ("SELECT * FROM pgflow.nack(%s, 0, 'x')", (q,), "42704"),
+        ("SELECT * FROM pgflow.nack(%s, -5, 'x')", (q,), "42704"),
         ("SELECT * FROM pgflow.nack(%s, NULL, 'x')", (q,), "22004"),
         ("SELECT * FROM pgflow.nack(%s, %s, 'x')", (q, waiting), "55000"),  # never delivered
         ("SELECT * FROM pgflow.nack(%s, 1, 'x')", (unique_name("none"),), "42704"),

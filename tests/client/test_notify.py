@@ -214,9 +214,26 @@ def test_delayed_message_and_retry_announced_when_due(conn, make_conn, make_queu
     assert conn.execute("SELECT msg_id FROM pgflow.read(%s, 30, 1)", (q,)).fetchone() == (m,)
 
 
-def test_run_maintenance_by_hand(conn):
-    out = conn.execute("SELECT pgflow.run_maintenance()").fetchone()[0]
-    assert "due_queues" in out
+def test_run_maintenance_by_hand_announces_due_messages(conn, make_conn, make_queue):
+    """Without the worker (as without preloading), a periodic pgflow.run_maintenance() call
+    announces what came due."""
+    q = make_queue(notify=True)
+    lis = make_conn()
+    listen(lis, q)
+    conn.execute("ALTER SYSTEM SET pgflow.maintenance_enabled = off")
+    conn.execute("SELECT pg_reload_conf()")
+    try:
+        time.sleep(0.5)  # the worker has reloaded its settings
+        conn.execute("SELECT pgflow.send(%s, '{}', 1)", (q,))
+        assert [p["event"] for _, p, _ in wait_for(lis, 5)] == ["message_sent"]
+        time.sleep(1.3)
+        assert drain(lis, 0.2) == []  # due, but nobody announced it
+        out = conn.execute("SELECT pgflow.run_maintenance()").fetchone()[0]
+        assert out["due_queues"] >= 1
+        assert wait_for(lis, 5)[0][1] == {"event": "message_due", "queue": q}
+    finally:
+        conn.execute("ALTER SYSTEM RESET pgflow.maintenance_enabled")
+        conn.execute("SELECT pg_reload_conf()")
 
 
 # --- a consumer driven by LISTEN only -------------------------------------------------------

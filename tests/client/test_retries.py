@@ -208,6 +208,15 @@ def test_expired_leases_count_as_failed_attempts(conn, make_queue):
     assert d[3][-1]["attempt"] == 3
 
 
+def test_pop_dead_letters_an_exhausted_message_too(conn, make_queue):
+    q = make_queue(max_retries=0)
+    first = conn.execute("SELECT pgflow.send(%s, '{}')", (q,)).fetchone()[0]
+    assert read1(conn, q, vt=0) == (first, 1)
+    second = conn.execute("SELECT pgflow.send(%s, '{}')", (q,)).fetchone()[0]
+    assert conn.execute("SELECT msg_id FROM pgflow.pop(%s, 5)", (q,)).fetchall() == [(second,)]
+    assert conn.execute("SELECT msg_id, attempts FROM pgflow.dlq WHERE queue_name = %s", (q,)).fetchall() == [(first, 1)]
+
+
 def test_dead_lettered_message_skipped_in_favour_of_the_next(conn, make_queue):
     q = make_queue(max_retries=0)
     first = conn.execute("SELECT pgflow.send(%s, '{}')", (q,)).fetchone()[0]
@@ -416,8 +425,13 @@ def test_every_message_ends_in_exactly_one_place(make_queue, conn):
                             if c.execute("SELECT pgflow.delete(%s, %s, %s)", (q, msg_id, rc)).fetchone()[0]:
                                 with lock:
                                     deleted.add(msg_id)
-                        elif r < 0.97:
+                        elif r < 0.95:
                             c.execute("SELECT pgflow.nack(%s, %s, 'failed', %s)", (q, msg_id, rc))
+                        elif r < 0.97:  # release this one, take another at once (at-most-once)
+                            c.execute("SELECT pgflow.set_vt(%s, %s, 0, %s)", (q, msg_id, rc))
+                            popped = c.execute("SELECT msg_id FROM pgflow.pop(%s, 1)", (q,)).fetchall()
+                            with lock:
+                                deleted.update(p[0] for p in popped)
                         # else: abandon, the lease expires in 1 s
         except Exception as e:
             errors.append(e)

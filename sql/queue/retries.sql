@@ -68,6 +68,9 @@ BEGIN
     IF nack.msg_id IS NULL THEN
         RAISE EXCEPTION 'msg_id must not be null' USING ERRCODE = '22004';
     END IF;
+    -- Shared lock first (see pgflow._lock_queue_name): a drop_queue committing meanwhile then
+    -- shows as 42704 here, not as an error about the queue's vanished message sequence below.
+    PERFORM pgflow._lock_queue_name(nack.queue_name, false);
     q := pgflow._queue(nack.queue_name);
     SELECT mm.msg_id, mm.read_ct INTO m FROM pgflow.messages mm
      WHERE mm.queue_id = q.queue_id AND mm.msg_id = nack.msg_id
@@ -156,6 +159,9 @@ DECLARE
     q pgflow.queues;
 BEGIN
     FOR d IN SELECT x.* FROM pgflow.dlq x WHERE x.dlq_id = ANY (dlq_ids) ORDER BY x.dlq_id FOR UPDATE LOOP
+        -- Shared lock before the look-up, so a queue dropped meanwhile is reported below (42704)
+        -- rather than met in _send as a sequence that is gone.
+        PERFORM pgflow._lock_queue_name(d.queue_name, false);
         SELECT * INTO q FROM pgflow.queues WHERE queue_name = d.queue_name;
         IF NOT FOUND THEN
             RAISE EXCEPTION 'queue "%" of dead-lettered message % no longer exists', d.queue_name, d.dlq_id

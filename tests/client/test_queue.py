@@ -522,6 +522,8 @@ def test_stats_total_sent_counts_every_id_issued(conn, queue):
     "SELECT pgflow.send(%s, '{}', now())",
     "SELECT pgflow.send_batch(%s, ARRAY['{}']::jsonb[])",
     "SELECT * FROM pgflow.get_queue_stats(%s)",
+    "SELECT * FROM pgflow.nack(%s, 2, 'late')",
+    "SELECT pgflow.retry_dlq(%s)",
 ])
 def test_call_racing_drop_queue_gets_unknown_queue(make_conn, call):
     """A call that arrives while drop_queue's transaction is open waits for it, then reports the
@@ -529,8 +531,11 @@ def test_call_racing_drop_queue_gets_unknown_queue(make_conn, call):
     admin = make_conn(autocommit=False)
     other = make_conn()
     name = unique_name()
-    other.execute("SELECT pgflow.create_queue(%s)", (name,))
-    other.execute("SELECT pgflow.send(%s, '{}')", (name,))
+    other.execute("SELECT pgflow.create_queue(%s, max_retries => 0)", (name,))
+    # message 1 dead-lettered, message 2 leased
+    other.execute("SELECT pgflow.send_batch(%s, ARRAY['{}', '{}']::jsonb[])", (name,))
+    other.execute("SELECT * FROM pgflow.read(%s, 300, 2)", (name,))
+    assert one(other, "SELECT outcome FROM pgflow.nack(%s, 1)", (name,)) == "dead_lettered"
     assert one(admin, "SELECT pgflow.drop_queue(%s)", (name,)) is True
     result = {}
 
@@ -549,6 +554,9 @@ def test_call_racing_drop_queue_gets_unknown_queue(make_conn, call):
     assert result == {"error": "42704"}
     assert one(other, "SELECT count(*) FROM pgflow.messages m WHERE NOT EXISTS"
                       " (SELECT 1 FROM pgflow.queues q WHERE q.queue_id = m.queue_id)") == 0
+    # the dead letter outlived its queue, untouched
+    assert one(other, "SELECT count(*) FROM pgflow.list_dlq_messages(%s)", (name,)) == 1
+    other.execute("SELECT pgflow.purge_dlq(%s)", (name,))
 
 
 def test_drop_queue_waits_for_an_open_send(make_conn):

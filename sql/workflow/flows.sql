@@ -345,13 +345,13 @@ BEGIN
         PERFORM pgflow._check_option(where_ || 'timeout', pgflow._shape_int(st, 'timeout', where_, true), 1, 86400, true);
         PERFORM pgflow._check_option(where_ || 'start_delay', pgflow._shape_int(st, 'start_delay', where_, true), 0, 31536000, true);
         slugs := slugs || (st ->> 'slug');
-        steps := steps || jsonb_strip_nulls(jsonb_build_object(
+        steps := steps || (jsonb_strip_nulls(jsonb_build_object(
             'slug', st ->> 'slug', 'type', t,
             'max_attempts', pgflow._shape_int(st, 'max_attempts', where_, true),
             'base_delay', pgflow._shape_int(st, 'base_delay', where_, true),
             'timeout', pgflow._shape_int(st, 'timeout', where_, true),
             'start_delay', pgflow._shape_int(st, 'start_delay', where_, true)))
-            || jsonb_build_object('deps', to_jsonb(deps));
+            || jsonb_build_object('deps', to_jsonb(deps)));
         i := i + 1;
     END LOOP;
     -- every dependency must be a step of the shape

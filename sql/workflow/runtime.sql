@@ -303,10 +303,11 @@ BEGIN
         RAISE EXCEPTION 'run % already exists with another flow or input', start_flow.run_id
             USING ERRCODE = '42710', HINT = 'Pass a new run_id, or NULL to have one generated.';
     END IF;
+    -- a large input is announced by its size only
     PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
-        'event', 'workflow_started', 'run_id', r.run_id, 'flow_slug', f.flow_slug,
-        'input', CASE WHEN pg_column_size(r.input) <= 2000 THEN r.input END,
-        'input_bytes', CASE WHEN pg_column_size(r.input) > 2000 THEN pg_column_size(r.input) END));
+        'event', 'workflow_started', 'run_id', r.run_id, 'flow_slug', f.flow_slug)
+        || CASE WHEN pg_column_size(r.input) <= 2000 THEN jsonb_build_object('input', r.input)
+                ELSE jsonb_build_object('input_bytes', octet_length(r.input::text)) END);
     INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, remaining_deps)
     SELECT f.flow_slug, r.run_id, s.step_slug, s.deps_count
       FROM pgflow.steps s WHERE s.flow_slug = f.flow_slug AND s.deps_count > 0

@@ -1,0 +1,758 @@
+"""Workflow layer through real sessions: flows, runs, tasks, retries, timeouts, shapes,
+concurrency, events and bad input."""
+
+import json
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from conftest import connect, error_of, sqlstate, unique_name
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+
+def make_flow(conn, steps, **opts):
+    """Create a flow from a list of step dicts (shape steps); returns its slug."""
+    slug = unique_name("f")
+    shape = dict(opts, steps=steps)
+    conn.execute("SELECT pgflow.create_flow_from_shape(%s, %s)", (slug, Jsonb(shape)))
+    return slug
+
+
+@pytest.fixture
+def flows(conn):
+    """Factory of flows dropped at the end of the test."""
+    made = []
+
+    def make(steps, **opts):
+        slug = make_flow(conn, steps, **opts)
+        made.append(slug)
+        return slug
+
+    yield make
+    with connect() as c:
+        for slug in made:
+            c.execute("SELECT pgflow.drop_flow(%s)", (slug,))
+
+
+def start(conn, flow, inp, run_id=None):
+    row = conn.execute("SELECT run_id, status FROM pgflow.start_flow(%s, %s, %s)",
+                       (flow, Jsonb(inp), run_id)).fetchone()
+    return row[0]
+
+
+def poll(conn, flow, qty=10, wait=0, worker=None):
+    return conn.execute(
+        "SELECT flow_slug, run_id, step_slug, task_index, msg_id, input "
+        "FROM pgflow.poll_for_tasks(%s, 30, %s, %s, 50, %s)", (flow, qty, wait, worker)).fetchall()
+
+
+def complete(conn, run_id, step, idx, output, worker=None):
+    return conn.execute("SELECT pgflow.complete_task(%s, %s, %s, %s, %s)",
+                        (run_id, step, idx, Jsonb(output), worker)).fetchone()[0]
+
+
+def fail(conn, run_id, step, idx, error, worker=None):
+    return conn.execute("SELECT pgflow.fail_task(%s, %s, %s, %s, %s)",
+                        (run_id, step, idx, error, worker)).fetchone()[0]
+
+
+def run_row(conn, run_id):
+    return conn.execute("SELECT status, output FROM pgflow.runs WHERE run_id = %s", (run_id,)).fetchone()
+
+
+def state(conn, run_id):
+    return conn.execute("SELECT pgflow.get_run_with_states(%s)", (run_id,)).fetchone()[0]
+
+
+def drain(conn, flow, handler, max_rounds=10000):
+    """Claim and complete tasks until none is left; handler(step, input, idx) -> output.
+    Returns the list of (step, task_index, input) handled, in order."""
+    seen = []
+    for _ in range(max_rounds):
+        tasks = poll(conn, flow, qty=50)
+        if not tasks:
+            return seen
+        for _, run_id, step, idx, _, inp in tasks:
+            seen.append((step, idx, inp))
+            assert complete(conn, run_id, step, idx, handler(step, inp, idx)) == "completed"
+    pytest.fail("flow did not drain")
+
+
+def counts(conn, flow):
+    """Row counts touching a flow (for 'nothing changed' checks)."""
+    return conn.execute(
+        """SELECT (SELECT count(*) FROM pgflow.flows), (SELECT count(*) FROM pgflow.steps),
+                  (SELECT count(*) FROM pgflow.deps), (SELECT count(*) FROM pgflow.runs),
+                  (SELECT count(*) FROM pgflow.step_states), (SELECT count(*) FROM pgflow.step_tasks),
+                  (SELECT count(*) FROM pgflow.step_tasks WHERE status = 'completed'),
+                  (SELECT count(*) FROM pgflow.messages), (SELECT count(*) FROM pgflow.queues)""").fetchone()
+
+
+SEQ = [{"slug": "a"}, {"slug": "b", "deps": ["a"]}, {"slug": "c", "deps": ["b"]}]
+DIAMOND = [{"slug": "a"}, {"slug": "b", "deps": ["a"]}, {"slug": "c", "deps": ["a"]},
+           {"slug": "d", "deps": ["b", "c"]}]
+
+
+# ------------------------------------------------------------------------------------------
+# flows run to completion
+# ------------------------------------------------------------------------------------------
+
+def test_sequential_flow_passes_outputs_along(conn, flows):
+    flow = flows(SEQ)
+    run_id = start(conn, flow, {"n": 1})
+    seen = drain(conn, flow, lambda step, inp, idx: {"from": step})
+    assert seen == [("a", 0, {"run": {"n": 1}}),
+                    ("b", 0, {"run": {"n": 1}, "a": {"from": "a"}}),
+                    ("c", 0, {"run": {"n": 1}, "b": {"from": "b"}})]
+    assert run_row(conn, run_id) == ("completed", {"c": {"from": "c"}})
+    st = state(conn, run_id)
+    assert [s["status"] for s in st["steps"]] == ["completed"] * 3
+    assert all(s["tasks"]["completed"] == 1 for s in st["steps"])
+    # the flow's queue holds nothing once the run is done
+    assert conn.execute("SELECT count(*) FROM pgflow.messages m JOIN pgflow.queues q USING (queue_id) "
+                        "WHERE q.queue_name = %s", (flow,)).fetchone()[0] == 0
+
+
+def test_diamond_flow_joins_both_branches(conn, flows):
+    flow = flows(DIAMOND)
+    run_id = start(conn, flow, 5)
+    seen = drain(conn, flow, lambda step, inp, idx: step.upper())
+    by_step = {s: inp for s, _, inp in seen}
+    assert by_step["b"] == {"run": 5, "a": "A"}
+    assert by_step["c"] == {"run": 5, "a": "A"}
+    assert by_step["d"] == {"run": 5, "b": "B", "c": "C"}
+    assert [s for s, _, _ in seen].count("d") == 1
+    assert run_row(conn, run_id) == ("completed", {"d": "D"})
+
+
+def test_two_roots_and_two_leaves(conn, flows):
+    flow = flows([{"slug": "r1"}, {"slug": "r2"}, {"slug": "x", "deps": ["r1", "r2"]}, {"slug": "y", "deps": ["r2"]}])
+    run_id = start(conn, flow, {"k": "v"})
+    first = poll(conn, flow)
+    assert sorted(t[2] for t in first) == ["r1", "r2"]
+    seen = [(t[2], t[3], t[5]) for t in first]
+    for t in first:
+        complete(conn, t[1], t[2], t[3], t[2])
+    seen += drain(conn, flow, lambda step, inp, idx: step)
+    by_step = {s: inp for s, _, inp in seen}
+    assert by_step["x"] == {"run": {"k": "v"}, "r1": "r1", "r2": "r2"}
+    assert by_step["y"] == {"run": {"k": "v"}, "r2": "r2"}
+    assert run_row(conn, run_id) == ("completed", {"x": "x", "y": "y"})
+
+
+def test_root_map_over_run_input(conn, flows):
+    flow = flows([{"slug": "sq", "type": "map"}, {"slug": "sum", "deps": ["sq"]}])
+    run_id = start(conn, flow, [1, 2, 3])
+    seen = drain(conn, flow, lambda step, inp, idx: inp * inp if step == "sq" else sum(inp["sq"]))
+    assert sorted((s, i, v) for s, i, v in seen if s == "sq") == [("sq", 0, 1), ("sq", 1, 2), ("sq", 2, 3)]
+    assert [v for s, _, v in seen if s == "sum"] == [{"run": [1, 2, 3], "sq": [1, 4, 9]}]
+    assert run_row(conn, run_id) == ("completed", {"sum": 14})
+
+
+def test_map_over_dependency_output_keeps_element_order(conn, flows):
+    flow = flows([{"slug": "list"}, {"slug": "each", "type": "map", "deps": ["list"]}])
+    run_id = start(conn, flow, {})
+    (t,) = poll(conn, flow)
+    complete(conn, t[1], "list", 0, ["a", "b", "c", "d"])
+    tasks = poll(conn, flow)
+    assert sorted((x[3], x[5]) for x in tasks) == [(0, "a"), (1, "b"), (2, "c"), (3, "d")]
+    for x in reversed(tasks):  # completion order does not matter
+        complete(conn, x[1], "each", x[3], x[5] + "!")
+    assert run_row(conn, run_id) == ("completed", {"each": ["a!", "b!", "c!", "d!"]})
+
+
+def test_map_with_zero_elements_completes_at_once(conn, flows):
+    flow = flows([{"slug": "m", "type": "map"}, {"slug": "after", "deps": ["m"]}])
+    run_id = start(conn, flow, [])
+    st = state(conn, run_id)
+    assert st["steps"][0]["status"] == "completed" and st["steps"][0]["initial_tasks"] == 0
+    seen = drain(conn, flow, lambda step, inp, idx: "done")
+    assert seen == [("after", 0, {"run": [], "m": []})]
+    assert run_row(conn, run_id) == ("completed", {"after": "done"})
+
+
+def test_map_only_flow_over_empty_array_completes_in_start_flow(conn, flows):
+    flow = flows([{"slug": "m", "type": "map"}])
+    status = conn.execute("SELECT status FROM pgflow.start_flow(%s, '[]')", (flow,)).fetchone()[0]
+    assert status == "completed"
+    assert conn.execute("SELECT output FROM pgflow.runs WHERE flow_slug = %s", (flow,)).fetchone()[0] == {"m": []}
+
+
+def test_map_with_one_element(conn, flows):
+    flow = flows([{"slug": "m", "type": "map"}])
+    run_id = start(conn, flow, [{"x": 1}])
+    seen = drain(conn, flow, lambda step, inp, idx: inp["x"] + 1)
+    assert seen == [("m", 0, {"x": 1})]
+    assert run_row(conn, run_id) == ("completed", {"m": [2]})
+
+
+def test_map_with_ten_thousand_elements(conn, flows):
+    flow = flows([{"slug": "gen"}, {"slug": "m", "type": "map", "deps": ["gen"]}, {"slug": "total", "deps": ["m"]}])
+    run_id = start(conn, flow, {})
+    (t,) = poll(conn, flow)
+    complete(conn, run_id, "gen", 0, list(range(10000)))
+    assert conn.execute("SELECT count(*) FROM pgflow.step_tasks WHERE run_id = %s AND step_slug = 'm'",
+                        (run_id,)).fetchone()[0] == 10000
+    done = 0
+    total = []
+    with conn.cursor() as cur:
+        while True:
+            # claim and complete batches set-wise, as a busy worker pool would
+            rows = cur.execute("SELECT step_slug, task_index, input FROM pgflow.poll_for_tasks(%s, 30, 2000, 0)",
+                               (flow,)).fetchall()
+            if not rows:
+                break
+            total += [r for r in rows if r[0] == "total"]
+            rows = [r for r in rows if r[0] == "m"]
+            cur.execute("SELECT count(pgflow.complete_task(%s, 'm', i, to_jsonb(i * 2))) FROM unnest(%s::int[]) i",
+                        (run_id, [r[1] for r in rows]))
+            assert all(r[2] == r[1] for r in rows)
+            done += len(rows)
+    assert done == 10000
+    (t,) = total
+    assert t[2]["m"] == [i * 2 for i in range(10000)]
+    complete(conn, run_id, "total", 0, len(t[2]["m"]))
+    assert run_row(conn, run_id) == ("completed", {"total": 10000})
+
+
+def test_map_over_non_array_fails_the_run(conn, flows):
+    flow = flows([{"slug": "m", "type": "map"}])
+    row = conn.execute("SELECT run_id, status FROM pgflow.start_flow(%s, '{\"not\": \"an array\"}')",
+                       (flow,)).fetchone()
+    assert row[1] == "failed"
+    st = state(conn, row[0])
+    assert st["steps"][0]["status"] == "failed"
+    assert "array" in st["steps"][0]["error_message"] and "object" in st["steps"][0]["error_message"]
+    assert poll(conn, flow) == []
+
+    flow2 = flows([{"slug": "gen"}, {"slug": "m", "type": "map", "deps": ["gen"]}, {"slug": "z", "deps": ["m"]}])
+    run_id = start(conn, flow2, {})
+    (t,) = poll(conn, flow2)
+    assert complete(conn, run_id, "gen", 0, "a string") == "completed"
+    assert run_row(conn, run_id)[0] == "failed"
+    st = {s["step_slug"]: s for s in state(conn, run_id)["steps"]}
+    assert st["gen"]["status"] == "completed"
+    assert st["m"]["status"] == "failed" and 'output of step "gen"' in st["m"]["error_message"]
+    assert st["z"]["status"] == "created"
+    assert poll(conn, flow2) == []
+
+
+# ------------------------------------------------------------------------------------------
+# retries, exhaustion, timeouts
+# ------------------------------------------------------------------------------------------
+
+def msg_vt_in(conn, run_id, step, idx=0):
+    """Seconds until the task's message becomes visible."""
+    return conn.execute(
+        "SELECT extract(epoch FROM m.vt - clock_timestamp()) FROM pgflow.step_tasks t "
+        "JOIN pgflow.runs r USING (run_id) JOIN pgflow.queues q ON q.queue_name = r.flow_slug "
+        "JOIN pgflow.messages m ON m.queue_id = q.queue_id AND m.msg_id = t.message_id "
+        "WHERE t.run_id = %s AND t.step_slug = %s AND t.task_index = %s", (run_id, step, idx)).fetchone()[0]
+
+
+def test_retry_delays_double_and_task_runs_again(conn, flows):
+    flow = flows([{"slug": "a", "base_delay": 2}], max_attempts=4, base_delay=1)
+    run_id = start(conn, flow, {})
+    (t,) = poll(conn, flow)
+    assert fail(conn, run_id, "a", 0, "boom 1") == "retrying"
+    assert 1.5 < float(msg_vt_in(conn, run_id, "a")) <= 2.01       # 2 * 2^0
+    row = conn.execute("SELECT status, attempts_count, error_message FROM pgflow.step_tasks WHERE run_id = %s",
+                       (run_id,)).fetchone()
+    assert row == ("queued", 1, "boom 1")
+    assert poll(conn, flow) == []                                  # not visible before its delay
+    assert fail(conn, run_id, "a", 0, "late duplicate") == "not_started"
+    # pretend the delay passed, then the second failure waits 4 s
+    conn.execute("UPDATE pgflow.messages SET vt = clock_timestamp() WHERE msg_id = %s", (t[4],))
+    (t2,) = poll(conn, flow)
+    assert t2[1:4] == (run_id, "a", 0)
+    assert fail(conn, run_id, "a", 0, "boom 2") == "retrying"
+    assert 3.5 < float(msg_vt_in(conn, run_id, "a")) <= 4.01       # 2 * 2^1
+    assert conn.execute("SELECT attempts_count FROM pgflow.step_tasks WHERE run_id = %s",
+                        (run_id,)).fetchone()[0] == 2
+
+
+def test_retry_becomes_claimable_after_its_delay(conn, flows):
+    flow = flows([{"slug": "a"}], max_attempts=2, base_delay=1)
+    run_id = start(conn, flow, {})
+    poll(conn, flow)
+    assert fail(conn, run_id, "a", 0, "transient") == "retrying"
+    t0 = time.monotonic()
+    tasks = poll(conn, flow, wait=3)           # blocks until the retry is due
+    waited = time.monotonic() - t0
+    assert [t[2] for t in tasks] == ["a"]
+    assert 0.8 < waited < 2.5
+    assert complete(conn, run_id, "a", 0, "ok") == "completed"
+    assert run_row(conn, run_id) == ("completed", {"a": "ok"})
+
+
+def test_exhausted_attempts_fail_step_and_run(conn, flows):
+    flow = flows([{"slug": "a"}, {"slug": "b", "type": "map"}, {"slug": "c", "deps": ["a"]}],
+                 max_attempts=2, base_delay=0)
+    run_id = start(conn, flow, [1, 2, 3])
+    tasks = poll(conn, flow)
+    assert len(tasks) == 4
+    assert complete(conn, run_id, "b", 0, "ok") == "completed"
+    assert fail(conn, run_id, "a", 0, "first") == "retrying"
+    (t,) = poll(conn, flow)                     # base_delay 0: at once
+    assert t[2] == "a"
+    assert fail(conn, run_id, "a", 0, "second" * 1000) == "failed"
+    assert run_row(conn, run_id)[0] == "failed"
+    st = {s["step_slug"]: s for s in state(conn, run_id)["steps"]}
+    assert st["a"]["status"] == "failed" and st["a"]["error_message"].startswith("secondsecond")
+    assert st["c"]["status"] == "created"
+    task = conn.execute("SELECT status, attempts_count, length(error_message) FROM pgflow.step_tasks "
+                        "WHERE run_id = %s AND step_slug = 'a'", (run_id,)).fetchone()
+    assert task[0] == "failed" and task[1] == 2 and task[2] < 2100
+    # the run's remaining tasks are not handed out, and late reports change nothing
+    assert poll(conn, flow) == []
+    assert complete(conn, run_id, "b", 1, "late") == "run_failed"
+    assert fail(conn, run_id, "a", 0, "again") == "run_failed"
+    assert conn.execute("SELECT count(*) FROM pgflow.step_tasks WHERE run_id = %s AND status = 'completed'",
+                        (run_id,)).fetchone()[0] == 1
+
+
+def test_timeout_reclaims_task_and_counts_attempt(conn, flows):
+    flow = flows([{"slug": "a", "timeout": 1}], max_attempts=3)
+    run_id = start(conn, flow, {})
+    w1, w2 = uuid.uuid4(), uuid.uuid4()
+    (t,) = poll(conn, flow, worker=w1)
+    assert poll(conn, flow) == []               # leased for the step's timeout
+    tasks = poll(conn, flow, wait=3, worker=w2)  # comes back after about a second
+    assert [(x[1], x[2], x[3]) for x in tasks] == [(run_id, "a", 0)]
+    row = conn.execute("SELECT status, attempts_count, last_worker_id FROM pgflow.step_tasks WHERE run_id = %s",
+                       (run_id,)).fetchone()
+    assert row == ("started", 2, w2)
+    # the first worker's late report is refused when it names itself; the holder's counts
+    assert complete(conn, run_id, "a", 0, "from w1", worker=w1) == "stale"
+    assert fail(conn, run_id, "a", 0, "from w1", worker=w1) == "stale"
+    assert complete(conn, run_id, "a", 0, "from w2", worker=w2) == "completed"
+    assert run_row(conn, run_id) == ("completed", {"a": "from w2"})
+    assert complete(conn, run_id, "a", 0, "again", worker=w2) == "already_completed"
+
+
+def test_timeout_on_last_attempt_fails_the_run(conn, flows):
+    flow = flows([{"slug": "a", "timeout": 1}, {"slug": "b", "deps": ["a"]}], max_attempts=1)
+    run_id = start(conn, flow, {})
+    (t,) = poll(conn, flow)
+    time.sleep(1.2)
+    assert poll(conn, flow) == []
+    assert run_row(conn, run_id)[0] == "failed"
+    row = conn.execute("SELECT status, attempts_count, error_message FROM pgflow.step_tasks WHERE run_id = %s",
+                       (run_id,)).fetchone()
+    assert row[0] == "failed" and row[1] == 1 and "timed out" in row[2]
+    assert complete(conn, run_id, "a", 0, "too late") == "run_failed"
+
+
+def test_late_and_duplicate_reports_change_nothing(conn, flows):
+    flow = flows(SEQ)
+    run_id = start(conn, flow, {})
+    (t,) = poll(conn, flow)
+    assert complete(conn, run_id, "a", 0, "first") == "completed"
+    before = counts(conn, flow)
+    assert complete(conn, run_id, "a", 0, "second") == "already_completed"
+    assert fail(conn, run_id, "a", 0, "oops") == "already_completed"
+    assert complete(conn, run_id, "b", 0, "not claimed yet") == "not_started"
+    assert counts(conn, flow) == before
+    assert conn.execute("SELECT output FROM pgflow.step_tasks WHERE run_id = %s AND step_slug = 'a'",
+                        (run_id,)).fetchone()[0] == "first"
+
+
+def test_start_tasks_after_read(conn, flows):
+    flow = flows(SEQ)
+    run_id = start(conn, flow, {"v": 1})
+    msgs = conn.execute("SELECT msg_id FROM pgflow.read(%s, 30, 5)", (flow,)).fetchall()
+    assert len(msgs) == 1
+    worker = uuid.uuid4()
+    rows = conn.execute("SELECT * FROM pgflow.start_tasks(%s, %s, %s)",
+                        (flow, [m[0] for m in msgs], worker)).fetchall()
+    assert [(r[0], r[1], r[2], r[3], r[5]) for r in rows] == [(flow, run_id, "a", 0, {"run": {"v": 1}})]
+    assert conn.execute("SELECT status, last_worker_id FROM pgflow.step_tasks WHERE run_id = %s",
+                        (run_id,)).fetchone() == ("started", worker)
+    assert complete(conn, run_id, "a", 0, 1, worker=worker) == "completed"
+
+
+# ------------------------------------------------------------------------------------------
+# shapes
+# ------------------------------------------------------------------------------------------
+
+def test_shape_round_trip(conn, flows):
+    shape = {"max_attempts": 5, "base_delay": 2, "timeout": 30, "steps": [
+        {"slug": "fetch", "type": "single", "deps": [], "timeout": 10},
+        {"slug": "split", "type": "map", "deps": ["fetch"], "max_attempts": 1, "start_delay": 3},
+        {"slug": "other", "type": "single", "deps": ["fetch"], "base_delay": 0},
+        {"slug": "join", "type": "single", "deps": ["split", "other"]}]}
+    slug = unique_name("f")
+    assert conn.execute("SELECT pgflow.create_flow_from_shape(%s, %s)", (slug, Jsonb(shape))).fetchone()[0] is True
+    try:
+        assert conn.execute("SELECT pgflow.get_flow_shape(%s)", (slug,)).fetchone()[0] == shape
+        # the same shape again is a no-op
+        assert conn.execute("SELECT pgflow.create_flow_from_shape(%s, %s)", (slug, Jsonb(shape))).fetchone()[0] is False
+        # and so is create_flow / add_step with the same definition
+        conn.execute("SELECT pgflow.create_flow(%s, 5, 2, 30)", (slug,))
+        conn.execute("SELECT pgflow.add_step(%s, 'join', '{split,other}')", (slug,))
+        # a different shape is refused
+        other = json.loads(json.dumps(shape))
+        other["steps"][3]["timeout"] = 99
+        e = error_of(conn, "SELECT pgflow.create_flow_from_shape(%s, %s)", (slug, Jsonb(other)))
+        assert e.sqlstate == "42710" and e.diag.message_hint
+        assert sqlstate(conn, "SELECT pgflow.create_flow(%s, 6)", (slug,)) == "42710"
+        assert sqlstate(conn, "SELECT pgflow.add_step(%s, 'join', '{split}')", (slug,)) == "42710"
+        assert conn.execute("SELECT pgflow.get_flow_shape(%s)", (slug,)).fetchone()[0] == shape
+    finally:
+        conn.execute("SELECT pgflow.drop_flow(%s)", (slug,))
+
+
+def test_shape_defaults_and_order(conn, flows):
+    slug = flows([{"slug": "b", "deps": ["a"]}, {"slug": "a"}])
+    got = conn.execute("SELECT pgflow.get_flow_shape(%s)", (slug,)).fetchone()[0]
+    assert got == {"max_attempts": 3, "base_delay": 1, "timeout": 60, "steps": [
+        {"slug": "a", "type": "single", "deps": []}, {"slug": "b", "type": "single", "deps": ["a"]}]}
+
+
+@pytest.mark.parametrize("shape,needle", [
+    ({"steps": [{"slug": "a", "deps": ["zz"]}]}, "zz"),
+    ({"steps": [{"slug": "a", "deps": ["b"]}, {"slug": "b", "deps": ["a"]}]}, "cycle"),
+    ({"steps": [{"slug": "a"}, {"slug": "a"}]}, "twice"),
+    ({"steps": [{"slug": "a b"}]}, "not allowed"),
+    ({"steps": [{"slug": "a", "timeout": 0}]}, "timeout"),
+    ({"steps": [{"slug": "a", "max_attempts": -1}]}, "max_attempts"),
+    ({"steps": [{"slug": "a", "base_delay": 1.5}]}, "integer"),
+    ({"steps": [{"slug": "a"}], "retries": 3}, "retries"),
+    ({"steps": [{"slug": "a", "dependencies": []}]}, "dependencies"),
+    ({"steps": [{"slug": "a"}, {"slug": "m", "type": "map", "deps": ["a", "a2"]}, {"slug": "a2"}]}, "map"),
+    ({"steps": [{"slug": "a", "type": "loop"}]}, "type"),
+    ({"steps": "a"}, "steps"),
+    ({"steps": [{"slug": "a", "deps": ["a"]}]}, "itself"),
+    ({"steps": [{"slug": "run"}]}, "reserved"),
+    ([1, 2], "object"),
+])
+def test_invalid_shapes_create_nothing(conn, shape, needle):
+    slug = unique_name("f")
+    before = counts(conn, slug)
+    e = error_of(conn, "SELECT pgflow.create_flow_from_shape(%s, %s)", (slug, Jsonb(shape)))
+    assert e.sqlstate in ("22023", "42704"), (e.sqlstate, str(e))
+    assert needle in str(e)
+    assert counts(conn, slug) == before
+
+
+# ------------------------------------------------------------------------------------------
+# concurrency
+# ------------------------------------------------------------------------------------------
+
+def test_eight_workers_finish_a_thousand_diamond_runs(conn, flows):
+    flow = flows(DIAMOND, max_attempts=1)
+    n_runs = 1000
+    conn.execute("SELECT count(pgflow.start_flow(%s, to_jsonb(i))) FROM generate_series(1, %s) i", (flow, n_runs))
+    errors = []
+    handled = []
+    lock = threading.Lock()
+
+    def worker():
+        try:
+            with connect() as c:
+                c.execute("SET pgflow.workflow_events = 'runs'")
+                idle = 0
+                while idle < 3:
+                    tasks = poll(c, flow, qty=2, wait=1)
+                    if not tasks:
+                        idle += 1
+                        continue
+                    idle = 0
+                    for _, run_id, step, idx, _, inp in tasks:
+                        out = complete(c, run_id, step, idx, {"s": step, "in": inp if step == "a" else None})
+                        with lock:
+                            handled.append((run_id, step, out))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert all(h[2] == "completed" for h in handled)
+    assert len(handled) == 4 * n_runs
+    assert len({(h[0], h[1]) for h in handled}) == 4 * n_runs       # each task handed out once
+    row = conn.execute(
+        """SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FROM pgflow.runs WHERE flow_slug = %s""",
+        (flow,)).fetchone()
+    assert row == (n_runs, n_runs)
+    row = conn.execute(
+        """SELECT count(*), count(*) FILTER (WHERE t.status = 'completed'), max(t.attempts_count),
+                  count(DISTINCT (t.run_id, t.step_slug, t.task_index))
+             FROM pgflow.step_tasks t JOIN pgflow.runs r USING (run_id) WHERE r.flow_slug = %s""", (flow,)).fetchone()
+    assert row == (4 * n_runs, 4 * n_runs, 1, 4 * n_runs)             # d queued once per run
+    bad = conn.execute("SELECT count(*) FROM pgflow.runs WHERE flow_slug = %s AND output <> "
+                       "jsonb_build_object('d', jsonb_build_object('s', 'd', 'in', null))", (flow,)).fetchone()[0]
+    assert bad == 0
+
+
+def test_siblings_completing_at_once_start_the_join_once(conn, flows, make_conn):
+    flow = flows([{"slug": "r"}, {"slug": "m", "type": "map", "deps": ["r"]}, {"slug": "j", "deps": ["m"]}])
+    run_id = start(conn, flow, {})
+    poll(conn, flow)
+    complete(conn, run_id, "r", 0, list(range(8)))
+    tasks = poll(conn, flow)
+    assert len(tasks) == 8
+    conns = [make_conn(autocommit=False) for _ in range(8)]
+    for c, t in zip(conns, tasks):
+        c.execute("SET lock_timeout = '10s'")
+    barrier = threading.Barrier(8)
+    results = []
+
+    def go(c, t):
+        barrier.wait()
+        results.append(complete(c, run_id, "m", t[3], t[3]))
+        c.commit()
+
+    threads = [threading.Thread(target=go, args=(c, t)) for c, t in zip(conns, tasks)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert results == ["completed"] * 8
+    joins = poll(conn, flow)
+    assert [(t[2], t[5]["m"]) for t in joins] == [("j", list(range(8)))]
+    assert conn.execute("SELECT count(*) FROM pgflow.step_tasks WHERE run_id = %s AND step_slug = 'j'",
+                        (run_id,)).fetchone()[0] == 1
+
+
+# ------------------------------------------------------------------------------------------
+# events
+# ------------------------------------------------------------------------------------------
+
+def collect(listener, timeout=1.0):
+    out = []
+    for n in listener.notifies(timeout=timeout):
+        out.append((n.channel, json.loads(n.payload), len(n.payload.encode())))
+    return out
+
+
+def events_of(notes, channel):
+    evs = []
+    for ch, p, _ in notes:
+        if ch == channel:
+            evs.extend(p["events"] if p["event"] == "batch" else [p])
+    return evs
+
+
+def test_workflow_events_reach_listeners(conn, flows, make_conn):
+    flow = flows([{"slug": "a"}, {"slug": "b", "deps": ["a"]}], max_attempts=2, base_delay=0)
+    channel = conn.execute("SELECT pgflow.flow_channel(%s)", (flow,)).fetchone()[0]
+    assert channel == f"pgflow.flow.{flow}"
+    listener = make_conn()
+    listener.execute(f'LISTEN "{channel}"')
+    listener.execute('LISTEN "pgflow.flows"')
+    run_id = start(conn, flow, {"big": "x" * 20000})
+    (t,) = poll(conn, flow)
+    fail(conn, run_id, "a", 0, "E" * 5000)
+    poll(conn, flow)
+    complete(conn, run_id, "a", 0, 1)
+    poll(conn, flow)
+    fail(conn, run_id, "b", 0, "first")
+    poll(conn, flow)
+    fail(conn, run_id, "b", 0, "final")
+    notes = collect(listener)
+    assert all(size < 8000 for _, _, size in notes)
+    evs = events_of(notes, channel)
+    assert evs == events_of(notes, "pgflow.flows")
+    kinds = [e["event"] for e in evs]
+    assert kinds == ["workflow_started", "task_started", "task_failed", "task_started", "task_completed",
+                     "task_started", "task_failed", "task_started", "task_failed", "workflow_failed"]
+    assert "input" not in evs[0] and evs[0]["input_bytes"] > 20000 and evs[0]["run_id"] == str(run_id)
+    assert evs[1] == {"event": "task_started", "run_id": str(run_id), "flow_slug": flow, "step_slug": "a",
+                      "task_index": 0, "attempt": 1}
+    assert evs[2]["will_retry"] is True and evs[2]["attempt"] == 1 and len(evs[2]["error"]) < 600
+    assert evs[4]["event"] == "task_completed" and evs[4]["duration_ms"] >= 0
+    assert evs[8]["will_retry"] is False and evs[8]["attempt"] == 2
+    assert evs[9]["failed_step"] == "b" and evs[9]["error"] == "final"
+
+
+def test_events_are_one_notification_per_channel_per_transaction(conn, flows, make_conn):
+    flow = flows([{"slug": "m", "type": "map"}])
+    channel = f"pgflow.flow.{flow}"
+    listener = make_conn()
+    listener.execute(f'LISTEN "{channel}"')
+    tx = make_conn(autocommit=False)
+    run_id = tx.execute("SELECT run_id FROM pgflow.start_flow(%s, '[1,2,3]')", (flow,)).fetchone()[0]
+    tasks = poll(tx, flow)
+    for t in tasks:
+        complete(tx, run_id, "m", t[3], t[5])
+    tx.commit()
+    notes = collect(listener)
+    assert len(notes) == 1
+    ch, payload, size = notes[0]
+    assert payload["event"] == "batch" and size < 8000
+    kinds = [e["event"] for e in payload["events"]]
+    assert kinds == ["workflow_started"] + ["task_started"] * 3 + ["task_completed"] * 3 + ["workflow_completed"]
+    # nothing is announced by a transaction that rolls back
+    tx.execute("SELECT pgflow.start_flow(%s, '[1]')", (flow,))
+    tx.rollback()
+    assert collect(listener, 0.5) == []
+
+
+def test_many_events_stay_under_the_payload_limit(conn, flows, make_conn):
+    flow = flows([{"slug": "m", "type": "map"}])
+    listener = make_conn()
+    listener.execute(f'LISTEN "pgflow.flow.{flow}"')
+    with conn.transaction():
+        conn.execute("SELECT pgflow.start_flow(%s, (SELECT jsonb_agg(i) FROM generate_series(1, 500) i))", (flow,))
+        conn.execute("SELECT count(*) FROM pgflow.poll_for_tasks(%s, 30, 500, 0)", (flow,))
+    notes = collect(listener)
+    assert len(notes) == 1
+    assert notes[0][2] < 8000 and notes[0][1]["omitted"] > 0
+
+
+def test_workflow_events_setting(conn, flows, make_conn):
+    flow = flows([{"slug": "a"}])
+    listener = make_conn()
+    listener.execute(f'LISTEN "pgflow.flow.{flow}"')
+    conn.execute("SET pgflow.workflow_events = 'runs'")
+    run_id = start(conn, flow, {})
+    poll(conn, flow)
+    complete(conn, run_id, "a", 0, 1)
+    assert [e["event"] for e in events_of(collect(listener), f"pgflow.flow.{flow}")] == \
+        ["workflow_started", "workflow_completed"]
+    conn.execute("SET pgflow.workflow_events = 'off'")
+    start(conn, flow, {})
+    assert collect(listener, 0.3) == []
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------
+
+def test_definition_bad_input(conn, flows):
+    flow = flows(SEQ)
+    before = counts(conn, flow)
+    cases = [
+        ("SELECT pgflow.create_flow(NULL)", None, "22004"),
+        ("SELECT pgflow.create_flow('')", None, "22023"),
+        ("SELECT pgflow.create_flow(%s)", ("x" * 49,), "42622"),
+        ("SELECT pgflow.create_flow('bad-slug')", None, "22023"),
+        ("SELECT pgflow.create_flow(%s, max_attempts => 0)", (unique_name("f"),), "22023"),
+        ("SELECT pgflow.create_flow(%s, base_delay => -1)", (unique_name("f"),), "22023"),
+        ("SELECT pgflow.create_flow(%s, timeout => -5)", (unique_name("f"),), "22023"),
+        ("SELECT pgflow.create_flow(%s, max_attempts => NULL)", (unique_name("f"),), "22004"),
+        ("SELECT pgflow.add_step(%s, 'x')", (unique_name("nope"),), "42704"),
+        ("SELECT pgflow.add_step(%s, 'bad slug')", (flow,), "22023"),
+        ("SELECT pgflow.add_step(%s, 'x', '{missing}')", (flow,), "42704"),
+        ("SELECT pgflow.add_step(%s, 'x', '{x}')", (flow,), "22023"),
+        ("SELECT pgflow.add_step(%s, 'x', '{a,a}')", (flow,), "22023"),
+        ("SELECT pgflow.add_step(%s, 'x', NULL)", (flow,), "22004"),
+        ("SELECT pgflow.add_step(%s, 'x', ARRAY[NULL]::text[])", (flow,), "22004"),
+        ("SELECT pgflow.add_step(%s, 'x', max_attempts => -1)", (flow,), "22023"),
+        ("SELECT pgflow.add_step(%s, 'x', base_delay => -1)", (flow,), "22023"),
+        ("SELECT pgflow.add_step(%s, 'x', timeout => 0)", (flow,), "22023"),
+        ("SELECT pgflow.add_step(%s, 'x', start_delay => -1)", (flow,), "22023"),
+        ("SELECT pgflow.add_step(%s, 'x', step_type => 'loop')", (flow,), "22023"),
+        ("SELECT pgflow.add_step(%s, 'x', '{a,b}', step_type => 'map')", (flow,), "22023"),
+        ("SELECT pgflow.add_step(%s, 'run')", (flow,), "22023"),
+        ("SELECT pgflow.create_flow_from_shape(%s, NULL)", (unique_name("f"),), "22004"),
+        ("SELECT pgflow.get_flow_shape(%s)", (unique_name("nope"),), "42704"),
+        ("SELECT pgflow.get_flow_shape('bad slug')", None, "22023"),
+    ]
+    for sql, params, code in cases:
+        assert sqlstate(conn, sql, params) == code, (sql, params)
+    assert counts(conn, flow) == before
+    e = error_of(conn, "SELECT pgflow.add_step(%s, 'x', '{missing}')", (flow,))
+    assert "missing" in e.diag.message_primary and e.diag.message_hint
+
+
+def test_flow_queue_rules(conn, flows):
+    flow = flows(SEQ)
+    e = error_of(conn, "SELECT pgflow.drop_queue(%s)", (flow,))
+    assert e.sqlstate == "55000"
+    q = unique_name("q")
+    conn.execute("SELECT pgflow.create_queue(%s)", (q,))
+    try:
+        assert sqlstate(conn, "SELECT pgflow.create_flow(%s)", (q,)) == "42710"
+        assert conn.execute("SELECT count(*) FROM pgflow.flows WHERE flow_slug = %s", (q,)).fetchone()[0] == 0
+    finally:
+        conn.execute("SELECT pgflow.drop_queue(%s)", (q,))
+    # a flow with runs takes no new steps
+    start(conn, flow, {})
+    assert sqlstate(conn, "SELECT pgflow.add_step(%s, 'late', '{c}')", (flow,)) == "55000"
+
+
+def test_runtime_bad_input_changes_nothing(conn, flows):
+    flow = flows(SEQ)
+    other = flows([{"slug": "z"}])
+    run_id = start(conn, flow, {})
+    other_run = start(conn, other, {})
+    (t,) = poll(conn, flow)
+    before = counts(conn, flow)
+    nobody = uuid.uuid4()
+    cases = [
+        ("SELECT pgflow.start_flow(%s, '{}')", (unique_name("nope"),), "42704"),
+        ("SELECT pgflow.start_flow('bad slug', '{}')", None, "22023"),
+        ("SELECT pgflow.start_flow(%s, NULL)", (flow,), "22004"),
+        ("SELECT pgflow.start_flow(%s, '{\"other\": 1}', %s)", (flow, run_id), "42710"),
+        ("SELECT pgflow.complete_task(%s, 'a', 0, '1')", (nobody,), "42704"),
+        ("SELECT pgflow.complete_task(%s, 'nope', 0, '1')", (run_id,), "42704"),
+        ("SELECT pgflow.complete_task(%s, 'a', 7, '1')", (run_id,), "42704"),
+        ("SELECT pgflow.complete_task(%s, 'z', 0, '1')", (run_id,), "42704"),     # a task of another run
+        ("SELECT pgflow.complete_task(%s, 'a', 0, '1')", (other_run,), "42704"),  # ... and the reverse
+        ("SELECT pgflow.complete_task(%s, 'bad slug', 0, '1')", (run_id,), "22023"),
+        ("SELECT pgflow.complete_task(%s, 'a', 0, NULL)", (run_id,), "22004"),
+        ("SELECT pgflow.complete_task(NULL, 'a', 0, '1')", None, "22004"),
+        ("SELECT pgflow.complete_task(%s, NULL, 0, '1')", (run_id,), "22004"),
+        ("SELECT pgflow.complete_task(%s, 'a', NULL, '1')", (run_id,), "22004"),
+        ("SELECT pgflow.fail_task(%s, 'a', 0, 'x')", (nobody,), "42704"),
+        ("SELECT pgflow.fail_task(%s, 'nope', 0, 'x')", (run_id,), "42704"),
+        ("SELECT pgflow.poll_for_tasks(%s, 30, 1)", (unique_name("nope"),), "42704"),
+        ("SELECT pgflow.poll_for_tasks(%s, 30, 0)", (flow,), "22023"),
+        ("SELECT pgflow.poll_for_tasks(%s, -1, 1)", (flow,), "22023"),
+        ("SELECT pgflow.poll_for_tasks(%s, 30, 1, -1)", (flow,), "22023"),
+        ("SELECT pgflow.poll_for_tasks(%s, 30, 1, 0, 0)", (flow,), "22023"),
+        ("SELECT pgflow.start_tasks(%s, NULL, %s)", (flow, nobody), "22004"),
+        ("SELECT pgflow.start_tasks(%s, '{1}', NULL)", (flow,), "22004"),
+        ("SELECT pgflow.start_tasks(%s, '{1}', %s)", (unique_name("nope"), nobody), "42704"),
+        ("SELECT pgflow.get_run_with_states(%s)", (nobody,), "42704"),
+        ("SELECT pgflow.get_run_with_states(NULL)", None, "22004"),
+    ]
+    for sql, params, code in cases:
+        assert sqlstate(conn, sql, params) == code, (sql, params)
+    assert counts(conn, flow) == before
+    assert complete(conn, run_id, "a", 0, "ok") == "completed"
+
+
+def test_start_flow_with_run_id_is_idempotent(conn, flows):
+    flow = flows(SEQ)
+    rid = uuid.uuid4()
+    assert start(conn, flow, {"a": 1}, rid) == rid
+    before = counts(conn, flow)
+    assert start(conn, flow, {"a": 1}, rid) == rid
+    assert counts(conn, flow) == before
+
+
+def test_start_delay_holds_back_tasks(conn, flows):
+    flow = flows([{"slug": "a", "start_delay": 1}])
+    start(conn, flow, {})
+    assert poll(conn, flow) == []
+    tasks = poll(conn, flow, wait=3)
+    assert [t[2] for t in tasks] == ["a"]
+
+
+def test_drop_flow_removes_everything(conn):
+    slug = make_flow(conn, DIAMOND)
+    run_id = start(conn, slug, {})
+    poll(conn, slug)
+    assert conn.execute("SELECT pgflow.drop_flow(%s)", (slug,)).fetchone()[0] is True
+    assert conn.execute("SELECT pgflow.drop_flow(%s)", (slug,)).fetchone()[0] is False
+    left = conn.execute(
+        """SELECT (SELECT count(*) FROM pgflow.runs WHERE run_id = %(r)s)
+                + (SELECT count(*) FROM pgflow.step_states WHERE run_id = %(r)s)
+                + (SELECT count(*) FROM pgflow.step_tasks WHERE run_id = %(r)s)
+                + (SELECT count(*) FROM pgflow.steps WHERE flow_slug = %(f)s)
+                + (SELECT count(*) FROM pgflow.queues WHERE queue_name = %(f)s)""",
+        {"r": run_id, "f": slug}).fetchone()[0]
+    assert left == 0

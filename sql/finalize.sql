@@ -9,6 +9,12 @@ SELECT pg_catalog.pg_extension_config_dump('pgflow.archive', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.dlq', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.dlq_dlq_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.due_wakeups', '');
+SELECT pg_catalog.pg_extension_config_dump('pgflow.flows', '');
+SELECT pg_catalog.pg_extension_config_dump('pgflow.steps', '');
+SELECT pg_catalog.pg_extension_config_dump('pgflow.deps', '');
+SELECT pg_catalog.pg_extension_config_dump('pgflow.runs', '');
+SELECT pg_catalog.pg_extension_config_dump('pgflow.step_states', '');
+SELECT pg_catalog.pg_extension_config_dump('pgflow.step_tasks', '');
 
 -- Privileges: nothing for PUBLIC. Three roles, granted separately to applications:
 --   pgflow_producer  sends messages and starts flow runs;

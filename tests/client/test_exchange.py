@@ -132,8 +132,7 @@ def test_rollback_trigger_overtakes_a_backlog(admin, services):
     t_start = admin.execute("SELECT clock_timestamp()").fetchone()[0]
     services(inst)
     wait_until(lambda: len(inst.received) == 31, 20, "backlog and rollback consumed")
-    # Server-side lease times: the rollback was leased no later than any result of the backlog
-    # (several workers start at once, hence the small tolerance).
+    # Server-side lease times (archive keeps vt = lease time + 30 s).
     rows = admin.execute(
         """SELECT q.queue_name, a.vt - interval '30 seconds' AS leased_at
              FROM pgflow.archive a JOIN pgflow.queues q USING (queue_id)
@@ -142,9 +141,10 @@ def test_rollback_trigger_overtakes_a_backlog(admin, services):
     rollback_at = [t for n, t in rows if n.startswith("rollback")]
     results_at = [t for n, t in rows if n.startswith("consensus")]
     assert len(rollback_at) == 1 and len(results_at) == 30
-    assert (rollback_at[0] - min(results_at)).total_seconds() < 0.05
-    kinds = [k for k, _ in inst.received]
-    assert kinds.index("rollback_trigger") < 3  # among the first handled by the 3 workers
+    # Every worker looks at the rollback queue first; only a worker that found the rollback
+    # already locked by another can lease a result before it, so at most workers - 1 results
+    # are leased earlier.
+    assert sum(1 for t in results_at if t < rollback_at[0]) <= 2
 
 
 def test_handler_failing_three_times_then_succeeding_completes(admin, services):

@@ -111,7 +111,7 @@ def test_jitter_takes_off_up_to_its_fraction(conn, make_queue):
         if attempt >= 3:
             break
     for f in seen:
-        assert 0.49 < f <= 1.0
+        assert 0.45 < f <= 1.0
     # three draws being identical would mean no jitter at all
     assert len({round(f, 4) for f in seen}) > 1
 

@@ -1,5 +1,9 @@
 -- Workflow layer: runs, tasks and their events.
 --
+-- Internal functions (named _...) pin only search_path: they run inside the public ones, whose
+-- enable_seqscan = off and jit = off are in effect when their statements are planned, and each
+-- further SET clause costs every call.
+--
 -- Lock order, everywhere: the run row first (every function that changes a run's step states
 -- or ends a task takes it FOR NO KEY UPDATE before anything else), then step states (in
 -- step_index order), then task messages (in msg_id order), then task rows. Claiming
@@ -53,7 +57,7 @@ $$;
 -- The output of a completed step of a run: a single step's task output, a map step's array.
 CREATE FUNCTION pgflow._step_output(run_id uuid, step_slug text, step_type text) RETURNS jsonb
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -74,7 +78,7 @@ $$;
 CREATE FUNCTION pgflow._task_input(flow_slug text, run_id uuid, run_input jsonb, step_slug text, deps_count integer)
 RETURNS jsonb
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -95,7 +99,7 @@ $$;
 -- started tasks are no longer handed out (their messages are deleted, in msg_id order).
 CREATE FUNCTION pgflow._fail_run(r pgflow.runs, queue_id bigint, failed_step text, error text) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -118,7 +122,7 @@ $$;
 -- Complete run r if every step of it has completed. Output: {<leaf step>: <its output>, ...}.
 CREATE FUNCTION pgflow._maybe_complete_run(r pgflow.runs) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -148,7 +152,7 @@ $$;
 -- Returns false if the run failed.
 CREATE FUNCTION pgflow._start_step(r pgflow.runs, q pgflow.queues, st pgflow.steps) RETURNS boolean
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -231,7 +235,7 @@ $$;
 -- step is left. Returns false if the run failed meanwhile (a map over a non-array).
 CREATE FUNCTION pgflow._step_completed(r pgflow.runs, q pgflow.queues, st pgflow.steps) RETURNS boolean
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -332,7 +336,7 @@ COMMENT ON FUNCTION pgflow.start_flow(text, jsonb, uuid) IS
 CREATE FUNCTION pgflow._task_timed_out(f pgflow.flows, q pgflow.queues, st pgflow.steps, msg_id bigint,
                                        run_id uuid, task_index integer, read_ct integer) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -374,7 +378,7 @@ CREATE FUNCTION pgflow._start_claimed(f pgflow.flows, q pgflow.queues, msg_ids b
                                       bodies jsonb[], worker_id uuid)
 RETURNS SETOF pgflow.step_task_record
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -582,7 +586,7 @@ COMMENT ON FUNCTION pgflow.poll_for_tasks(text, integer, integer, integer, integ
 CREATE FUNCTION pgflow._end_task_check(run_id uuid, step_slug text, task_index integer, worker_id uuid,
                                        OUT r pgflow.runs, OUT t pgflow.step_tasks, OUT outcome text)
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN

@@ -50,6 +50,14 @@ impl WakeBoard {
 static WAKE_BOARD: PgLwLock<WakeBoard> = unsafe { PgLwLock::new(c"pgflow_wake_board") };
 static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
 
+/// Transaction nesting level (1 = top level, 2 = first savepoint, ...): what a savepoint
+/// collected is dropped if it rolls back and handed to its parent if it is released.
+type Level = i32;
+
+fn current_level() -> Level {
+    unsafe { pg_sys::GetCurrentTransactionNestLevel() }
+}
+
 /// Messages sent to one queue in the open transaction.
 struct SentRange {
     queue_name: String,
@@ -61,14 +69,64 @@ struct SentRange {
     announce: bool,
 }
 
-/// What this backend's open transaction will announce and wake when it commits.
+impl SentRange {
+    fn absorb(&mut self, other: SentRange) {
+        self.first = self.first.min(other.first);
+        self.last = self.last.max(other.last);
+        self.count += other.count;
+        self.announce |= other.announce;
+    }
+}
+
+/// What this backend's open transaction will announce and wake when it commits, each item
+/// tagged with the nesting level that collected it.
 #[derive(Default)]
 struct PendingEvents {
-    /// queue_id -> the ids sent to it, merged into one range per queue.
-    sent: BTreeMap<i64, SentRange>,
-    /// channel -> other events, in the order they happened.
-    notifications: BTreeMap<String, Vec<Value>>,
-    wake_buckets: BTreeSet<usize>,
+    /// (level, queue_id) -> the ids sent to the queue at that level, merged into one range.
+    sent: BTreeMap<(Level, i64), SentRange>,
+    /// Other events, in the order they happened: (level, channel, event).
+    notifications: Vec<(Level, String, Value)>,
+    /// (level, wake-up bucket).
+    wake_buckets: BTreeSet<(Level, usize)>,
+}
+
+impl PendingEvents {
+    /// A savepoint at `level` rolled back: forget what it and its children collected.
+    fn drop_level(&mut self, level: Level) {
+        self.sent.retain(|(l, _), _| *l < level);
+        self.notifications.retain(|(l, _, _)| *l < level);
+        self.wake_buckets.retain(|(l, _)| *l < level);
+    }
+
+    /// A savepoint at `level` was released: what it collected now belongs to its parent.
+    fn release_level(&mut self, level: Level) {
+        let moved: Vec<(Level, i64)> = self
+            .sent
+            .range((level, i64::MIN)..)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in moved {
+            let range = self.sent.remove(&key).expect("key was just listed");
+            match self.sent.entry((level - 1, key.1)) {
+                std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().absorb(range),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(range);
+                }
+            }
+        }
+        for item in self
+            .notifications
+            .iter_mut()
+            .filter(|(l, _, _)| *l >= level)
+        {
+            item.0 = level - 1;
+        }
+        self.wake_buckets = self
+            .wake_buckets
+            .iter()
+            .map(|&(l, b)| (if l >= level { level - 1 } else { l }, b))
+            .collect();
+    }
 }
 
 thread_local! {
@@ -83,6 +141,7 @@ pub fn init() {
             SHARED_MEMORY.store(true, Ordering::Relaxed);
         }
         pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
     }
 }
 
@@ -104,7 +163,9 @@ unsafe extern "C-unwind" fn on_xact_event(
     match event {
         XACT_EVENT_PRE_COMMIT => emit_notifications(),
         XACT_EVENT_COMMIT => {
-            let buckets = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()).wake_buckets);
+            let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+            let buckets: BTreeSet<usize> =
+                pending.wake_buckets.into_iter().map(|(_, b)| b).collect();
             if !buckets.is_empty() {
                 wake(&buckets);
             }
@@ -118,6 +179,22 @@ unsafe extern "C-unwind" fn on_xact_event(
     }
 }
 
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact_event(
+    event: pg_sys::SubXactEvent::Type,
+    _my_subid: pg_sys::SubTransactionId,
+    _parent_subid: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    // Called while the subtransaction ending is still the current one.
+    match event {
+        SUBXACT_EVENT_ABORT_SUB => PENDING.with(|p| p.borrow_mut().drop_level(current_level())),
+        SUBXACT_EVENT_COMMIT_SUB => PENDING.with(|p| p.borrow_mut().release_level(current_level())),
+        _ => {}
+    }
+}
+
 unsafe extern "C-unwind" {
     // commands/async.h, not among the bindings pgrx generates. Called only through
     // pg_guard_ffi_boundary, so an ERROR it raises unwinds safely.
@@ -126,14 +203,25 @@ unsafe extern "C-unwind" {
 
 /// At PRE_COMMIT the transaction can still notify; each channel gets one notification.
 fn emit_notifications() {
-    let (sent, mut notifications) = PENDING.with(|p| {
+    let (sent, collected) = PENDING.with(|p| {
         let mut p = p.borrow_mut();
         (
             std::mem::take(&mut p.sent),
             std::mem::take(&mut p.notifications),
         )
     });
-    for range in sent.into_values().filter(|r| r.announce) {
+    // Every savepoint has ended by now; merge what remains per queue, whatever its level.
+    let mut per_queue: BTreeMap<i64, SentRange> = BTreeMap::new();
+    for ((_, queue_id), range) in sent {
+        match per_queue.entry(queue_id) {
+            std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().absorb(range),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(range);
+            }
+        }
+    }
+    let mut notifications: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for range in per_queue.into_values().filter(|r| r.announce) {
         let event = json!({
             "event": "message_sent", "queue": range.queue_name,
             "first_msg_id": range.first, "last_msg_id": range.last, "count": range.count
@@ -141,7 +229,10 @@ fn emit_notifications() {
         notifications
             .entry(queue_channel_of(&range.queue_name))
             .or_default()
-            .insert(0, event);
+            .push(event);
+    }
+    for (_, channel, event) in collected {
+        notifications.entry(channel).or_default().push(event);
     }
     for (channel, events) in notifications {
         let payload = payload_for(&events);
@@ -207,32 +298,43 @@ pub fn bounded(event: &Value) -> String {
 }
 
 fn add_event(channel: String, event: Value) {
+    let level = current_level();
+    PENDING.with(|p| p.borrow_mut().notifications.push((level, channel, event)));
+}
+
+fn add_wake(queue_id: i64) {
+    let level = current_level();
     PENDING.with(|p| {
         p.borrow_mut()
-            .notifications
-            .entry(channel)
-            .or_default()
-            .push(event);
+            .wake_buckets
+            .insert((level, bucket_of(queue_id)))
     });
 }
 
 /// Merge a send of ids `first..=last` into the transaction's range for the queue, so any number
 /// of sends in a transaction makes one announcement.
 fn add_sent(queue_id: i64, queue_name: &str, first: i64, last: i64, count: i64, announce: bool) {
+    add_wake(queue_id);
+    let level = current_level();
     PENDING.with(|p| {
         let mut p = p.borrow_mut();
-        p.wake_buckets.insert(bucket_of(queue_id));
-        let range = p.sent.entry(queue_id).or_insert_with(|| SentRange {
-            queue_name: queue_name.to_string(),
+        let range = p
+            .sent
+            .entry((level, queue_id))
+            .or_insert_with(|| SentRange {
+                queue_name: queue_name.to_string(),
+                first,
+                last,
+                count: 0,
+                announce: false,
+            });
+        range.absorb(SentRange {
+            queue_name: String::new(),
             first,
             last,
-            count: 0,
-            announce: false,
+            count,
+            announce,
         });
-        range.first = range.first.min(first);
-        range.last = range.last.max(last);
-        range.count += count;
-        range.announce |= announce;
     });
 }
 
@@ -307,9 +409,7 @@ fn on_commit_sent(
 #[pg_extern(volatile, parallel_unsafe, name = "_on_commit_wake")]
 #[search_path(pg_catalog, pg_temp)]
 fn on_commit_wake(queue_id: i64) {
-    PENDING.with(|p| {
-        p.borrow_mut().wake_buckets.insert(bucket_of(queue_id));
-    });
+    add_wake(queue_id);
 }
 
 /// Internal: announce `event` (a JSON object) on `channel` when the transaction commits.
@@ -444,10 +544,37 @@ mod tests {
         add_sent(7, "q", 3, 3, 0, true);
         PENDING.with(|p| {
             let p = p.borrow();
-            let r = &p.sent[&7];
+            assert_eq!(p.sent.len(), 1);
+            let r = p.sent.values().next().unwrap();
             assert_eq!((r.first, r.last, r.count, r.announce), (3, 9, 6, true));
-            assert!(p.wake_buckets.contains(&bucket_of(7)));
+            assert!(p.wake_buckets.iter().any(|&(_, b)| b == bucket_of(7)));
         });
         PENDING.with(|p| *p.borrow_mut() = PendingEvents::default());
+    }
+
+    #[pg_test]
+    fn savepoints_drop_or_hand_up_what_they_collected() {
+        let mut p = PendingEvents::default();
+        let range = |first, last, count| SentRange {
+            queue_name: "q".into(),
+            first,
+            last,
+            count,
+            announce: true,
+        };
+        p.sent.insert((1, 7), range(1, 1, 1));
+        p.sent.insert((2, 7), range(2, 3, 2));
+        p.sent.insert((3, 7), range(4, 4, 1));
+        p.notifications.push((3, "c".into(), json!({"event": "x"})));
+        p.wake_buckets.insert((3, 5));
+        // the innermost savepoint rolls back
+        p.drop_level(3);
+        assert_eq!(p.sent.len(), 2);
+        assert!(p.notifications.is_empty() && p.wake_buckets.is_empty());
+        // the next one is released into the top level
+        p.release_level(2);
+        assert_eq!(p.sent.len(), 1);
+        let r = &p.sent[&(1, 7)];
+        assert_eq!((r.first, r.last, r.count), (1, 3, 3));
     }
 }

@@ -37,14 +37,19 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
-    GucRegistry::define_string_guc(
-        c"pgflow.maintenance_database",
-        c"Database in which the pgflow maintenance worker runs.",
-        c"It must hold CREATE EXTENSION pgflow; until it does, the worker waits.",
-        &MAINTENANCE_DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
+    // Only the worker reads it, and a postmaster-level setting can only be defined while the
+    // library is preloaded: defining it at a later load (CREATE EXTENSION without preload)
+    // would fail.
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_string_guc(
+            c"pgflow.maintenance_database",
+            c"Database in which the pgflow maintenance worker runs.",
+            c"It must hold CREATE EXTENSION pgflow; until it does, the worker waits.",
+            &MAINTENANCE_DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     GucRegistry::define_bool_guc(
         c"pgflow.maintenance_enabled",
         c"Whether the pgflow maintenance worker does its passes.",

@@ -47,9 +47,21 @@ extension_sql_file!(
     name = "maintenance",
     requires = ["events"]
 );
-extension_sql_file!("../sql/workflow/tables.sql", name = "workflow_tables", requires = ["maintenance"]);
-extension_sql_file!("../sql/workflow/flows.sql", name = "workflow_flows", requires = ["maintenance", "workflow_tables"]);
-extension_sql_file!("../sql/workflow/runtime.sql", name = "workflow_runtime", requires = ["maintenance", "workflow_flows"]);
+extension_sql_file!(
+    "../sql/workflow/tables.sql",
+    name = "workflow_tables",
+    requires = ["maintenance"]
+);
+extension_sql_file!(
+    "../sql/workflow/flows.sql",
+    name = "workflow_flows",
+    requires = ["maintenance", "workflow_tables"]
+);
+extension_sql_file!(
+    "../sql/workflow/runtime.sql",
+    name = "workflow_runtime",
+    requires = ["maintenance", "workflow_flows"]
+);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 /// Library load: settings, transaction hooks, and (when preloaded) shared memory and the worker.

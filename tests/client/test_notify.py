@@ -109,8 +109,6 @@ def test_notification_only_after_commit_and_never_after_rollback(make_conn, make
     assert drain(lis, 0.5) == []
 
 
-@pytest.mark.xfail(strict=True, reason="known: events of a rolled-back subtransaction are still "
-                   "announced at commit (src/events.rs keeps no per-subtransaction state)")
 def test_rolled_back_savepoint_is_not_announced(make_conn, make_queue):
     q = make_queue(notify=True)
     lis = make_conn()

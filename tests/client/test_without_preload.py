@@ -1,0 +1,53 @@
+"""pgflow installed without shared_preload_libraries: no shared memory and no maintenance
+worker, yet CREATE EXTENSION works and read_with_poll still finds messages (by polling).
+Starts a cluster of its own (needs root, as the test runner has)."""
+
+import os
+import subprocess
+import time
+
+import psycopg
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DIR = "/tmp/pgflow-test-nopreload"
+PORT = int(os.environ.get("PGFLOW_TEST_PORT", "5490")) + 7
+
+
+def _sh(script):
+    subprocess.run(["bash", "-c", f"source {REPO}/scripts/common.sh; {script}"], check=True,
+                   capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def plain_conn():
+    if os.geteuid() != 0:
+        pytest.skip("starting a cluster as the postgres user needs root")
+    _sh(f"start_cluster {DIR} {PORT} plain && "
+        f"sed -i \"s/^shared_preload_libraries = .*/shared_preload_libraries = ''/\" {DIR}/data/postgresql.conf && "
+        f"runuser -u postgres -- $PGBIN/pg_ctl -D {DIR}/data -l {DIR}/server.log -w restart")
+    c = psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="plain", autocommit=True)
+    yield c
+    c.close()
+    _sh(f"stop_cluster {DIR}")
+
+
+def test_extension_installs_and_polls_without_preload(plain_conn):
+    c = plain_conn
+    c.execute("CREATE EXTENSION pgflow")
+    assert c.execute("SELECT pgflow.wakeups_enabled()").fetchone()[0] is False
+    c.execute("SELECT pgflow.create_queue('plain_q', notify => true)")
+    t = time.monotonic()
+    assert c.execute("SELECT * FROM pgflow.read_with_poll('plain_q', 10, 1, 1, 100)").fetchall() == []
+    assert time.monotonic() - t >= 0.9
+    (mid,) = c.execute("SELECT pgflow.send('plain_q', '{\"k\": 1}')").fetchone()
+    rows = c.execute("SELECT msg_id, message FROM pgflow.read_with_poll('plain_q', 10, 1, 1, 100)").fetchall()
+    assert rows == [(mid, {"k": 1})]
+    # notifications do not need shared memory
+    c.execute('LISTEN "pgflow.queue.plain_q"')
+    with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="plain", autocommit=True) as s:
+        s.execute("SELECT pgflow.send('plain_q', '{}')")
+    got = list(c.notifies(timeout=5, stop_after=1))
+    assert len(got) == 1 and '"message_sent"' in got[0].payload
+    # run_maintenance by hand stands in for the worker
+    assert c.execute("SELECT pgflow.run_maintenance() ? 'due_queues'").fetchone()[0] is True

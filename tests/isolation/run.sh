@@ -53,5 +53,6 @@ n_total=$(echo $specs | wc -w)
 if [ $((n_ok + n_bad)) -ne "$n_total" ]; then
     n_bad=$((n_total - n_ok))
 fi
+[ "$n_bad" -eq 0 ] && [ -z "${ISOLATION_OUTDIR:-}" ] && rm -rf "$OUT"
 echo "isolation: $n_ok passed, $n_bad failed"
 [ "$n_bad" -eq 0 ]

@@ -4,16 +4,34 @@
 -- enable_seqscan = off and jit = off are in effect when their statements are planned, and each
 -- further SET clause costs every call.
 --
--- Lock order, everywhere: the run row first (every function that changes a run's step states
--- or ends a task takes it FOR NO KEY UPDATE before anything else), then step states (in
--- step_index order), then task messages (in msg_id order), then task rows. Claiming
--- (poll_for_tasks, start_tasks) locks only messages and then their task rows, and never waits
--- for a run row (it uses SKIP LOCKED on the rare path that needs one), so no two workers can
--- wait on each other in a cycle. Because a run's step states change only under its run lock,
--- sibling steps completing at once are serialised: a dependent step is started exactly once.
+-- Lock order, everywhere: the run first, then step states (in step_index order), then task
+-- messages (in msg_id order), then task rows. Every function that changes a run's step states
+-- or ends a task takes the run lock before anything else. The run lock is a transaction-scoped
+-- advisory lock keyed by the run id (pgflow._lock_run): it serialises the same work a row lock
+-- on pgflow.runs would, but writes no WAL and dirties no page, which matters as it is taken
+-- once per task. Claiming (poll_for_tasks, start_tasks) locks only messages and then their
+-- task rows, and never waits for a run lock (it only tries, on the rare path that needs one),
+-- so no two workers can wait on each other in a cycle. Because a run's step states change only
+-- under its run lock, sibling steps completing at once are serialised: a dependent step is
+-- started exactly once, and exactly one completion completes the run.
 --
 -- Events go through pgflow._on_commit_notify: one notification per channel per transaction,
 -- sent at commit, nothing on rollback.
+
+-- The run lock (see above): key class 'pgfw' and a hash of the run id. Two runs sharing a hash
+-- only serialise each other, which is harmless. wait = false tries without waiting.
+CREATE FUNCTION pgflow._lock_run(run_id uuid, wait boolean) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF wait THEN
+        PERFORM pg_advisory_xact_lock(1885824631, hashtext(run_id::text));
+        RETURN true;
+    END IF;
+    RETURN pg_try_advisory_xact_lock(1885824631, hashtext(run_id::text));
+END
+$$;
 
 -- Longest error text carried in an event, in characters (the task row keeps 2000).
 CREATE FUNCTION pgflow._event_error(error text) RETURNS text
@@ -187,13 +205,20 @@ BEGIN
         n := jsonb_array_length(arr);
     END IF;
 
-    INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, remaining_tasks,
-                                    initial_tasks, started_at, completed_at, output)
-    VALUES (r.flow_slug, r.run_id, st.step_slug, CASE WHEN n = 0 THEN 'completed' ELSE 'started' END, 0, n, n,
-            now_, CASE WHEN n = 0 THEN now_ END, CASE WHEN n = 0 THEN '[]'::jsonb END)
-    ON CONFLICT (run_id, step_slug) DO UPDATE
-       SET status = excluded.status, remaining_deps = 0, remaining_tasks = n, initial_tasks = n,
-           started_at = now_, completed_at = excluded.completed_at, output = excluded.output;
+    -- A root step's state is created here, a dependent's (created by start_flow) updated: one
+    -- write either way (no INSERT ... ON CONFLICT, which would lock the row before updating it).
+    IF st.deps_count = 0 THEN
+        INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, remaining_tasks,
+                                        initial_tasks, created_at, started_at, completed_at, output)
+        VALUES (r.flow_slug, r.run_id, st.step_slug, CASE WHEN n = 0 THEN 'completed' ELSE 'started' END, 0, n, n,
+                now_, now_, CASE WHEN n = 0 THEN now_ END, CASE WHEN n = 0 THEN '[]'::jsonb END);
+    ELSE
+        UPDATE pgflow.step_states
+           SET status = CASE WHEN n = 0 THEN 'completed' ELSE 'started' END, remaining_deps = 0,
+               remaining_tasks = n, initial_tasks = n, started_at = now_,
+               completed_at = CASE WHEN n = 0 THEN now_ END, output = CASE WHEN n = 0 THEN '[]'::jsonb END
+         WHERE run_id = r.run_id AND step_slug = st.step_slug;
+    END IF;
 
     IF n = 0 THEN
         RETURN pgflow._step_completed(r, q, st);
@@ -332,7 +357,7 @@ COMMENT ON FUNCTION pgflow.start_flow(text, jsonb, uuid) IS
 
 -- The last allowed attempt of a task timed out (its message came back after max_attempts
 -- deliveries): fail the task, its step and its run. The caller holds the message lock, so the
--- run lock is only tried (SKIP LOCKED): if busy, the message is looked at again a second later.
+-- run lock is only tried: if busy, the message is looked at again a second later.
 CREATE FUNCTION pgflow._task_timed_out(f pgflow.flows, q pgflow.queues, st pgflow.steps, msg_id bigint,
                                        run_id uuid, task_index integer, read_ct integer) RETURNS void
 LANGUAGE plpgsql VOLATILE
@@ -345,8 +370,10 @@ DECLARE
     err text;
     now_ timestamptz := clock_timestamp();
 BEGIN
-    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = _task_timed_out.run_id FOR NO KEY UPDATE SKIP LOCKED;
-    IF NOT FOUND THEN
+    IF pgflow._lock_run(_task_timed_out.run_id, false) THEN
+        SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = _task_timed_out.run_id;
+    END IF;
+    IF r.run_id IS NULL THEN
         UPDATE pgflow.messages m SET vt = now_ + interval '1 second'
          WHERE m.queue_id = q.queue_id AND m.msg_id = _task_timed_out.msg_id;
         RETURN;
@@ -599,7 +626,8 @@ BEGIN
     IF _end_task_check.task_index IS NULL THEN
         RAISE EXCEPTION 'task_index must not be null' USING ERRCODE = '22004';
     END IF;
-    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = _end_task_check.run_id FOR NO KEY UPDATE;
+    PERFORM pgflow._lock_run(_end_task_check.run_id, true);
+    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = _end_task_check.run_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'run % does not exist', _end_task_check.run_id USING ERRCODE = '42704',
             HINT = 'Pass the run_id returned by pgflow.start_tasks or pgflow.poll_for_tasks.';

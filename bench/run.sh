@@ -7,6 +7,7 @@
 #   BENCH_PAIRS=3 BENCH_SECONDS=20 bash bench/run.sh
 #   BENCH_ONLY="single_c8 notify_c8" bash bench/run.sh   # some rows only
 #   BENCH_KEEP=1 bash bench/run.sh         # leave the cluster running afterwards (psql -h DIR -p PORT bench)
+#   BENCH_SQL="ALTER FUNCTION ..." bash bench/run.sh   # SQL run after setup, to try a variant
 #
 # Each comparison alternates its two sides (A, B, A, B, ...); every run starts after a VACUUM of
 # the message tables and a CHECKPOINT, with the WAL statistics reset. Throughput counts units
@@ -35,6 +36,7 @@ else
     trap 'stop_cluster "$DIR"; rm -f "$RESULTS"' EXIT
 fi
 psql_ -f "$Q/setup.sql" >/dev/null
+if [ -n "${BENCH_SQL:-}" ]; then psql_ -c "$BENCH_SQL" >/dev/null; fi
 
 # run_one SCRIPT CLIENTS ARCHIVE_TABLE: prints "units_per_second wal_bytes_per_unit"
 run_one() {

@@ -26,6 +26,17 @@ BEGIN
 END
 $$;
 
+-- Serialise definitions of one flow slug until the end of the transaction (an advisory lock:
+-- the flow row may not exist yet).
+CREATE FUNCTION pgflow._lock_flow_slug(flow_slug text) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(1885824614, hashtext(flow_slug));
+END
+$$;
+
 -- The flow row, or 42704 (a malformed slug is reported as such).
 CREATE FUNCTION pgflow._flow(flow_slug text) RETURNS pgflow.flows
 LANGUAGE plpgsql STABLE
@@ -59,6 +70,8 @@ BEGIN
     PERFORM pgflow._check_option('max_attempts', create_flow.max_attempts, 1, 100, false);
     PERFORM pgflow._check_option('base_delay', create_flow.base_delay, 0, 86400, false);
     PERFORM pgflow._check_option('timeout', create_flow.timeout, 1, 86400, false);
+    -- Concurrent definitions of one slug are serialised, so the second sees the first's flow.
+    PERFORM pgflow._lock_flow_slug(create_flow.flow_slug);
     SELECT * INTO f FROM pgflow.flows WHERE flow_slug = create_flow.flow_slug FOR UPDATE;
     IF FOUND THEN
         IF (f.opt_max_attempts, f.opt_base_delay, f.opt_timeout)
@@ -407,6 +420,7 @@ BEGIN
     PERFORM pgflow._check_option('max_attempts', (canon ->> 'max_attempts')::integer, 1, 100, false);
     PERFORM pgflow._check_option('base_delay', (canon ->> 'base_delay')::integer, 0, 86400, false);
     PERFORM pgflow._check_option('timeout', (canon ->> 'timeout')::integer, 1, 86400, false);
+    PERFORM pgflow._lock_flow_slug(create_flow_from_shape.flow_slug);
     PERFORM 1 FROM pgflow.flows WHERE flow_slug = create_flow_from_shape.flow_slug FOR UPDATE;
     IF FOUND THEN
         IF pgflow.get_flow_shape(create_flow_from_shape.flow_slug) = canon THEN

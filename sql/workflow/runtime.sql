@@ -4,8 +4,8 @@
 -- enable_seqscan = off and jit = off are in effect when their statements are planned, and each
 -- further SET clause costs every call.
 --
--- Lock order, everywhere: the run first, then step states (in step_index order), then task
--- messages (in msg_id order), then task rows. Every function that changes a run's step states
+-- Lock order, everywhere: the run first, then task messages (in msg_id order), then step states
+-- (in step_index order), then task rows. Every function that changes a run's step states
 -- or ends a task takes the run lock before anything else. The run lock is a transaction-scoped
 -- advisory lock keyed by the run id (pgflow._lock_run): it serialises the same work a row lock
 -- on pgflow.runs would, but writes no WAL and dirties no page, which matters as it is taken
@@ -113,9 +113,9 @@ BEGIN
 END
 $$;
 
--- Fail run r (whose row the caller has locked) because of step failed_step: its queued and
--- started tasks are no longer handed out (their messages are deleted, in msg_id order).
-CREATE FUNCTION pgflow._fail_run(r pgflow.runs, queue_id bigint, failed_step text, error text) RETURNS void
+-- A run is failing (the caller holds its run lock): its queued and started tasks are no longer
+-- handed out. Their messages are locked in msg_id order, then deleted.
+CREATE FUNCTION pgflow._drop_run_messages(run_id uuid, queue_id bigint) RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -124,12 +124,24 @@ DECLARE
     ids bigint[];
 BEGIN
     ids := ARRAY(SELECT t.message_id FROM pgflow.step_tasks t
-                  WHERE t.run_id = r.run_id AND t.status IN ('queued', 'started') ORDER BY t.message_id);
+                  WHERE t.run_id = _drop_run_messages.run_id AND t.status IN ('queued', 'started')
+                  ORDER BY t.message_id);
     IF cardinality(ids) > 0 THEN
         PERFORM 1 FROM pgflow.messages m
-         WHERE m.queue_id = _fail_run.queue_id AND m.msg_id = ANY (ids) ORDER BY m.msg_id FOR UPDATE;
-        DELETE FROM pgflow.messages m WHERE m.queue_id = _fail_run.queue_id AND m.msg_id = ANY (ids);
+         WHERE m.queue_id = _drop_run_messages.queue_id AND m.msg_id = ANY (ids) ORDER BY m.msg_id FOR UPDATE;
+        DELETE FROM pgflow.messages m WHERE m.queue_id = _drop_run_messages.queue_id AND m.msg_id = ANY (ids);
     END IF;
+END
+$$;
+
+-- Mark run r failed because of step failed_step (the caller holds its run lock and has dropped
+-- its messages, failed the step state and the task) and announce it.
+CREATE FUNCTION pgflow._fail_run(r pgflow.runs, queue_id bigint, failed_step text, error text) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
     UPDATE pgflow.runs SET status = 'failed', failed_at = clock_timestamp() WHERE run_id = r.run_id;
     PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
         'event', 'workflow_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug,
@@ -195,6 +207,7 @@ BEGIN
             err := format('map step "%s" needs an array to map over, but %s is a JSON %s',
                           st.step_slug, CASE WHEN dep IS NULL THEN 'the run input' ELSE format('the output of step "%s"', dep) END,
                           coalesce(jsonb_typeof(arr), 'null'));
+            PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
             INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, failed_at, error_message)
             VALUES (r.flow_slug, r.run_id, st.step_slug, 'failed', 0, now_, err)
             ON CONFLICT (run_id, step_slug) DO UPDATE
@@ -386,14 +399,15 @@ BEGIN
     END IF;
     err := format('timed out: not completed within %s s on its last attempt (%s of %s)',
                   coalesce(st.opt_timeout, f.opt_timeout), read_ct - 1, coalesce(st.opt_max_attempts, f.opt_max_attempts));
+    PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
     UPDATE pgflow.step_states SET status = 'failed', failed_at = now_, error_message = err
      WHERE run_id = r.run_id AND step_slug = st.step_slug;
+    UPDATE pgflow.step_tasks t SET status = 'failed', failed_at = now_, error_message = err, attempts_count = read_ct - 1
+     WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_timed_out.task_index;
     PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
         'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', f.flow_slug, 'step_slug', st.step_slug,
         'task_index', task_index, 'error', err, 'attempt', read_ct - 1, 'will_retry', false));
     PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
-    UPDATE pgflow.step_tasks t SET status = 'failed', failed_at = now_, error_message = err, attempts_count = read_ct - 1
-     WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_timed_out.task_index;
 END
 $$;
 
@@ -656,6 +670,29 @@ BEGIN
 END
 $$;
 
+-- The caller's delivery of a task is gone: another worker claimed the task while we waited for
+-- its message (read_ct moved past attempt). Say so, changing nothing.
+CREATE FUNCTION pgflow._end_task_recheck(run_id uuid, step_slug text, task_index integer, worker_id uuid,
+                                         attempt integer) RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    t pgflow.step_tasks;
+BEGIN
+    SELECT * INTO t FROM pgflow.step_tasks x
+     WHERE x.run_id = _end_task_recheck.run_id AND x.step_slug = _end_task_recheck.step_slug
+       AND x.task_index = _end_task_recheck.task_index;
+    RETURN CASE
+        WHEN t.status = 'completed' THEN 'already_completed'
+        WHEN t.status = 'failed' THEN 'already_failed'
+        WHEN t.status = 'queued' THEN 'not_started'
+        ELSE 'stale'
+    END;
+END
+$$;
+
 CREATE FUNCTION pgflow.complete_task(run_id uuid, step_slug text, task_index integer, output jsonb,
                                      worker_id uuid DEFAULT NULL)
 RETURNS text
@@ -688,14 +725,22 @@ BEGIN
     now_ := clock_timestamp();
     SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = r.flow_slug AND s.step_slug = complete_task.step_slug;
     SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
-    -- step state, then message, then task
+    -- Message, then step state, then task. The message is deleted first: when the caller names
+    -- its worker_id, only the delivery it was given (read_ct = its attempt), so a claim by
+    -- another worker that committed while we waited for the message makes this a no-op.
+    DELETE FROM pgflow.messages m
+     WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id
+       AND (complete_task.worker_id IS NULL OR m.read_ct = t.attempts_count);
+    IF NOT FOUND AND complete_task.worker_id IS NOT NULL THEN
+        RETURN pgflow._end_task_recheck(complete_task.run_id, complete_task.step_slug, complete_task.task_index,
+                                        complete_task.worker_id, t.attempts_count);
+    END IF;
     UPDATE pgflow.step_states s
        SET remaining_tasks = s.remaining_tasks - 1,
            status = CASE WHEN s.remaining_tasks = 1 AND st.step_type = 'single' THEN 'completed' ELSE s.status END,
            completed_at = CASE WHEN s.remaining_tasks = 1 AND st.step_type = 'single' THEN now_ ELSE s.completed_at END
      WHERE s.run_id = complete_task.run_id AND s.step_slug = complete_task.step_slug
     RETURNING s.remaining_tasks INTO left_tasks;
-    DELETE FROM pgflow.messages m WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id;
     UPDATE pgflow.step_tasks x
        SET status = 'completed', output = complete_task.output, completed_at = now_
      WHERE x.run_id = complete_task.run_id AND x.step_slug = complete_task.step_slug
@@ -758,7 +803,13 @@ BEGIN
         delay_s := least(coalesce(st.opt_base_delay, f.opt_base_delay) * power(2::double precision, t.attempts_count - 1),
                          86400);
         at := now_ + make_interval(secs => delay_s);
-        UPDATE pgflow.messages m SET vt = at WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id;
+        UPDATE pgflow.messages m SET vt = at
+         WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id
+           AND (fail_task.worker_id IS NULL OR m.read_ct = t.attempts_count);
+        IF NOT FOUND AND fail_task.worker_id IS NOT NULL THEN
+            RETURN pgflow._end_task_recheck(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
+                                            fail_task.worker_id, t.attempts_count);
+        END IF;
         UPDATE pgflow.step_tasks x SET status = 'queued', error_message = err
          WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
         IF delay_s > 0 THEN
@@ -772,16 +823,25 @@ BEGIN
             'attempt', t.attempts_count, 'will_retry', true));
         RETURN 'retrying';
     END IF;
-    -- Out of attempts: step state, then the run's messages, then the task; the run fails.
+    -- Out of attempts: the task's message (only the caller's delivery, when it names its
+    -- worker_id), the run's other messages, the step state, the task; then the run fails.
+    DELETE FROM pgflow.messages m
+     WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id
+       AND (fail_task.worker_id IS NULL OR m.read_ct = t.attempts_count);
+    IF NOT FOUND AND fail_task.worker_id IS NOT NULL THEN
+        RETURN pgflow._end_task_recheck(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
+                                        fail_task.worker_id, t.attempts_count);
+    END IF;
+    PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
     UPDATE pgflow.step_states s SET status = 'failed', failed_at = now_, error_message = err
      WHERE s.run_id = fail_task.run_id AND s.step_slug = fail_task.step_slug;
+    UPDATE pgflow.step_tasks x SET status = 'failed', error_message = err, failed_at = now_
+     WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
     PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
         'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
         'task_index', fail_task.task_index, 'error', pgflow._event_error(fail_task.error_message),
         'attempt', t.attempts_count, 'will_retry', false));
     PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, fail_task.error_message);
-    UPDATE pgflow.step_tasks x SET status = 'failed', error_message = err, failed_at = now_
-     WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
     RETURN 'failed';
 END
 $$;

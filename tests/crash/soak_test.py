@@ -39,6 +39,7 @@ SKIP = 0.10
 POISON = 0.01
 PRODUCERS = 2
 CONSUMERS = 3
+MAX_BACKLOG = 3000   # producers wait while more messages than this are live
 TABLES = ("pgflow.messages", "pgflow.dlq", "pgflow.archive")
 
 
@@ -52,8 +53,15 @@ class Ledger:
 
 
 def producer(cluster, ledger, stop, rng):
+    batches = 0
     with cluster.connect() as conn:
         while not stop.is_set():
+            batches += 1
+            # Back-pressure: if consumers fall behind (a slow machine), wait for them, so that
+            # the table's size measures bloat rather than an ever-growing backlog.
+            while batches % 20 == 0 and not stop.is_set() and conn.execute(
+                    "SELECT count(*) > %s FROM pgflow.messages", (MAX_BACKLOG,)).fetchone()[0]:
+                time.sleep(0.1)
             k = rng.choice([1, 5, 10])
             poison = [rng.random() < POISON for _ in range(k)]
             ids = [r[0] for r in conn.execute(

@@ -48,6 +48,17 @@ $$;
 -- workflow_* events of runs starting and ending; 'off' none. A transaction that notifies holds
 -- PostgreSQL's cluster-wide notify lock from its commit until the commit is flushed, so per-task
 -- events put a ceiling on task throughput; see docs/workflows.md.
+CREATE FUNCTION pgflow._events_level() RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    level text := current_setting('pgflow.workflow_events', true);
+BEGIN
+    RETURN CASE WHEN level IN ('runs', 'off') THEN level ELSE 'all' END;
+END
+$$;
+
 CREATE FUNCTION pgflow._emit(flow_slug text, event jsonb) RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -431,6 +442,7 @@ DECLARE
     tstatus text;
     now_ timestamptz := clock_timestamp();
     res pgflow.step_task_record;
+    task_events boolean := pgflow._events_level() = 'all';
 BEGIN
     FOR c IN
         SELECT x.id, x.rc, x.body,
@@ -477,16 +489,18 @@ BEGIN
         IF NOT FOUND THEN
             CONTINUE;
         END IF;
-        IF tstatus = 'started' THEN
+        IF tstatus = 'started' AND task_events THEN
             -- its previous attempt timed out; this one is a retry
             PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
                 'event', 'task_failed', 'run_id', c.rid, 'flow_slug', f.flow_slug, 'step_slug', c.sslug,
                 'task_index', c.tidx, 'attempt', c.rc - 1, 'will_retry', true,
                 'error', format('timed out: not completed within %s s', coalesce(st.opt_timeout, f.opt_timeout))));
         END IF;
-        PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
-            'event', 'task_started', 'run_id', c.rid, 'flow_slug', f.flow_slug, 'step_slug', c.sslug,
-            'task_index', c.tidx, 'attempt', c.rc));
+        IF task_events THEN
+            PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
+                'event', 'task_started', 'run_id', c.rid, 'flow_slug', f.flow_slug, 'step_slug', c.sslug,
+                'task_index', c.tidx, 'attempt', c.rc));
+        END IF;
         res.flow_slug := f.flow_slug;
         res.run_id := c.rid;
         res.step_slug := c.sslug;
@@ -554,6 +568,7 @@ AS $$
 DECLARE
     f pgflow.flows;
     q pgflow.queues;
+    fq record;
     deadline timestamptz;
     epoch bigint;
     left_ms integer;
@@ -561,7 +576,13 @@ DECLARE
     cts integer[];
     bodies jsonb[];
 BEGIN
-    f := pgflow._flow(poll_for_tasks.flow_slug);
+    SELECT ff AS f, qq AS q INTO fq FROM pgflow.flows ff JOIN pgflow.queues qq ON qq.queue_name = ff.flow_slug
+     WHERE ff.flow_slug = poll_for_tasks.flow_slug;
+    f := fq.f;
+    q := fq.q;
+    IF f.flow_slug IS NULL THEN
+        f := pgflow._flow(poll_for_tasks.flow_slug);   -- raises the specific error
+    END IF;
     PERFORM pgflow._check_lease(poll_for_tasks.vt, poll_for_tasks.qty);
     IF max_poll_seconds IS NULL THEN
         RAISE EXCEPTION 'max_poll_seconds must not be null' USING ERRCODE = '22004';
@@ -573,7 +594,6 @@ BEGIN
     ELSIF poll_interval_ms < 1 OR poll_interval_ms > 60000 THEN
         RAISE EXCEPTION 'poll_interval_ms must be between 1 and 60000, not %', poll_interval_ms USING ERRCODE = '22023';
     END IF;
-    q := pgflow._queue(f.flow_slug);
     deadline := clock_timestamp() + make_interval(secs => max_poll_seconds);
     LOOP
         -- Taken before looking, so tasks queued by a commit between the look and the wait wake us.
@@ -709,22 +729,42 @@ DECLARE
     q pgflow.queues;
     left_tasks integer;
     now_ timestamptz;
+    events text;
 BEGIN
-    SELECT * INTO chk FROM pgflow._end_task_check(complete_task.run_id, complete_task.step_slug,
-                                                  complete_task.task_index, complete_task.worker_id);
-    r := chk.r;
-    t := chk.t;
-    outcome := chk.outcome;
-    IF complete_task.output IS NULL THEN
-        RAISE EXCEPTION 'output must not be null' USING ERRCODE = '22004',
-            HINT = 'Pass JSON null (''null''::jsonb) for a task without output.';
+    IF complete_task.run_id IS NULL OR complete_task.step_slug IS NULL OR complete_task.task_index IS NULL
+       OR complete_task.output IS NULL THEN
+        IF complete_task.output IS NULL THEN
+            RAISE EXCEPTION 'output must not be null' USING ERRCODE = '22004',
+                HINT = 'Pass JSON null (''null''::jsonb) for a task without output.';
+        END IF;
+        PERFORM pgflow._end_task_check(complete_task.run_id, complete_task.step_slug, complete_task.task_index,
+                                       complete_task.worker_id);
     END IF;
+    -- The prologue of pgflow._end_task_check, inline on this hot path: run lock, run, task.
+    PERFORM pg_advisory_xact_lock(1885824631, hashtext(complete_task.run_id::text));
+    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = complete_task.run_id;
+    SELECT * INTO t FROM pgflow.step_tasks x
+     WHERE x.run_id = complete_task.run_id AND x.step_slug = complete_task.step_slug
+       AND x.task_index = complete_task.task_index;
+    IF r.run_id IS NULL OR t.run_id IS NULL THEN
+        -- raises the specific 42704
+        PERFORM pgflow._end_task_check(complete_task.run_id, complete_task.step_slug, complete_task.task_index,
+                                       complete_task.worker_id);
+    END IF;
+    outcome := CASE
+        WHEN r.status = 'failed' THEN 'run_failed'
+        WHEN t.status = 'completed' THEN 'already_completed'
+        WHEN t.status = 'failed' THEN 'already_failed'
+        WHEN t.status = 'queued' THEN 'not_started'
+        WHEN complete_task.worker_id IS NOT NULL AND t.last_worker_id IS DISTINCT FROM complete_task.worker_id THEN 'stale'
+    END;
     IF outcome IS NOT NULL THEN
         RETURN outcome;
     END IF;
     now_ := clock_timestamp();
     SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = r.flow_slug AND s.step_slug = complete_task.step_slug;
     SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
+    events := pgflow._events_level();
     -- Message, then step state, then task. The message is deleted first: when the caller names
     -- its worker_id, only the delivery it was given (read_ct = its attempt), so a claim by
     -- another worker that committed while we waited for the message makes this a no-op.
@@ -745,9 +785,11 @@ BEGIN
        SET status = 'completed', output = complete_task.output, completed_at = now_
      WHERE x.run_id = complete_task.run_id AND x.step_slug = complete_task.step_slug
        AND x.task_index = complete_task.task_index;
-    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+    IF events = 'all' THEN
+      PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
         'event', 'task_completed', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
         'task_index', complete_task.task_index, 'duration_ms', round(extract(epoch FROM now_ - t.started_at) * 1000)));
+    END IF;
     IF left_tasks = 0 THEN
         IF st.step_type = 'map' THEN
             UPDATE pgflow.step_states s

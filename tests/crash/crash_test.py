@@ -61,6 +61,13 @@ class Ledger:
         self.uncertain_acks = {}   # msg_id -> read_ct, ack sent but no answer
         self.stale_acks = 0        # acks refused because the lease had moved on
         self.nacks = Counter()     # outcome -> count
+        self.killed = threading.Event()  # set just before the SIGKILL
+        self.errors = []           # client errors before the kill: a bug, not the crash
+
+    def error(self, who, e):
+        if not self.killed.is_set():
+            with self.lock:
+                self.errors.append(f"{who}: {type(e).__name__}: {e}")
 
 
 def producer(cluster, queue, ledger, stop, pid, rng):
@@ -83,7 +90,8 @@ def producer(cluster, queue, ledger, stop, pid, rng):
                         ids = [r[0] for r in conn.execute(
                             "SELECT * FROM pgflow.send_batch(%s, %s::jsonb[])",
                             (queue, [Jsonb({"k": key}) for key in keys])).fetchall()]
-            except psycopg.Error:
+            except psycopg.Error as e:
+                ledger.error("producer", e)
                 with ledger.lock:
                     ledger.uncertain_sends.update(keys)
                 return
@@ -133,7 +141,8 @@ def consumer(cluster, queue, ledger, stop, rng):
             try:
                 if consume_once(conn, queue, ledger, rng, VT, rng.choice([1, 5]), 0.1, 0.1) == 0:
                     time.sleep(0.01)
-            except psycopg.Error:
+            except psycopg.Error as e:
+                ledger.error("consumer", e)
                 return
 
 
@@ -247,6 +256,9 @@ def run_cycle(cluster, cycle, rng, res, flows):
         t.start()
     load_s = rng.uniform(2.0, 6.0)
     time.sleep(load_s)
+    ledger.killed.set()
+    if wf:
+        wf.killed.set()
     pid, kids = cluster.kill9()
     stop.set()
     for t in threads:
@@ -258,6 +270,8 @@ def run_cycle(cluster, cycle, rng, res, flows):
     recovery_s = cluster.start_after_crash()
     log(f"cycle {cycle}: restarted, crash recovery took {recovery_s:.1f} s")
 
+    errors = ledger.errors + (wf.errors if wf else [])
+    res.check(f"cycle {cycle}: no client got an error before the kill", not errors, "; ".join(errors[:5]))
     label = f"cycle {cycle} after restart"
     if os.environ.get("CRASH_SELFTEST") == "1":
         # Prove the reconciliation has teeth: lose one committed, unacked message on purpose.

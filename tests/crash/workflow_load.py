@@ -63,6 +63,13 @@ class Load:
         self.uncertain = set()       # run ids whose start_flow got no answer
         self.completed = set()       # (run_id, step, index) whose complete_task committed "completed"
         self.failures = 0
+        self.killed = threading.Event()  # set just before the SIGKILL
+        self.errors = []                 # client errors before the kill
+
+    def error(self, who, e):
+        if not self.killed.is_set():
+            with self.lock:
+                self.errors.append(f"{who}: {type(e).__name__}: {e}")
 
     def threads(self, stop):
         return ([threading.Thread(target=self.starter, args=(stop, random.Random(self.rng.random())))]
@@ -84,7 +91,8 @@ class Load:
                 run_id = uuid.UUID(int=rng.getrandbits(128))
                 try:
                     conn.execute("SELECT pgflow.start_flow(%s, %s, %s)", (FLOW, Jsonb({"cycle": self.cycle}), run_id))
-                except psycopg.Error:
+                except psycopg.Error as e:
+                    self.error("starter", e)
                     with self.lock:
                         self.uncertain.add(run_id)
                     return
@@ -121,7 +129,8 @@ class Load:
                 try:
                     if self.work_once(conn, worker_id, rng, p_fail) == 0:
                         time.sleep(0.01)
-                except psycopg.Error:
+                except psycopg.Error as e:
+                    self.error("worker", e)
                     return
 
     def run_ids(self):

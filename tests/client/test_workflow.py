@@ -337,6 +337,43 @@ def test_timeout_reclaims_task_and_counts_attempt(conn, flows):
     assert complete(conn, run_id, "a", 0, "again", worker=w2) == "already_completed"
 
 
+def test_late_report_waiting_for_a_new_claim_is_stale(conn, flows, make_conn):
+    flow = flows([{"slug": "a"}])
+    run_id = start(conn, flow, {})
+    w_old, w_new = uuid.uuid4(), uuid.uuid4()
+    (t,) = poll(conn, flow, worker=w_old)
+    conn.execute("SELECT pgflow.set_vt(%s, %s, 0)", (flow, t[4]))    # the old lease runs out
+    new = make_conn(autocommit=False)
+    assert [x[2] for x in poll(new, flow, worker=w_new)] == ["a"]   # claimed, not yet committed
+    result = []
+    old = make_conn()
+    th = threading.Thread(target=lambda: result.append(complete(old, run_id, "a", 0, "old", worker=w_old)))
+    th.start()
+    time.sleep(0.3)
+    assert th.is_alive()              # waits for the new claim's message lock
+    new.commit()
+    th.join(10)
+    assert result == ["stale"]
+    assert complete(new, run_id, "a", 0, "new", worker=w_new) == "completed"
+    new.commit()
+    assert run_row(conn, run_id) == ("completed", {"a": "new"})
+
+
+def test_poll_wakes_when_tasks_are_queued(conn, flows, make_conn):
+    flow = flows([{"slug": "a"}])
+    got = []
+    waiter = make_conn()
+    th = threading.Thread(target=lambda: got.append((time.monotonic(), poll(waiter, flow, wait=10))))
+    th.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    start(conn, flow, {"x": 1})
+    th.join(15)
+    (when, tasks), = got
+    assert [x[5] for x in tasks] == [{"run": {"x": 1}}]
+    assert when - t0 < 2
+
+
 def test_timeout_on_last_attempt_fails_the_run(conn, flows):
     flow = flows([{"slug": "a", "timeout": 1}, {"slug": "b", "deps": ["a"]}], max_attempts=1)
     run_id = start(conn, flow, {})

@@ -60,3 +60,54 @@ SELECT pgflow.archive('demo_jobs', :retried_msg_id) AS archived;
 \echo '--- Statistics'
 SELECT queue_name, depth, visible, in_flight, delayed, archived, dead_lettered, total_sent
   FROM pgflow.get_queue_stats();
+
+\echo ''
+\echo '=== Workflows ==='
+\echo '--- A flow: fetch, then a map step that scores every item, then a summary'
+SELECT pgflow.create_flow_from_shape('demo_pipeline', '{
+  "max_attempts": 3, "base_delay": 0, "timeout": 30,
+  "steps": [
+    {"slug": "fetch"},
+    {"slug": "score", "type": "map", "deps": ["fetch"]},
+    {"slug": "summarize", "deps": ["score"]}
+  ]}') AS created;
+SELECT pgflow.get_flow_shape('demo_pipeline') AS shape;
+
+\echo ''
+\echo '--- Start a run'
+SELECT run_id, status FROM pgflow.start_flow('demo_pipeline', '{"source": "reviews"}',
+    run_id => '00000000-0000-0000-0000-0000000000d1');
+
+\echo ''
+\echo '--- A worker claims the root task and completes it with three items'
+SELECT step_slug, task_index, input FROM pgflow.poll_for_tasks('demo_pipeline', vt => 30, qty => 10, max_poll_seconds => 1);
+SELECT pgflow.complete_task('00000000-0000-0000-0000-0000000000d1', 'fetch', 0, '[{"id": 1}, {"id": 2}, {"id": 3}]') AS outcome;
+
+\echo ''
+\echo '--- The map step fans out: one task per item'
+SELECT step_slug, task_index, input FROM pgflow.poll_for_tasks('demo_pipeline', 30, 10, 1) ORDER BY task_index;
+\echo '--- Task 1 fails once and is retried; the others complete'
+SELECT pgflow.fail_task('00000000-0000-0000-0000-0000000000d1', 'score', 1, 'model overloaded') AS outcome;
+SELECT pgflow.complete_task('00000000-0000-0000-0000-0000000000d1', 'score', 0, '{"score": 0.9}') AS outcome;
+SELECT pgflow.complete_task('00000000-0000-0000-0000-0000000000d1', 'score', 2, '{"score": 0.4}') AS outcome;
+SELECT step_slug, task_index, input FROM pgflow.poll_for_tasks('demo_pipeline', 30, 10, 2);
+SELECT pgflow.complete_task('00000000-0000-0000-0000-0000000000d1', 'score', 1, '{"score": 0.7}') AS outcome;
+
+\echo ''
+\echo '--- The summary gets the map output in element order'
+SELECT step_slug, input FROM pgflow.poll_for_tasks('demo_pipeline', 30, 10, 1);
+SELECT pgflow.complete_task('00000000-0000-0000-0000-0000000000d1', 'summarize', 0, '{"mean": 0.667}') AS outcome;
+\echo '--- A late, duplicate completion changes nothing and says so'
+SELECT pgflow.complete_task('00000000-0000-0000-0000-0000000000d1', 'summarize', 0, '{"mean": 0}') AS outcome;
+
+\echo ''
+\echo '--- The run, with its step states'
+SELECT pgflow.get_run_with_states('00000000-0000-0000-0000-0000000000d1') AS r \gset
+SELECT :'r'::jsonb ->> 'status' AS run_status, :'r'::jsonb -> 'output' AS run_output;
+SELECT s ->> 'step_slug' AS step, s ->> 'status' AS status,
+       (s -> 'tasks' ->> 'completed')::int AS tasks_completed, (s -> 'tasks' ->> 'attempts')::int AS attempts
+  FROM jsonb_array_elements(:'r'::jsonb -> 'steps') s;
+
+\echo ''
+\echo '--- Listeners are told of every event: LISTEN "pgflow.flows" (all flows) or'
+SELECT pgflow.flow_channel('demo_pipeline') AS "this flow's channel", pgflow.queue_channel('demo_jobs') AS "the queue's channel";

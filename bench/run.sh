@@ -44,7 +44,12 @@ run_one() {
     psql_ -c "VACUUM pgflow.messages, plain.messages" -c "CHECKPOINT" >/dev/null
     before=$(psql_ -c "SELECT count(*) FROM $table")
     psql_ -c "SELECT pg_stat_reset_shared('wal')" >/dev/null
-    out=$(as_root runuser -u postgres -- "$PGBIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -n \
+    # The plain side gets the planner settings pgflow pins in its functions (no sequential scan)
+    # and no sort, so that whatever the statistics say its claim is an ordered scan of the
+    # delivery-order index, as pgflow's is.
+    local opts=""
+    case $script in plain_*) opts="-c enable_seqscan=off -c enable_sort=off -c jit=off" ;; esac
+    out=$(as_root runuser -u postgres -- env PGOPTIONS="$opts" "$PGBIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -n \
             -M prepared -c "$clients" -j 2 -T "$SECS" -D pid=0 -D prc=0 -f "$Q/$script" "$DB" 2>&1) || {
         echo "$out" >&2; echo "pgbench failed on $script" >&2; exit 1; }
     if grep -qE "aborted|number of failed transactions: [1-9]" <<<"$out"; then

@@ -1,8 +1,13 @@
 -- Workflow layer: runs, tasks and their events.
 --
--- Internal functions (named _...) pin only search_path: they run inside the public ones, whose
--- enable_seqscan = off and jit = off are in effect when their statements are planned, and each
--- further SET clause costs every call.
+-- Plans: the public functions on the task path (start_flow, poll_for_tasks, start_tasks,
+-- complete_task, fail_task) keep one generic plan per statement per backend
+-- (plan_cache_mode = force_generic_plan): otherwise the plan cache keeps choosing custom plans
+-- and plans every statement again at every call, which costs more than running it. The plan
+-- shape is pinned so it is right at any table size: index scans (enable_seqscan = off) and
+-- nested loops (no hash or merge joins). Internal functions (named _...) pin only search_path:
+-- they run inside the public ones, whose settings are in effect when their statements are
+-- planned.
 --
 -- Lock order, everywhere: the run first, then task messages (in msg_id order), then step states
 -- (in step_index order), then task rows. Every function that changes a run's step states
@@ -325,6 +330,7 @@ CREATE FUNCTION pgflow.start_flow(flow_slug text, input jsonb, run_id uuid DEFAU
 RETURNS pgflow.runs
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -517,6 +523,7 @@ CREATE FUNCTION pgflow.start_tasks(flow_slug text, msg_ids bigint[], worker_id u
 RETURNS SETOF pgflow.step_task_record
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -563,6 +570,7 @@ CREATE FUNCTION pgflow.poll_for_tasks(flow_slug text, vt integer, qty integer, m
 RETURNS SETOF pgflow.step_task_record
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -718,6 +726,7 @@ CREATE FUNCTION pgflow.complete_task(run_id uuid, step_slug text, task_index int
 RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -811,6 +820,7 @@ CREATE FUNCTION pgflow.fail_task(run_id uuid, step_slug text, task_index integer
 RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 #variable_conflict use_column
 DECLARE

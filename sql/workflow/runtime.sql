@@ -296,16 +296,18 @@ DECLARE
     nxt pgflow.steps;
     left_deps integer;
     leaf boolean := true;
+    x record;
 BEGIN
-    FOR nxt IN
-        SELECT s.* FROM pgflow.deps d
+    FOR x IN
+        SELECT s AS step, ss.remaining_deps FROM pgflow.deps d
           JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.step_slug
+          JOIN pgflow.step_states ss ON ss.run_id = r.run_id AND ss.step_slug = d.step_slug
          WHERE d.flow_slug = st.flow_slug AND d.dep_slug = st.step_slug
          ORDER BY s.step_index
     LOOP
         leaf := false;
-        SELECT ss.remaining_deps INTO left_deps FROM pgflow.step_states ss
-         WHERE ss.run_id = r.run_id AND ss.step_slug = nxt.step_slug;
+        nxt := x.step;
+        left_deps := x.remaining_deps;
         IF left_deps = 1 THEN
             IF NOT pgflow._start_step(r, q, nxt) THEN
                 RETURN false;
@@ -444,7 +446,6 @@ DECLARE
     st pgflow.steps;
     rstatus text;
     rinput jsonb;
-    last_run uuid;
     tstatus text;
     now_ timestamptz := clock_timestamp();
     res pgflow.step_task_record;
@@ -472,12 +473,15 @@ BEGIN
                 CONTINUE;
             END IF;
         END IF;
-        IF last_run IS DISTINCT FROM c.rid THEN
-            SELECT x.status, x.input INTO rstatus, rinput FROM pgflow.runs x WHERE x.run_id = c.rid;
-            last_run := c.rid;
+        SELECT x.status, x.input, t.status INTO rstatus, rinput, tstatus
+          FROM pgflow.runs x
+          LEFT JOIN pgflow.step_tasks t ON t.run_id = x.run_id AND t.step_slug = c.sslug
+                                       AND t.task_index = (c.tidx)::integer
+         WHERE x.run_id = c.rid;
+        IF NOT FOUND THEN
+            rstatus := NULL;
+            tstatus := NULL;
         END IF;
-        SELECT t.status INTO tstatus FROM pgflow.step_tasks t
-         WHERE t.run_id = c.rid AND t.step_slug = c.sslug AND t.task_index = (c.tidx)::integer;
         IF rstatus IS DISTINCT FROM 'started' OR tstatus IS NULL OR tstatus NOT IN ('queued', 'started') THEN
             -- the run failed or the task is done: nothing to hand out
             DELETE FROM pgflow.messages m WHERE m.queue_id = q.queue_id AND m.msg_id = c.id;
@@ -485,7 +489,6 @@ BEGIN
         END IF;
         IF c.rc > coalesce(st.opt_max_attempts, f.opt_max_attempts) THEN
             PERFORM pgflow._task_timed_out(f, q, st, c.id, c.rid, (c.tidx)::integer, c.rc);
-            last_run := NULL;
             CONTINUE;
         END IF;
         UPDATE pgflow.step_tasks t
@@ -739,6 +742,7 @@ DECLARE
     left_tasks integer;
     now_ timestamptz;
     events text;
+    rtsq record;
 BEGIN
     IF complete_task.run_id IS NULL OR complete_task.step_slug IS NULL OR complete_task.task_index IS NULL
        OR complete_task.output IS NULL THEN
@@ -751,10 +755,18 @@ BEGIN
     END IF;
     -- The prologue of pgflow._end_task_check, inline on this hot path: run lock, run, task.
     PERFORM pg_advisory_xact_lock(1885824631, hashtext(complete_task.run_id::text));
-    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = complete_task.run_id;
-    SELECT * INTO t FROM pgflow.step_tasks x
-     WHERE x.run_id = complete_task.run_id AND x.step_slug = complete_task.step_slug
-       AND x.task_index = complete_task.task_index;
+    -- run, task, step and queue in one statement
+    SELECT rr AS r, tt AS t, ss AS st, qq AS q INTO rtsq
+      FROM pgflow.runs rr
+      JOIN pgflow.step_tasks tt ON tt.run_id = rr.run_id AND tt.step_slug = complete_task.step_slug
+                               AND tt.task_index = complete_task.task_index
+      JOIN pgflow.steps ss ON ss.flow_slug = rr.flow_slug AND ss.step_slug = tt.step_slug
+      JOIN pgflow.queues qq ON qq.queue_name = rr.flow_slug
+     WHERE rr.run_id = complete_task.run_id;
+    r := rtsq.r;
+    t := rtsq.t;
+    st := rtsq.st;
+    q := rtsq.q;
     IF r.run_id IS NULL OR t.run_id IS NULL THEN
         -- raises the specific 42704
         PERFORM pgflow._end_task_check(complete_task.run_id, complete_task.step_slug, complete_task.task_index,
@@ -771,8 +783,6 @@ BEGIN
         RETURN outcome;
     END IF;
     now_ := clock_timestamp();
-    SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = r.flow_slug AND s.step_slug = complete_task.step_slug;
-    SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
     events := pgflow._events_level();
     -- Message, then step state, then task. The message is deleted first: when the caller names
     -- its worker_id, only the delivery it was given (read_ct = its attempt), so a claim by

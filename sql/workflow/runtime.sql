@@ -121,9 +121,15 @@ BEGIN
     IF deps_count = 0 THEN
         RETURN jsonb_build_object('run', run_input);
     END IF;
-    SELECT jsonb_object_agg(d.dep_slug, pgflow._step_output(_task_input.run_id, d.dep_slug, s.step_type)) INTO o
+    -- a dep's output: its task's for a single step, its state's (the array) for a map step
+    SELECT jsonb_object_agg(d.dep_slug, CASE WHEN s.step_type = 'map' THEN ss.output ELSE tt.output END) INTO o
       FROM pgflow.deps d
       JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
+      LEFT JOIN pgflow.step_states ss
+             ON s.step_type = 'map' AND ss.run_id = _task_input.run_id AND ss.step_slug = d.dep_slug
+      LEFT JOIN pgflow.step_tasks tt
+             ON s.step_type = 'single' AND tt.run_id = _task_input.run_id AND tt.step_slug = d.dep_slug
+            AND tt.task_index = 0
      WHERE d.flow_slug = _task_input.flow_slug AND d.step_slug = _task_input.step_slug;
     RETURN jsonb_build_object('run', run_input) || coalesce(o, '{}'::jsonb);
 END
@@ -610,30 +616,28 @@ BEGIN
         -- Taken before looking, so tasks queued by a commit between the look and the wait wake us.
         epoch := pgflow._wake_epoch(q.queue_id);
         -- Lease the next visible messages, each for its step's timeout (vt for a message that is
-        -- not a task of this flow). Two statements, each with a plan that stays an index scan.
-        ids := ARRAY(
+        -- not a task of this flow), in one statement whose generic plan is an ordered scan of
+        -- the delivery-order index and a nested loop over the primary key.
+        WITH c AS (
             SELECT m.msg_id FROM pgflow.messages m
              WHERE m.queue_id = q.queue_id AND m.vt <= clock_timestamp()
              ORDER BY m.priority DESC, m.msg_id
              LIMIT poll_for_tasks.qty
-               FOR UPDATE SKIP LOCKED);
-        IF cardinality(ids) > 0 THEN
-            WITH u AS (
-                UPDATE pgflow.messages m
-                   SET vt = clock_timestamp() + make_interval(secs => coalesce(
-                           (SELECT s.opt_timeout FROM pgflow.steps s
-                             WHERE s.flow_slug = f.flow_slug AND s.step_slug = m.message ->> 'step_slug'),
-                           CASE WHEN m.message ? 'run_id' THEN f.opt_timeout ELSE poll_for_tasks.vt END)),
-                       read_ct = m.read_ct + 1
-                 WHERE m.queue_id = q.queue_id AND m.msg_id = ANY (ids)
-                RETURNING m.msg_id, m.read_ct, m.message
-            )
-            SELECT array_agg(u.msg_id ORDER BY u.msg_id), array_agg(u.read_ct ORDER BY u.msg_id),
-                   array_agg(u.message ORDER BY u.msg_id)
-              INTO ids, cts, bodies FROM u;
-        ELSE
-            ids := NULL;
-        END IF;
+               FOR UPDATE SKIP LOCKED
+        ), u AS (
+            UPDATE pgflow.messages m
+               SET vt = clock_timestamp() + make_interval(secs => coalesce(
+                       (SELECT s.opt_timeout FROM pgflow.steps s
+                         WHERE s.flow_slug = f.flow_slug AND s.step_slug = m.message ->> 'step_slug'),
+                       CASE WHEN m.message ? 'run_id' THEN f.opt_timeout ELSE poll_for_tasks.vt END)),
+                   read_ct = m.read_ct + 1
+              FROM c
+             WHERE m.queue_id = q.queue_id AND m.msg_id = c.msg_id
+            RETURNING m.msg_id, m.read_ct, m.message
+        )
+        SELECT array_agg(u.msg_id ORDER BY u.msg_id), array_agg(u.read_ct ORDER BY u.msg_id),
+               array_agg(u.message ORDER BY u.msg_id)
+          INTO ids, cts, bodies FROM u;
         IF ids IS NOT NULL THEN
             RETURN QUERY SELECT * FROM pgflow._start_claimed(f, q, ids, cts, bodies, poll_for_tasks.worker_id);
             IF FOUND THEN
@@ -794,16 +798,22 @@ BEGIN
         RETURN pgflow._end_task_recheck(complete_task.run_id, complete_task.step_slug, complete_task.task_index,
                                         complete_task.worker_id, t.attempts_count);
     END IF;
-    UPDATE pgflow.step_states s
-       SET remaining_tasks = s.remaining_tasks - 1,
-           status = CASE WHEN s.remaining_tasks = 1 AND st.step_type = 'single' THEN 'completed' ELSE s.status END,
-           completed_at = CASE WHEN s.remaining_tasks = 1 AND st.step_type = 'single' THEN now_ ELSE s.completed_at END
-     WHERE s.run_id = complete_task.run_id AND s.step_slug = complete_task.step_slug
-    RETURNING s.remaining_tasks INTO left_tasks;
-    UPDATE pgflow.step_tasks x
-       SET status = 'completed', output = complete_task.output, completed_at = now_
-     WHERE x.run_id = complete_task.run_id AND x.step_slug = complete_task.step_slug
-       AND x.task_index = complete_task.task_index;
+    -- the step state and the task, in one statement (both under the run lock)
+    WITH ss AS (
+        UPDATE pgflow.step_states s
+           SET remaining_tasks = s.remaining_tasks - 1,
+               status = CASE WHEN s.remaining_tasks = 1 AND st.step_type = 'single' THEN 'completed' ELSE s.status END,
+               completed_at = CASE WHEN s.remaining_tasks = 1 AND st.step_type = 'single' THEN now_ ELSE s.completed_at END
+         WHERE s.run_id = complete_task.run_id AND s.step_slug = complete_task.step_slug
+        RETURNING s.remaining_tasks
+    ), tt AS (
+        UPDATE pgflow.step_tasks x
+           SET status = 'completed', output = complete_task.output, completed_at = now_
+         WHERE x.run_id = complete_task.run_id AND x.step_slug = complete_task.step_slug
+           AND x.task_index = complete_task.task_index
+        RETURNING 1
+    )
+    SELECT ss.remaining_tasks INTO left_tasks FROM ss, tt;
     IF events = 'all' THEN
       PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
         'event', 'task_completed', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,

@@ -38,6 +38,25 @@ BEGIN
 END
 $$;
 
+-- A new run id: a version 7 UUID (48 bits of Unix time in milliseconds, then random bits).
+-- Runs started in turn get ascending ids, so the indexes keyed by run_id (runs, step_states,
+-- step_tasks) take new entries at their right end instead of all over: far fewer index pages
+-- touched per task, hence fewer full-page images in the WAL after each checkpoint.
+CREATE FUNCTION pgflow._time_ordered_uuid() RETURNS uuid
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    b bytea := uuid_send(gen_random_uuid());
+BEGIN
+    b := overlay(b PLACING substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3)
+                 FROM 1 FOR 6);
+    -- version 7 in the high nibble of byte 6 (a version 4 UUID has 0100 there)
+    b := set_byte(b, 6, (get_byte(b, 6) & 15) | 112);
+    RETURN encode(b, 'hex')::uuid;
+END
+$$;
+
 -- Longest error text carried in an event, in characters (the task row keeps 2000).
 CREATE FUNCTION pgflow._event_error(error text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE
@@ -358,7 +377,7 @@ BEGIN
     END IF;
     q := pgflow._queue(f.flow_slug);
     INSERT INTO pgflow.runs (run_id, flow_slug, input)
-    VALUES (coalesce(start_flow.run_id, gen_random_uuid()), f.flow_slug, start_flow.input)
+    VALUES (coalesce(start_flow.run_id, pgflow._time_ordered_uuid()), f.flow_slug, start_flow.input)
     ON CONFLICT (run_id) DO NOTHING
     RETURNING * INTO r;
     IF NOT FOUND THEN

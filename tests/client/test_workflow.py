@@ -168,6 +168,19 @@ def test_map_over_dependency_output_keeps_element_order(conn, flows):
     assert run_row(conn, run_id) == ("completed", {"each": ["a!", "b!", "c!", "d!"]})
 
 
+def test_runs_under_way_are_served_before_new_ones(conn, flows):
+    flow = flows(SEQ)
+    r1 = start(conn, flow, 1)
+    r2 = start(conn, flow, 2)
+    (t,) = poll(conn, flow, qty=1)
+    assert (t[1], t[2]) == (r1, "a")
+    complete(conn, r1, "a", 0, "x")
+    (t,) = poll(conn, flow, qty=1)
+    assert (t[1], t[2]) == (r1, "b")          # not the root task of the second run
+    complete(conn, r1, "b", 0, "y")
+    assert [(x[1], x[2]) for x in poll(conn, flow)] == [(r1, "c"), (r2, "a")]
+
+
 def test_map_with_zero_elements_completes_at_once(conn, flows):
     flow = flows([{"slug": "m", "type": "map"}, {"slug": "after", "deps": ["m"]}])
     run_id = start(conn, flow, [])

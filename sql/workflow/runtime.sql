@@ -961,7 +961,9 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'run % does not exist', get_run_with_states.run_id USING ERRCODE = '42704';
     END IF;
-    RETURN to_jsonb(r) || jsonb_build_object('steps', coalesce((
+    -- the run's fields at the top level, and also under "run" (the layout of the pgflow SQL
+    -- project), then "steps"
+    RETURN to_jsonb(r) || jsonb_build_object('run', to_jsonb(r), 'steps', coalesce((
         SELECT jsonb_agg(jsonb_build_object(
                    'step_slug', s.step_slug, 'step_type', s.step_type, 'status', ss.status,
                    'remaining_deps', ss.remaining_deps, 'remaining_tasks', ss.remaining_tasks,
@@ -982,4 +984,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.get_run_with_states(uuid) IS
-'A run as one JSON document for psql and dashboards: the run row (status, input, output, times) and "steps", in definition order, each with its state (status, remaining_deps, remaining_tasks, initial_tasks, error_message, times) and task counts per status ("tasks": {"queued","started","completed","failed","attempts"}).';
+'A run as one JSON document for psql and dashboards: the run row (status, input, output, times; at the top level and again under "run") and "steps", in definition order, each with its state (status, remaining_deps, remaining_tasks, initial_tasks, error_message, times) and task counts per status ("tasks": {"queued","started","completed","failed","attempts"}).';

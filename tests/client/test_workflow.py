@@ -113,6 +113,7 @@ def test_sequential_flow_passes_outputs_along(conn, flows):
                     ("c", 0, {"run": {"n": 1}, "b": {"from": "b"}})]
     assert run_row(conn, run_id) == ("completed", {"c": {"from": "c"}})
     st = state(conn, run_id)
+    assert st["status"] == st["run"]["status"] == "completed" and st["run"]["output"] == {"c": {"from": "c"}}
     assert [s["status"] for s in st["steps"]] == ["completed"] * 3
     assert all(s["tasks"]["completed"] == 1 for s in st["steps"])
     # the flow's queue holds nothing once the run is done

@@ -311,6 +311,18 @@ fn add_wake(queue_id: i64) {
     });
 }
 
+/// Messages `first..=last` of a queue were inserted in this transaction (see `add_sent`).
+pub fn note_sent(
+    queue_id: i64,
+    queue_name: &str,
+    first: i64,
+    last: i64,
+    count: i64,
+    announce: bool,
+) {
+    add_sent(queue_id, queue_name, first, last, count, announce);
+}
+
 /// Merge a send of ids `first..=last` into the transaction's range for the queue, so any number
 /// of sends in a transaction makes one announcement.
 fn add_sent(queue_id: i64, queue_name: &str, first: i64, last: i64, count: i64, announce: bool) {

@@ -20,6 +20,7 @@ pub mod errors;
 pub mod events;
 pub mod gucs;
 pub mod maintenance;
+pub mod queue;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -69,6 +70,7 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     events::init();
+    queue::init();
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         maintenance::register();
     }

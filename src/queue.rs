@@ -1,0 +1,792 @@
+//! The queue layer's hot path in Rust: `send`, `read`, `archive`, `delete` (one message each)
+//! and `ack_and_read`, plus the row trigger announcing inserted messages.
+//!
+//! Why not PL/pgSQL for these: measured, the PL/pgSQL API spent three to four times the server
+//! CPU of the same row operations in plain SQL, in nested function calls (each with its own
+//! `SET` scope), in expressions prepared again in every transaction and in a statement trigger
+//! with a transition table. Here each call checks its arguments in Rust, finds the queue in a
+//! per-backend cache, and runs one statement planned once per backend (a kept SPI plan, generic
+//! from the start). Rows come back from SPI and go into the result set as they are: a message
+//! is never parsed into JSON and printed again.
+//!
+//! The queue cache maps a queue name to its id, sequence, max_retries and notify flag. Any
+//! change to `pgflow.queues` (create, alter, drop) fires a statement trigger that invalidates
+//! the table's relcache entry; every backend clears its cache when it processes that
+//! invalidation (at its next transaction, or at once after taking the queue-name lock, which
+//! send does). Clearing on any relcache invalidation is deliberate: it is rare, and a miss
+//! costs one look-up.
+//!
+//! The functions are declared in `sql/queue/api.sql` (`LANGUAGE c`) with their defaults,
+//! COMMENTs and `SET` clauses; the argument checks raise exactly the errors the PL/pgSQL
+//! helpers raise for the other functions.
+
+use crate::errors::{check_name, raise};
+use crate::events;
+use pgrx::pg_sys::{self, Datum, FunctionCallInfo, Oid};
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+
+/// Key space of the queue-name locks (`'pgfq'`), shared with `pgflow._lock_queue_name`.
+const QUEUE_LOCK_SPACE: i32 = 1885824625;
+const MAX_SECONDS: i32 = 31_536_000;
+const MAX_QTY: i32 = 100_000;
+
+#[derive(Clone)]
+struct QueueInfo {
+    id: i64,
+    seq: Oid,
+    max_retries: i32,
+}
+
+#[derive(Default)]
+struct QueueCache {
+    by_name: HashMap<String, QueueInfo>,
+    /// queue_id -> (queue_name, notify), for the row trigger.
+    by_id: HashMap<i64, (String, bool)>,
+}
+
+thread_local! {
+    static QUEUES: RefCell<QueueCache> = RefCell::new(QueueCache::default());
+    static PLANS: RefCell<[pg_sys::SPIPlanPtr; STATEMENTS]> =
+        const { RefCell::new([std::ptr::null_mut(); STATEMENTS]) };
+}
+
+/// Called from `_PG_init`.
+pub fn init() {
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), Datum::from(0))
+    };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: Datum, _relid: Oid) {
+    QUEUES.with(|q| *q.borrow_mut() = QueueCache::default());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statements, each prepared once per backend
+// ---------------------------------------------------------------------------------------------
+
+const STATEMENTS: usize = 10;
+
+#[derive(Clone, Copy)]
+enum Stmt {
+    LookupByName,
+    LookupById,
+    Send,
+    DueAt,
+    Claim,
+    DeadLetterExhausted,
+    ArchiveOne,
+    DeleteOne,
+    ArchiveMany,
+    DeleteMany,
+}
+
+const TEXT: Oid = pg_sys::TEXTOID;
+const INT4: Oid = pg_sys::INT4OID;
+const INT8: Oid = pg_sys::INT8OID;
+const JSONB: Oid = pg_sys::JSONBOID;
+const REGCLASS: Oid = pg_sys::REGCLASSOID;
+const INT4ARRAY: Oid = pg_sys::INT4ARRAYOID;
+const INT8ARRAY: Oid = pg_sys::INT8ARRAYOID;
+
+impl Stmt {
+    fn sql(self) -> (&'static str, &'static [Oid]) {
+        match self {
+            Stmt::LookupByName => (
+                "SELECT queue_id, msg_seq::oid, max_retries FROM pgflow.queues WHERE queue_name = $1",
+                &[TEXT],
+            ),
+            Stmt::LookupById => (
+                "SELECT queue_name, notify FROM pgflow.queues WHERE queue_id = $1",
+                &[INT8],
+            ),
+            // $1 queue_id, $2 sequence, $3 delay s, $4 priority, $5 message, $6 headers
+            Stmt::Send => (
+                "INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message, headers)
+                 VALUES ($1, nextval($2), clock_timestamp() + make_interval(secs => $3), $4, $5, $6)
+                 RETURNING msg_id, vt",
+                &[INT8, REGCLASS, INT4, INT4, JSONB, JSONB],
+            ),
+            // $1 queue_id, $2 when: as pgflow._due_at
+            Stmt::DueAt => ("SELECT pgflow._due_at($1, $2)", &[INT8, pg_sys::TIMESTAMPTZOID]),
+            // $1 queue_id, $2 vt s, $3 how many. The shape of the plain-SQL claim: lock the
+            // first visible rows in delivery order, lease them by primary key. A row whose
+            // read_ct comes back above max_retries + 1 had exhausted its deliveries: it is
+            // dead-lettered by the caller, not delivered.
+            Stmt::Claim => (
+                "UPDATE pgflow.messages m
+                    SET vt = clock_timestamp() + make_interval(secs => $2), read_ct = m.read_ct + 1
+                  WHERE m.queue_id = $1 AND m.msg_id = ANY (ARRAY(
+                        SELECT c.msg_id FROM pgflow.messages c
+                         WHERE c.queue_id = $1 AND c.vt <= clock_timestamp()
+                         ORDER BY c.priority DESC, c.msg_id
+                         LIMIT $3
+                           FOR UPDATE SKIP LOCKED))
+                 RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority",
+                &[INT8, INT4, INT4],
+            ),
+            // $1 queue_id, $2 msg_ids whose lease expired after their last delivery: take back
+            // the read_ct the claim added, then dead-letter them as pgflow._dead_letter does.
+            Stmt::DeadLetterExhausted => (
+                "WITH undo AS (
+                     UPDATE pgflow.messages m SET read_ct = m.read_ct - 1
+                      WHERE m.queue_id = $1 AND m.msg_id = ANY ($2)
+                     RETURNING m.msg_id
+                 )
+                 SELECT count(pgflow._dead_letter(q, undo.msg_id, NULL))
+                   FROM undo JOIN pgflow.queues q ON q.queue_id = $1",
+                &[INT8, INT8ARRAY],
+            ),
+            // $1 queue_id, $2 msg_id, $3 read_ct or NULL
+            Stmt::ArchiveOne => (
+                "WITH gone AS (
+                     DELETE FROM pgflow.messages m
+                      WHERE m.queue_id = $1 AND m.msg_id = $2 AND ($3::int4 IS NULL OR m.read_ct = $3)
+                     RETURNING m.*
+                 )
+                 INSERT INTO pgflow.archive (queue_id, msg_id, read_ct, enqueued_at, vt, priority, message, headers)
+                 SELECT queue_id, msg_id, read_ct, enqueued_at, vt, priority, message, headers FROM gone
+                 RETURNING msg_id",
+                &[INT8, INT8, INT4],
+            ),
+            Stmt::DeleteOne => (
+                "DELETE FROM pgflow.messages m
+                  WHERE m.queue_id = $1 AND m.msg_id = $2 AND ($3::int4 IS NULL OR m.read_ct = $3)
+                 RETURNING m.msg_id",
+                &[INT8, INT8, INT4],
+            ),
+            // $1 queue_id, $2 msg_ids, $3 read_cts or NULL
+            Stmt::ArchiveMany => (
+                "WITH gone AS (
+                     DELETE FROM pgflow.messages m
+                      USING unnest($2::int8[], coalesce($3::int4[], '{}')) AS w(id, rc)
+                      WHERE m.queue_id = $1 AND m.msg_id = w.id AND (w.rc IS NULL OR m.read_ct = w.rc)
+                     RETURNING m.*
+                 )
+                 INSERT INTO pgflow.archive (queue_id, msg_id, read_ct, enqueued_at, vt, priority, message, headers)
+                 SELECT queue_id, msg_id, read_ct, enqueued_at, vt, priority, message, headers FROM gone
+                 RETURNING msg_id",
+                &[INT8, INT8ARRAY, INT4ARRAY],
+            ),
+            Stmt::DeleteMany => (
+                "DELETE FROM pgflow.messages m
+                  USING unnest($2::int8[], coalesce($3::int4[], '{}')) AS w(id, rc)
+                  WHERE m.queue_id = $1 AND m.msg_id = w.id AND (w.rc IS NULL OR m.read_ct = w.rc)
+                 RETURNING m.msg_id",
+                &[INT8, INT8ARRAY, INT4ARRAY],
+            ),
+        }
+    }
+}
+
+/// The kept plan of `stmt`, prepared on first use in this backend. Call inside SPI.
+unsafe fn plan(stmt: Stmt) -> pg_sys::SPIPlanPtr {
+    let kept = PLANS.with(|p| p.borrow()[stmt as usize]);
+    if !kept.is_null() {
+        return kept;
+    }
+    let (sql, types) = stmt.sql();
+    let sql = CString::new(sql).expect("statement text holds no NUL");
+    let mut types = types.to_vec();
+    let prepared = pg_sys::SPI_prepare_cursor(
+        sql.as_ptr(),
+        types.len() as i32,
+        types.as_mut_ptr(),
+        pg_sys::CURSOR_OPT_GENERIC_PLAN as i32,
+    );
+    if prepared.is_null() || pg_sys::SPI_keepplan(prepared) != 0 {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            "pgflow could not prepare a statement".into(),
+            None,
+        );
+    }
+    PLANS.with(|p| p.borrow_mut()[stmt as usize] = prepared);
+    prepared
+}
+
+/// A parameter: its value, or None for SQL NULL.
+type Param = Option<Datum>;
+
+/// Run a kept statement; returns the number of rows it returned or changed.
+unsafe fn run(stmt: Stmt, params: &[Param]) -> u64 {
+    let mut values: Vec<Datum> = params.iter().map(|p| p.unwrap_or(Datum::from(0))).collect();
+    let nulls: Vec<std::ffi::c_char> = params
+        .iter()
+        .map(|p| if p.is_some() { b' ' } else { b'n' } as std::ffi::c_char)
+        .collect();
+    let rc = pg_sys::SPI_execute_plan(plan(stmt), values.as_mut_ptr(), nulls.as_ptr(), false, 0);
+    if rc < 0 {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("pgflow statement failed: SPI code {rc}"),
+            None,
+        );
+    }
+    pg_sys::SPI_processed
+}
+
+/// Column `col` (1-based) of result row `row` of the last statement.
+unsafe fn column(row: u64, col: i32) -> Option<Datum> {
+    let table = pg_sys::SPI_tuptable;
+    let mut isnull = false;
+    let d = pg_sys::SPI_getbinval(
+        *(*table).vals.add(row as usize),
+        (*table).tupdesc,
+        col,
+        &mut isnull,
+    );
+    (!isnull).then_some(d)
+}
+
+struct SpiScope;
+
+impl SpiScope {
+    unsafe fn connect() -> SpiScope {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                "SPI_connect failed".into(),
+                None,
+            );
+        }
+        SpiScope
+    }
+}
+
+impl Drop for SpiScope {
+    fn drop(&mut self) {
+        // Not reached when an ERROR unwinds: the transaction's abort cleans SPI up then.
+        unsafe { pg_sys::SPI_finish() };
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments
+// ---------------------------------------------------------------------------------------------
+
+unsafe fn arg(fcinfo: FunctionCallInfo, i: usize) -> Option<Datum> {
+    let a = (*fcinfo).args.as_slice((*fcinfo).nargs as usize)[i];
+    (!a.isnull).then_some(a.value)
+}
+
+unsafe fn text_arg(fcinfo: FunctionCallInfo, i: usize) -> Option<String> {
+    arg(fcinfo, i).map(|d| {
+        let c = pg_sys::text_to_cstring(d.cast_mut_ptr());
+        let s = CStr::from_ptr(c).to_string_lossy().into_owned();
+        pg_sys::pfree(c.cast());
+        s
+    })
+}
+
+fn null_error(name: &str, hint: Option<&str>) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+        format!("{name} must not be null"),
+        hint,
+    )
+}
+
+fn check_seconds(value: Option<i32>, name: &str, null_hint: Option<&str>) -> i32 {
+    let Some(v) = value else {
+        null_error(name, null_hint)
+    };
+    if !(0..=MAX_SECONDS).contains(&v) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{name} must be between 0 and {MAX_SECONDS} seconds, not {v}"),
+            None,
+        );
+    }
+    v
+}
+
+/// The checks of `pgflow._check_lease`.
+fn check_lease(vt: Option<i32>, qty: Option<i32>) -> (i32, i32) {
+    let vt = check_seconds(vt, "vt", Some("vt is the visibility timeout in seconds."));
+    let Some(qty) = qty else {
+        null_error("qty", None)
+    };
+    if !(1..=MAX_QTY).contains(&qty) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("qty must be between 1 and {MAX_QTY}, not {qty}"),
+            None,
+        );
+    }
+    (vt, qty)
+}
+
+/// The elements of a one-dimensional int8[] or int4[] argument, with their nulls.
+unsafe fn array_elements(d: Datum, int8: bool) -> (i32, Vec<Option<i64>>) {
+    let arr = pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as *mut pg_sys::ArrayType;
+    let ndim = (*arr).ndim;
+    let mut elems: *mut Datum = std::ptr::null_mut();
+    let mut nulls: *mut bool = std::ptr::null_mut();
+    let mut n: i32 = 0;
+    let (oid, len, align) = if int8 {
+        (INT8, 8, pg_sys::TYPALIGN_DOUBLE)
+    } else {
+        (INT4, 4, pg_sys::TYPALIGN_INT)
+    };
+    pg_sys::deconstruct_array(
+        arr,
+        oid,
+        len,
+        true,
+        align as std::ffi::c_char,
+        &mut elems,
+        &mut nulls,
+        &mut n,
+    );
+    let values = (0..n as usize)
+        .map(|i| {
+            if *nulls.add(i) {
+                None
+            } else if int8 {
+                Some((*elems.add(i)).value() as i64)
+            } else {
+                Some((*elems.add(i)).value() as i32 as i64)
+            }
+        })
+        .collect();
+    (ndim, values)
+}
+
+/// The checks of `pgflow._check_ids`; returns the ids and read_cts.
+unsafe fn check_ids(
+    ids: Option<Datum>,
+    cts: Option<Datum>,
+    ids_arg: &str,
+    cts_arg: &str,
+) -> (Vec<i64>, Option<Vec<Option<i64>>>) {
+    let Some(ids) = ids else {
+        null_error(ids_arg, None)
+    };
+    let (ndim, ids) = array_elements(ids, true);
+    if ndim > 1 {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{ids_arg} must be a one-dimensional array"),
+            None,
+        );
+    }
+    if let Some(pos) = ids.iter().position(Option::is_none) {
+        raise(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!("{ids_arg}[{}] is null", pos + 1),
+            None,
+        );
+    }
+    let ids: Vec<i64> = ids.into_iter().flatten().collect();
+    let cts = cts.map(|c| array_elements(c, false));
+    if let Some((ndim, cts)) = &cts {
+        if *ndim > 1 {
+            raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("{cts_arg} must be a one-dimensional array"),
+                None,
+            );
+        }
+        if cts.len() != ids.len() {
+            raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!(
+                    "{cts_arg} has {} elements but {ids_arg} has {}",
+                    cts.len(),
+                    ids.len()
+                ),
+                Some(&format!(
+                    "Give one {cts_arg} element per {ids_arg} element, or none."
+                )),
+            );
+        }
+    }
+    (ids, cts.map(|(_, c)| c))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queues
+// ---------------------------------------------------------------------------------------------
+
+/// The queue named `name`, from the cache or the table; the errors of `pgflow._queue`.
+unsafe fn queue(name: Option<&str>, name_datum: Option<Datum>) -> QueueInfo {
+    let (Some(name), Some(name_datum)) = (name, name_datum) else {
+        check_name(None, "queue_name");
+        unreachable!("check_name raises for NULL");
+    };
+    if let Some(q) = QUEUES.with(|c| c.borrow().by_name.get(name).cloned()) {
+        return q;
+    }
+    if run(Stmt::LookupByName, &[Some(name_datum)]) == 0 {
+        check_name(Some(name), "queue_name");
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("queue \"{name}\" does not exist"),
+            Some("Create it with pgflow.create_queue(queue_name)."),
+        );
+    }
+    let q = QueueInfo {
+        id: column(0, 1).map_or(0, |d| d.value() as i64),
+        seq: Oid::from(column(0, 2).map_or(0, |d| d.value() as u32)),
+        max_retries: column(0, 3).map_or(0, |d| d.value() as i32),
+    };
+    QUEUES.with(|c| c.borrow_mut().by_name.insert(name.to_string(), q.clone()));
+    q
+}
+
+// fmgr entry points of built-in functions, called through DirectFunctionCall (the bindings
+// only expose them wrapped as Rust functions, which are no PGFunction pointers).
+unsafe extern "C-unwind" {
+    #[link_name = "hashtext"]
+    fn builtin_hashtext(fcinfo: FunctionCallInfo) -> Datum;
+    #[link_name = "pg_advisory_xact_lock_shared_int4"]
+    fn builtin_advisory_xact_lock_shared_int4(fcinfo: FunctionCallInfo) -> Datum;
+    #[link_name = "jsonb_typeof"]
+    fn builtin_jsonb_typeof(fcinfo: FunctionCallInfo) -> Datum;
+}
+
+/// Take the queue-name lock shared (as `pgflow._lock_queue_name(name, false)`), then process
+/// pending invalidations, so that a drop_queue that committed while we waited is seen.
+unsafe fn lock_queue_name(name_datum: Datum) {
+    let hash = pg_sys::DirectFunctionCall1Coll(
+        Some(builtin_hashtext),
+        pg_sys::DEFAULT_COLLATION_OID,
+        name_datum,
+    );
+    pg_sys::DirectFunctionCall2Coll(
+        Some(builtin_advisory_xact_lock_shared_int4),
+        pg_sys::InvalidOid,
+        Datum::from(QUEUE_LOCK_SPACE),
+        hash,
+    );
+    pg_sys::AcceptInvalidationMessages();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The functions
+// ---------------------------------------------------------------------------------------------
+
+macro_rules! v1 {
+    ($finfo:ident) => {
+        #[unsafe(no_mangle)]
+        pub extern "C-unwind" fn $finfo() -> &'static pg_sys::Pg_finfo_record {
+            static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+    };
+}
+
+v1!(pg_finfo_pgflow_send);
+/// `pgflow.send(queue_name, message, delay int, priority, headers) -> bigint`
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
+    let delay = check_seconds(
+        arg(fcinfo, 2).map(|d| d.value() as i32),
+        "delay",
+        Some("Pass 0 to send without delay."),
+    );
+    let Some(priority) = arg(fcinfo, 3) else {
+        null_error(
+            "priority",
+            Some("Pass 0 for normal priority; higher values are served first."),
+        )
+    };
+    let headers = arg(fcinfo, 4);
+    if let Some(h) = headers {
+        let kind = json_type(h);
+        if kind != "object" {
+            raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("headers must be a JSON object or null, not a JSON {kind}"),
+                None,
+            );
+        }
+    }
+    let name_datum = arg(fcinfo, 0);
+    let name = text_arg(fcinfo, 0);
+    let _spi = SpiScope::connect();
+    if let Some(d) = name_datum {
+        lock_queue_name(d);
+    }
+    let q = queue(name.as_deref(), name_datum);
+    let Some(message) = arg(fcinfo, 1) else {
+        null_error("message", Some("Send '{}'::jsonb for an empty message."))
+    };
+    run(
+        Stmt::Send,
+        &[
+            Some(Datum::from(q.id)),
+            Some(Datum::from(q.seq)),
+            Some(Datum::from(delay)),
+            Some(priority),
+            Some(message),
+            headers,
+        ],
+    );
+    let msg_id = column(0, 1).unwrap_or(Datum::from(0));
+    if delay > 0 {
+        let visible_at = column(0, 2);
+        run(Stmt::DueAt, &[Some(Datum::from(q.id)), visible_at]);
+    }
+    msg_id
+}
+
+/// `jsonb_typeof` of a jsonb datum.
+unsafe fn json_type(d: Datum) -> String {
+    let t = pg_sys::DirectFunctionCall1Coll(Some(builtin_jsonb_typeof), pg_sys::InvalidOid, d);
+    let c = pg_sys::text_to_cstring(t.cast_mut_ptr());
+    CStr::from_ptr(c).to_string_lossy().into_owned()
+}
+
+/// Lease up to `qty` messages of `q` for `vt` seconds into the function's result set, in
+/// delivery order (as `pgflow._claim` without consume): exhausted messages met on the way are
+/// dead-lettered and others looked for in their place.
+unsafe fn claim_into(fcinfo: FunctionCallInfo, q: &QueueInfo, vt: i32, qty: i32) {
+    let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+    let mut want = qty;
+    loop {
+        let n = run(
+            Stmt::Claim,
+            &[
+                Some(Datum::from(q.id)),
+                Some(Datum::from(vt)),
+                Some(Datum::from(want)),
+            ],
+        );
+        // (priority, msg_id, row) of the delivered rows, to return them in delivery order.
+        let mut delivered: Vec<(i32, i64, u64)> = Vec::with_capacity(n as usize);
+        let mut exhausted: Vec<i64> = Vec::new();
+        for row in 0..n {
+            let msg_id = column(row, 1).map_or(0, |d| d.value() as i64);
+            let read_ct = column(row, 2).map_or(0, |d| d.value() as i32);
+            if read_ct > q.max_retries + 1 {
+                exhausted.push(msg_id);
+            } else {
+                delivered.push((column(row, 7).map_or(0, |d| d.value() as i32), msg_id, row));
+            }
+        }
+        delivered.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for &(_, _, row) in &delivered {
+            let mut values = [Datum::from(0); 7];
+            let mut nulls = [false; 7];
+            for col in 0..7 {
+                match column(row, col as i32 + 1) {
+                    Some(d) => values[col] = d,
+                    None => nulls[col] = true,
+                }
+            }
+            pg_sys::tuplestore_putvalues(
+                (*rsinfo).setResult,
+                (*rsinfo).setDesc,
+                values.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+            );
+        }
+        want -= delivered.len() as i32;
+        if exhausted.is_empty() || want <= 0 {
+            if !exhausted.is_empty() {
+                dead_letter(q, &exhausted);
+            }
+            break;
+        }
+        dead_letter(q, &exhausted);
+    }
+}
+
+/// Dead-letter the exhausted messages `ids` of `q` (see Stmt::DeadLetterExhausted).
+unsafe fn dead_letter(q: &QueueInfo, ids: &[i64]) {
+    let ids = pgrx::IntoDatum::into_datum(ids.to_vec()).expect("an array is never NULL");
+    run(
+        Stmt::DeadLetterExhausted,
+        &[Some(Datum::from(q.id)), Some(ids)],
+    );
+}
+
+v1!(pg_finfo_pgflow_read);
+/// `pgflow.read(queue_name, vt, qty) -> SETOF pgflow.message_record`
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_read(fcinfo: FunctionCallInfo) -> Datum {
+    let (vt, qty) = check_lease(
+        arg(fcinfo, 1).map(|d| d.value() as i32),
+        arg(fcinfo, 2).map(|d| d.value() as i32),
+    );
+    pg_sys::InitMaterializedSRF(fcinfo, 0);
+    let name_datum = arg(fcinfo, 0);
+    let name = text_arg(fcinfo, 0);
+    let _spi = SpiScope::connect();
+    let q = queue(name.as_deref(), name_datum);
+    claim_into(fcinfo, &q, vt, qty);
+    Datum::from(0)
+}
+
+/// Acknowledge `ids` (with `cts`) of queue `q` by archiving or deleting them.
+unsafe fn ack(
+    q: &QueueInfo,
+    ids: &[i64],
+    ids_datum: Datum,
+    cts: &Option<Vec<Option<i64>>>,
+    cts_datum: Option<Datum>,
+    to_archive: bool,
+) -> u64 {
+    if ids.len() == 1 {
+        let ct = cts
+            .as_ref()
+            .and_then(|c| c[0])
+            .map(|c| Datum::from(c as i32));
+        let stmt = if to_archive {
+            Stmt::ArchiveOne
+        } else {
+            Stmt::DeleteOne
+        };
+        run(
+            stmt,
+            &[Some(Datum::from(q.id)), Some(Datum::from(ids[0])), ct],
+        )
+    } else {
+        let stmt = if to_archive {
+            Stmt::ArchiveMany
+        } else {
+            Stmt::DeleteMany
+        };
+        run(stmt, &[Some(Datum::from(q.id)), Some(ids_datum), cts_datum])
+    }
+}
+
+/// `pgflow.archive(queue_name, msg_id, read_ct)` and `pgflow.delete(...)`: one message.
+unsafe fn ack_one(fcinfo: FunctionCallInfo, to_archive: bool) -> Datum {
+    let Some(msg_id) = arg(fcinfo, 1) else {
+        null_error("msg_id", None)
+    };
+    let read_ct = arg(fcinfo, 2);
+    let name_datum = arg(fcinfo, 0);
+    let name = text_arg(fcinfo, 0);
+    let _spi = SpiScope::connect();
+    let q = queue(name.as_deref(), name_datum);
+    let stmt = if to_archive {
+        Stmt::ArchiveOne
+    } else {
+        Stmt::DeleteOne
+    };
+    Datum::from(run(stmt, &[Some(Datum::from(q.id)), Some(msg_id), read_ct]) > 0)
+}
+
+v1!(pg_finfo_pgflow_archive_one);
+/// `pgflow.archive(queue_name, msg_id, read_ct) -> boolean`
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_archive_one(fcinfo: FunctionCallInfo) -> Datum {
+    ack_one(fcinfo, true)
+}
+
+v1!(pg_finfo_pgflow_delete_one);
+/// `pgflow.delete(queue_name, msg_id, read_ct) -> boolean`
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_delete_one(fcinfo: FunctionCallInfo) -> Datum {
+    ack_one(fcinfo, false)
+}
+
+v1!(pg_finfo_pgflow_ack_and_read);
+/// `pgflow.ack_and_read(queue_name, ack_msg_ids, vt, qty, archive, ack_read_cts)`
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_ack_and_read(fcinfo: FunctionCallInfo) -> Datum {
+    let ids_datum = arg(fcinfo, 1);
+    let cts_datum = arg(fcinfo, 5);
+    let (ids, cts) = check_ids(ids_datum, cts_datum, "ack_msg_ids", "ack_read_cts");
+    let (vt, qty) = check_lease(
+        arg(fcinfo, 2).map(|d| d.value() as i32),
+        arg(fcinfo, 3).map(|d| d.value() as i32),
+    );
+    let Some(to_archive) = arg(fcinfo, 4) else {
+        null_error("archive", None)
+    };
+    pg_sys::InitMaterializedSRF(fcinfo, 0);
+    let name_datum = arg(fcinfo, 0);
+    let name = text_arg(fcinfo, 0);
+    let _spi = SpiScope::connect();
+    let q = queue(name.as_deref(), name_datum);
+    if !ids.is_empty() {
+        ack(
+            &q,
+            &ids,
+            ids_datum.unwrap_or(Datum::from(0)),
+            &cts,
+            cts_datum,
+            to_archive.value() != 0,
+        );
+    }
+    claim_into(fcinfo, &q, vt, qty);
+    Datum::from(0)
+}
+
+v1!(pg_finfo_pgflow_messages_inserted);
+/// Row trigger `AFTER INSERT ON pgflow.messages`: every inserted message, whatever inserted it
+/// (send, send_batch, a DLQ retry, a workflow task), wakes the queue's blocked readers at
+/// commit and, for a queue with notify on, is counted in the commit's announcement.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_messages_inserted(fcinfo: FunctionCallInfo) -> Datum {
+    let trigdata = (*fcinfo).context as *mut pg_sys::TriggerData;
+    if trigdata.is_null() || (*trigdata).type_ != pg_sys::NodeTag::T_TriggerData {
+        raise(
+            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            "pgflow._messages_inserted() must be called as a trigger".into(),
+            None,
+        );
+    }
+    let tuple = (*trigdata).tg_trigtuple;
+    let tupdesc = (*(*trigdata).tg_relation).rd_att;
+    let mut isnull = false;
+    let queue_id = pg_sys::SPI_getbinval(tuple, tupdesc, 1, &mut isnull).value() as i64;
+    let msg_id = pg_sys::SPI_getbinval(tuple, tupdesc, 2, &mut isnull).value() as i64;
+    let known = QUEUES.with(|c| c.borrow().by_id.get(&queue_id).cloned());
+    let (name, notify) = match known {
+        Some(k) => k,
+        None => {
+            let _spi = SpiScope::connect();
+            if run(Stmt::LookupById, &[Some(Datum::from(queue_id))]) == 0 {
+                return Datum::from(0); // the queue is being dropped in this transaction
+            }
+            let name_datum = column(0, 1).unwrap_or(Datum::from(0));
+            let c = pg_sys::text_to_cstring(name_datum.cast_mut_ptr());
+            let name = CStr::from_ptr(c).to_string_lossy().into_owned();
+            let notify = column(0, 2).is_some_and(|d| d.value() != 0);
+            QUEUES.with(|cache| {
+                cache
+                    .borrow_mut()
+                    .by_id
+                    .insert(queue_id, (name.clone(), notify))
+            });
+            (name, notify)
+        }
+    };
+    events::note_sent(queue_id, &name, msg_id, msg_id, 1, notify);
+    Datum::from(0)
+}
+
+v1!(pg_finfo_pgflow_queues_changed);
+/// Statement trigger on `pgflow.queues`: a queue was created, altered or dropped; every
+/// backend's queue cache must forget what it knew.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_queues_changed(fcinfo: FunctionCallInfo) -> Datum {
+    let trigdata = (*fcinfo).context as *mut pg_sys::TriggerData;
+    if trigdata.is_null() || (*trigdata).type_ != pg_sys::NodeTag::T_TriggerData {
+        raise(
+            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            "pgflow._queues_changed() must be called as a trigger".into(),
+            None,
+        );
+    }
+    pg_sys::CacheInvalidateRelcacheByRelid((*(*trigdata).tg_relation).rd_id);
+    Datum::from(0)
+}

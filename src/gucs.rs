@@ -1,6 +1,6 @@
 //! Server settings of pgflow, all under the reserved `pgflow.` prefix, with their bounds.
 
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
 
 /// Largest number of messages one `send_batch` call may carry.
@@ -16,7 +16,32 @@ pub static MAINTENANCE_DATABASE: GucSetting<Option<CString>> =
 /// Whether the maintenance worker runs at all (it is only started when preloaded).
 pub static MAINTENANCE_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 
+/// Which workflow events are announced (read by the SQL layer with current_setting).
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum WorkflowEvents {
+    /// every event, task_* included
+    #[name = c"all"]
+    All,
+    /// workflow_started, workflow_completed and workflow_failed only
+    #[name = c"runs"]
+    Runs,
+    /// none
+    #[name = c"off"]
+    Off,
+}
+
+pub static WORKFLOW_EVENTS: GucSetting<WorkflowEvents> =
+    GucSetting::<WorkflowEvents>::new(WorkflowEvents::All);
+
 pub fn init() {
+    GucRegistry::define_enum_guc(
+        c"pgflow.workflow_events",
+        c"Which workflow events pgflow announces with NOTIFY: all, runs or off.",
+        c"A committing transaction that notifies holds a cluster-wide lock until its commit is flushed, so per-task events bound task throughput; 'runs' keeps only the workflow_* events.",
+        &WORKFLOW_EVENTS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"pgflow.max_batch_size",
         c"Largest number of messages one pgflow.send_batch call may carry.",

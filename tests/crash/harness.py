@@ -5,6 +5,7 @@ so nothing it does (kill -9 included) can touch another cluster. Results are pri
 line as `ok <check>` or `not ok <check>: <why>`; tests/crash/run.sh counts them.
 """
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -57,7 +58,18 @@ class Cluster:
     def dsn(self):
         return f"host=127.0.0.1 port={self.port} user=postgres dbname={self.dbname} connect_timeout=5"
 
+    def lock(self):
+        """Hold DIR.lock for the life of this process: a second harness run on the same machine
+        waits here instead of wiping the cluster of the first."""
+        self._lock = open(self.dir.rstrip("/") + ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another run is using {self.dir}; waiting for it to finish")
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+
     def start_fresh(self, extra_conf=""):
+        self.lock()
         cmd = f"source '{REPO}/scripts/common.sh' && start_cluster '{self.dir}' {self.port} '{self.dbname}'"
         subprocess.run(["bash", "-c", cmd], check=True)
         if extra_conf:

@@ -311,8 +311,9 @@ fn add_wake(queue_id: i64) {
     });
 }
 
-/// Messages `first..=last` of a queue were inserted in this transaction (see `add_sent`).
-pub fn note_sent(
+/// Merge a send of ids `first..=last` into the transaction's range for the queue, so any number
+/// of sends in a transaction makes one announcement.
+pub(crate) fn add_sent(
     queue_id: i64,
     queue_name: &str,
     first: i64,
@@ -320,12 +321,6 @@ pub fn note_sent(
     count: i64,
     announce: bool,
 ) {
-    add_sent(queue_id, queue_name, first, last, count, announce);
-}
-
-/// Merge a send of ids `first..=last` into the transaction's range for the queue, so any number
-/// of sends in a transaction makes one announcement.
-fn add_sent(queue_id: i64, queue_name: &str, first: i64, last: i64, count: i64, announce: bool) {
     add_wake(queue_id);
     let level = current_level();
     PENDING.with(|p| {

@@ -769,7 +769,7 @@ pub unsafe extern "C-unwind" fn pgflow_messages_inserted(fcinfo: FunctionCallInf
             (name, notify)
         }
     };
-    events::note_sent(queue_id, &name, msg_id, msg_id, 1, notify);
+    events::add_sent(queue_id, &name, msg_id, msg_id, 1, notify);
     Datum::from(0)
 }
 

@@ -623,16 +623,7 @@ BEGIN
         f := pgflow._flow(poll_for_tasks.flow_slug);   -- raises the specific error
     END IF;
     PERFORM pgflow._check_lease(poll_for_tasks.vt, poll_for_tasks.qty);
-    IF max_poll_seconds IS NULL THEN
-        RAISE EXCEPTION 'max_poll_seconds must not be null' USING ERRCODE = '22004';
-    ELSIF max_poll_seconds < 0 OR max_poll_seconds > 3600 THEN
-        RAISE EXCEPTION 'max_poll_seconds must be between 0 and 3600, not %', max_poll_seconds USING ERRCODE = '22023';
-    END IF;
-    IF poll_interval_ms IS NULL THEN
-        RAISE EXCEPTION 'poll_interval_ms must not be null' USING ERRCODE = '22004';
-    ELSIF poll_interval_ms < 1 OR poll_interval_ms > 60000 THEN
-        RAISE EXCEPTION 'poll_interval_ms must be between 1 and 60000, not %', poll_interval_ms USING ERRCODE = '22023';
-    END IF;
+    PERFORM pgflow._check_poll(max_poll_seconds, poll_interval_ms);
     deadline := clock_timestamp() + make_interval(secs => max_poll_seconds);
     LOOP
         -- Taken before looking, so tasks queued by a commit between the look and the wait wake us.

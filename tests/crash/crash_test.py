@@ -314,6 +314,8 @@ def main():
         res.check("crash harness ran to the end", False, repr(e))
     finally:
         cluster.stop()
+        if res.failed and cluster.library_changed():
+            log(f"note: {cluster.library_changed()}")
     log(f"crash test: {res.passed} checks passed, {res.failed} failed in {time.time() - t0:.0f} s")
     print(f"crash_test: {res.passed} passed, {res.failed} failed")
     sys.exit(1 if res.failed else 0)

@@ -14,6 +14,7 @@ import time
 
 import psycopg
 
+LIBRARY = "/usr/lib/postgresql/15/lib/pgflow.so"
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 PGBIN = "/usr/lib/postgresql/15/bin"
 
@@ -68,8 +69,28 @@ class Cluster:
             log(f"another run is using {self.dir}; waiting for it to finish")
             fcntl.flock(self._lock, fcntl.LOCK_EX)
 
+    def library_changed(self):
+        """Why a server may have crashed for reasons of its own: pgflow.so was reinstalled (by
+        cargo pgrx install or cargo pgrx test, which write it in place) while it was mapped."""
+        try:
+            mtime = os.stat(LIBRARY).st_mtime
+        except OSError:
+            return f"{LIBRARY} is missing"
+        if mtime != self.library_mtime:
+            return (f"{LIBRARY} was replaced at {time.strftime('%H:%M:%S', time.localtime(mtime))} while the "
+                    f"cluster ran (an install or a cargo pgrx test elsewhere); running servers may crash. Run again.")
+        return None
+
+    def log_tail(self, n=15):
+        try:
+            with open(os.path.join(self.dir, "server.log")) as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
     def start_fresh(self, extra_conf=""):
         self.lock()
+        self.library_mtime = os.stat(LIBRARY).st_mtime
         cmd = f"source '{REPO}/scripts/common.sh' && start_cluster '{self.dir}' {self.port} '{self.dbname}'"
         subprocess.run(["bash", "-c", cmd], check=True)
         if extra_conf:
@@ -122,7 +143,8 @@ class Cluster:
         t0 = time.time()
         r = self.pg_ctl("-w", "-t", "180", "start")
         if r.returncode != 0:
-            raise RuntimeError(f"pg_ctl start after crash failed: {r.stdout}")
+            raise RuntimeError(f"pg_ctl start after crash failed: {r.stdout}\n"
+                               f"{self.library_changed() or ''}\nserver log:\n{self.log_tail()}")
         return time.time() - t0
 
     def stop(self):

@@ -135,6 +135,8 @@ def main():
         res.check("soak harness ran to the end", False, repr(e))
     finally:
         cluster.stop()
+        if res.failed and cluster.library_changed():
+            log(f"note: {cluster.library_changed()}")
     print(f"soak_test: {res.passed} passed, {res.failed} failed")
     sys.exit(1 if res.failed else 0)
 

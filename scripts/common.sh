@@ -41,8 +41,11 @@ ensure_cargo_pgrx() {
 ensure_python_modules() {
     if ! python3 -c 'import psycopg, pytest' 2>/dev/null; then
         say "installing psycopg and pytest"
-        python3 -m pip install -q --disable-pip-version-check "psycopg[binary]>=3.1" "pytest>=7" 2>&1 \
-            | grep -v "Running pip as the 'root' user" || true
+        # Debian's own python3 refuses pip installs into it (PEP 668) unless told to.
+        python3 -m pip install -q --disable-pip-version-check "psycopg[binary]>=3.1" "pytest>=7" 2>/dev/null \
+            || python3 -m pip install -q --disable-pip-version-check --break-system-packages \
+                   "psycopg[binary]>=3.1" "pytest>=7"
+        python3 -c 'import psycopg, pytest' || { echo "could not install psycopg and pytest" >&2; exit 1; }
     fi
 }
 
@@ -55,9 +58,16 @@ ensure_tools() {
 # Build the extension (release) and install it into Debian's PostgreSQL 15.
 install_extension() {
     say "building and installing the pgflow extension"
-    (cd "$REPO_ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" 2>&1 \
-        | grep -E "^(error|warning: unused)|Installing|Finished" || true)
-    test -f "$("$PG_CONFIG" --pkglibdir)/pgflow.so" || { echo "pgflow.so was not installed" >&2; exit 1; }
+    local log
+    log=$(mktemp)
+    if ! (cd "$REPO_ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG") >"$log" 2>&1; then
+        tail -40 "$log" >&2
+        echo "building or installing pgflow failed" >&2
+        rm -f "$log"
+        exit 1
+    fi
+    grep -E "Installing|Finished" "$log" || true
+    rm -f "$log"
 }
 
 # start_cluster DIR PORT DBNAME: a fresh cluster owned by the postgres OS user, listening on

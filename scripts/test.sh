@@ -84,7 +84,8 @@ fi
 if wants isolation; then
     if [ -x tests/isolation/run.sh ]; then
         say "isolation: pg_isolation_regress specs"
-        line=$(tests/isolation/run.sh "$TEST_PORT" pgflow_iso 2>&1 | tee /dev/stderr | grep -E '^isolation: [0-9]+ passed, [0-9]+ failed' | tail -1)
+        tests/isolation/run.sh "$TEST_PORT" pgflow_iso 2>&1 | tee "$TEST_DIR.isolation.log"
+        line=$(grep -E '^isolation: [0-9]+ passed, [0-9]+ failed' "$TEST_DIR.isolation.log" | tail -1)
         read -r n_ok n_bad < <(echo "$line" | sed -E 's/^isolation: ([0-9]+) passed, ([0-9]+) failed.*/\1 \2/;t;s/.*/0 1/')
         record isolation "${n_ok:-0}" "${n_bad:-1}"
     fi
@@ -95,7 +96,8 @@ stop_cluster "$TEST_DIR"
 if wants crash; then
     if [ -x tests/crash/run.sh ]; then
         say "crash: kill -9 recovery and soak (short tier)"
-        line=$(tests/crash/run.sh 2>&1 | tee /dev/stderr | grep -E '^crash: [0-9]+ passed, [0-9]+ failed' | tail -1)
+        tests/crash/run.sh 2>&1 | tee "$TEST_DIR.crash.log"
+        line=$(grep -E '^crash: [0-9]+ passed, [0-9]+ failed' "$TEST_DIR.crash.log" | tail -1)
         read -r n_ok n_bad < <(echo "$line" | sed -E 's/^crash: ([0-9]+) passed, ([0-9]+) failed.*/\1 \2/;t;s/.*/0 1/')
         record crash "${n_ok:-0}" "${n_bad:-1}"
     fi

@@ -1,5 +1,6 @@
 //! Server settings of pgflow, all under the reserved `pgflow.` prefix, with their bounds.
 
+use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
 
@@ -86,8 +87,8 @@ pub fn init() {
 }
 
 /// `pgflow._max_batch_size()`: the current `pgflow.max_batch_size`, for the SQL layer.
-#[pgrx::pg_extern(stable, parallel_safe, name = "_max_batch_size")]
-#[pgrx::search_path(pg_catalog, pg_temp)]
+#[pg_extern(stable, parallel_safe, name = "_max_batch_size")]
+#[search_path(pg_catalog, pg_temp)]
 fn max_batch_size() -> i32 {
     MAX_BATCH_SIZE.get()
 }

@@ -275,13 +275,16 @@ unsafe fn arg(fcinfo: FunctionCallInfo, i: usize) -> Option<Datum> {
     (!a.isnull).then_some(a.value)
 }
 
+/// A text datum as a Rust string.
+unsafe fn text_to_string(d: Datum) -> String {
+    let c = pg_sys::text_to_cstring(d.cast_mut_ptr());
+    let s = CStr::from_ptr(c).to_string_lossy().into_owned();
+    pg_sys::pfree(c.cast());
+    s
+}
+
 unsafe fn text_arg(fcinfo: FunctionCallInfo, i: usize) -> Option<String> {
-    arg(fcinfo, i).map(|d| {
-        let c = pg_sys::text_to_cstring(d.cast_mut_ptr());
-        let s = CStr::from_ptr(c).to_string_lossy().into_owned();
-        pg_sys::pfree(c.cast());
-        s
-    })
+    arg(fcinfo, i).map(|d| text_to_string(d))
 }
 
 fn null_error(name: &str, hint: Option<&str>) -> ! {
@@ -540,9 +543,11 @@ pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
 
 /// `jsonb_typeof` of a jsonb datum.
 unsafe fn json_type(d: Datum) -> String {
-    let t = pg_sys::DirectFunctionCall1Coll(Some(builtin_jsonb_typeof), pg_sys::InvalidOid, d);
-    let c = pg_sys::text_to_cstring(t.cast_mut_ptr());
-    CStr::from_ptr(c).to_string_lossy().into_owned()
+    text_to_string(pg_sys::DirectFunctionCall1Coll(
+        Some(builtin_jsonb_typeof),
+        pg_sys::InvalidOid,
+        d,
+    ))
 }
 
 /// Lease up to `qty` messages of `q` for `vt` seconds into the function's result set, in
@@ -641,15 +646,7 @@ unsafe fn ack(
             .as_ref()
             .and_then(|c| c[0])
             .map(|c| Datum::from(c as i32));
-        let stmt = if to_archive {
-            Stmt::ArchiveOne
-        } else {
-            Stmt::DeleteOne
-        };
-        run(
-            stmt,
-            &[Some(Datum::from(q.id)), Some(Datum::from(ids[0])), ct],
-        )
+        ack_single(q, Datum::from(ids[0]), ct, to_archive)
     } else {
         let stmt = if to_archive {
             Stmt::ArchiveMany
@@ -658,6 +655,22 @@ unsafe fn ack(
         };
         run(stmt, &[Some(Datum::from(q.id)), Some(ids_datum), cts_datum])
     }
+}
+
+/// Archive or delete message `msg_id` of `q` if its read_ct matches (any when `read_ct` is
+/// None); returns how many rows it acted on (0 or 1).
+unsafe fn ack_single(
+    q: &QueueInfo,
+    msg_id: Datum,
+    read_ct: Option<Datum>,
+    to_archive: bool,
+) -> u64 {
+    let stmt = if to_archive {
+        Stmt::ArchiveOne
+    } else {
+        Stmt::DeleteOne
+    };
+    run(stmt, &[Some(Datum::from(q.id)), Some(msg_id), read_ct])
 }
 
 /// `pgflow.archive(queue_name, msg_id, read_ct)` and `pgflow.delete(...)`: one message.
@@ -670,12 +683,7 @@ unsafe fn ack_one(fcinfo: FunctionCallInfo, to_archive: bool) -> Datum {
     let name = text_arg(fcinfo, 0);
     let _spi = SpiScope::connect();
     let q = queue(name.as_deref(), name_datum);
-    let stmt = if to_archive {
-        Stmt::ArchiveOne
-    } else {
-        Stmt::DeleteOne
-    };
-    Datum::from(run(stmt, &[Some(Datum::from(q.id)), Some(msg_id), read_ct]) > 0)
+    Datum::from(ack_single(&q, msg_id, read_ct, to_archive) > 0)
 }
 
 v1!(pg_finfo_pgflow_archive_one);
@@ -728,6 +736,19 @@ pub unsafe extern "C-unwind" fn pgflow_ack_and_read(fcinfo: FunctionCallInfo) ->
     Datum::from(0)
 }
 
+/// The TriggerData of a call, or the error for a trigger function called any other way.
+unsafe fn trigger_data(fcinfo: FunctionCallInfo, function: &str) -> *mut pg_sys::TriggerData {
+    let trigdata = (*fcinfo).context as *mut pg_sys::TriggerData;
+    if trigdata.is_null() || (*trigdata).type_ != pg_sys::NodeTag::T_TriggerData {
+        raise(
+            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            format!("{function} must be called as a trigger"),
+            None,
+        );
+    }
+    trigdata
+}
+
 v1!(pg_finfo_pgflow_messages_inserted);
 /// Row trigger `AFTER INSERT ON pgflow.messages`: every inserted message, whatever inserted it
 /// (send, send_batch, a DLQ retry, a workflow task), wakes the queue's blocked readers at
@@ -735,14 +756,7 @@ v1!(pg_finfo_pgflow_messages_inserted);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pgflow_messages_inserted(fcinfo: FunctionCallInfo) -> Datum {
-    let trigdata = (*fcinfo).context as *mut pg_sys::TriggerData;
-    if trigdata.is_null() || (*trigdata).type_ != pg_sys::NodeTag::T_TriggerData {
-        raise(
-            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-            "pgflow._messages_inserted() must be called as a trigger".into(),
-            None,
-        );
-    }
+    let trigdata = trigger_data(fcinfo, "pgflow._messages_inserted()");
     let tuple = (*trigdata).tg_trigtuple;
     let tupdesc = (*(*trigdata).tg_relation).rd_att;
     let mut isnull = false;
@@ -756,9 +770,7 @@ pub unsafe extern "C-unwind" fn pgflow_messages_inserted(fcinfo: FunctionCallInf
             if run(Stmt::LookupById, &[Some(Datum::from(queue_id))]) == 0 {
                 return Datum::from(0); // the queue is being dropped in this transaction
             }
-            let name_datum = column(0, 1).unwrap_or(Datum::from(0));
-            let c = pg_sys::text_to_cstring(name_datum.cast_mut_ptr());
-            let name = CStr::from_ptr(c).to_string_lossy().into_owned();
+            let name = text_to_string(column(0, 1).unwrap_or(Datum::from(0)));
             let notify = column(0, 2).is_some_and(|d| d.value() != 0);
             QUEUES.with(|cache| {
                 cache
@@ -779,14 +791,7 @@ v1!(pg_finfo_pgflow_queues_changed);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pgflow_queues_changed(fcinfo: FunctionCallInfo) -> Datum {
-    let trigdata = (*fcinfo).context as *mut pg_sys::TriggerData;
-    if trigdata.is_null() || (*trigdata).type_ != pg_sys::NodeTag::T_TriggerData {
-        raise(
-            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-            "pgflow._queues_changed() must be called as a trigger".into(),
-            None,
-        );
-    }
+    let trigdata = trigger_data(fcinfo, "pgflow._queues_changed()");
     pg_sys::CacheInvalidateRelcacheByRelid((*(*trigdata).tg_relation).rd_id);
     Datum::from(0)
 }

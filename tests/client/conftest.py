@@ -56,6 +56,25 @@ def queue(conn):
     conn.execute("SELECT pgflow.drop_queue(%s)", (name,))
 
 
+@pytest.fixture
+def make_queue(conn):
+    """create(name=None, **options) -> name of a fresh queue with those create_queue options; all
+    dropped afterwards, with their dead-lettered messages."""
+    made = []
+
+    def create(name=None, **options):
+        name = name or unique_name()
+        cols = "".join(f", {k} => %({k})s" for k in options)
+        conn.execute(f"SELECT pgflow.create_queue(%(name)s{cols})", {"name": name, **options})
+        made.append(name)
+        return name
+
+    yield create
+    for name in made:
+        conn.execute("SELECT pgflow.drop_queue(%s)", (name,))
+        conn.execute("SELECT pgflow.purge_dlq(%s)", (name,))
+
+
 def sqlstate(conn, sql, params=None):
     """Run sql expecting an error; return its SQLSTATE (None if it succeeded). The session stays
     usable: in autocommit mode the failed statement is its own transaction."""

@@ -16,22 +16,6 @@ from psycopg.types.json import Jsonb
 from conftest import connect, unique_name
 
 
-@pytest.fixture
-def make_queue(conn):
-    made = []
-
-    def create(name=None, **options):
-        name = name or unique_name("n")
-        cols = "".join(f", {k} => %({k})s" for k in options)
-        conn.execute(f"SELECT pgflow.create_queue(%(name)s{cols})", {"name": name, **options})
-        made.append(name)
-        return name
-
-    yield create
-    for name in made:
-        conn.execute("SELECT pgflow.drop_queue(%s)", (name,))
-
-
 def listen(c, queue):
     """LISTEN on the queue's channel (a quoted identifier: the name keeps its case)."""
     channel = c.execute("SELECT pgflow.queue_channel(%s)", (queue,)).fetchone()[0]

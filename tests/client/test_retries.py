@@ -17,24 +17,6 @@ from psycopg.types.json import Jsonb
 from conftest import connect, unique_name, sqlstate, error_of
 
 
-@pytest.fixture
-def make_queue(conn):
-    """create(**options) -> name of a fresh queue; all dropped (with their DLQ rows) afterwards."""
-    made = []
-
-    def create(**options):
-        name = unique_name("r")
-        cols = "".join(f", {k} => %({k})s" for k in options)
-        conn.execute(f"SELECT pgflow.create_queue(%(name)s{cols})", {"name": name, **options})
-        made.append(name)
-        return name
-
-    yield create
-    for name in made:
-        conn.execute("SELECT pgflow.drop_queue(%s)", (name,))
-        conn.execute("SELECT pgflow.purge_dlq(%s)", (name,))
-
-
 def read1(conn, q, vt=30):
     row = conn.execute("SELECT msg_id, read_ct FROM pgflow.read(%s, %s, 1)", (q, vt)).fetchone()
     return row

@@ -22,12 +22,16 @@
 
 use crate::errors::{check_name, raise};
 use crate::events;
+use crate::spi::{
+    advisory_xact_lock, arg, column, json_type, null_error, run, text_arg, text_to_string,
+    SpiScope, Statement, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB, REGCLASS, TEXT, TIMESTAMPTZ,
+};
+use crate::v1;
 use pgrx::pg_sys::{self, Datum, FunctionCallInfo, Oid};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::ffi::{CStr, CString};
 
 /// Key space of the queue-name locks (`'pgfq'`), shared with `pgflow._lock_queue_name`.
 const QUEUE_LOCK_SPACE: i32 = 1885824625;
@@ -50,8 +54,6 @@ struct QueueCache {
 
 thread_local! {
     static QUEUES: RefCell<QueueCache> = RefCell::new(QueueCache::default());
-    static PLANS: RefCell<[pg_sys::SPIPlanPtr; STATEMENTS]> =
-        const { RefCell::new([std::ptr::null_mut(); STATEMENTS]) };
 }
 
 /// Called from `_PG_init`.
@@ -70,8 +72,6 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: Datum, _relid: Oid) {
 // Statements, each prepared once per backend
 // ---------------------------------------------------------------------------------------------
 
-const STATEMENTS: usize = 10;
-
 #[derive(Clone, Copy)]
 enum Stmt {
     LookupByName,
@@ -86,15 +86,7 @@ enum Stmt {
     DeleteMany,
 }
 
-const TEXT: Oid = pg_sys::TEXTOID;
-const INT4: Oid = pg_sys::INT4OID;
-const INT8: Oid = pg_sys::INT8OID;
-const JSONB: Oid = pg_sys::JSONBOID;
-const REGCLASS: Oid = pg_sys::REGCLASSOID;
-const INT4ARRAY: Oid = pg_sys::INT4ARRAYOID;
-const INT8ARRAY: Oid = pg_sys::INT8ARRAYOID;
-
-impl Stmt {
+impl Statement for Stmt {
     fn sql(self) -> (&'static str, &'static [Oid]) {
         match self {
             Stmt::LookupByName => (
@@ -113,7 +105,7 @@ impl Stmt {
                 &[INT8, REGCLASS, INT4, INT4, JSONB, JSONB],
             ),
             // $1 queue_id, $2 when: as pgflow._due_at
-            Stmt::DueAt => ("SELECT pgflow._due_at($1, $2)", &[INT8, pg_sys::TIMESTAMPTZOID]),
+            Stmt::DueAt => ("SELECT pgflow._due_at($1, $2)", &[INT8, TIMESTAMPTZ]),
             // $1 queue_id, $2 vt s, $3 how many. The shape of the plain-SQL claim: lock the
             // first visible rows in delivery order, lease them by primary key. A row whose
             // read_ct comes back above max_retries + 1 had exhausted its deliveries: it is
@@ -184,116 +176,9 @@ impl Stmt {
     }
 }
 
-/// The kept plan of `stmt`, prepared on first use in this backend. Call inside SPI.
-unsafe fn plan(stmt: Stmt) -> pg_sys::SPIPlanPtr {
-    let kept = PLANS.with(|p| p.borrow()[stmt as usize]);
-    if !kept.is_null() {
-        return kept;
-    }
-    let (sql, types) = stmt.sql();
-    let sql = CString::new(sql).expect("statement text holds no NUL");
-    let mut types = types.to_vec();
-    let prepared = pg_sys::SPI_prepare_cursor(
-        sql.as_ptr(),
-        types.len() as i32,
-        types.as_mut_ptr(),
-        pg_sys::CURSOR_OPT_GENERIC_PLAN as i32,
-    );
-    if prepared.is_null() || pg_sys::SPI_keepplan(prepared) != 0 {
-        raise(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            "pgflow could not prepare a statement".into(),
-            None,
-        );
-    }
-    PLANS.with(|p| p.borrow_mut()[stmt as usize] = prepared);
-    prepared
-}
-
-/// A parameter: its value, or None for SQL NULL.
-type Param = Option<Datum>;
-
-/// Run a kept statement; returns the number of rows it returned or changed.
-unsafe fn run(stmt: Stmt, params: &[Param]) -> u64 {
-    let mut values: Vec<Datum> = params.iter().map(|p| p.unwrap_or(Datum::from(0))).collect();
-    let nulls: Vec<std::ffi::c_char> = params
-        .iter()
-        .map(|p| if p.is_some() { b' ' } else { b'n' } as std::ffi::c_char)
-        .collect();
-    let rc = pg_sys::SPI_execute_plan(plan(stmt), values.as_mut_ptr(), nulls.as_ptr(), false, 0);
-    if rc < 0 {
-        raise(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            format!("pgflow statement failed: SPI code {rc}"),
-            None,
-        );
-    }
-    pg_sys::SPI_processed
-}
-
-/// Column `col` (1-based) of result row `row` of the last statement.
-unsafe fn column(row: u64, col: i32) -> Option<Datum> {
-    let table = pg_sys::SPI_tuptable;
-    let mut isnull = false;
-    let d = pg_sys::SPI_getbinval(
-        *(*table).vals.add(row as usize),
-        (*table).tupdesc,
-        col,
-        &mut isnull,
-    );
-    (!isnull).then_some(d)
-}
-
-struct SpiScope;
-
-impl SpiScope {
-    unsafe fn connect() -> SpiScope {
-        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            raise(
-                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                "SPI_connect failed".into(),
-                None,
-            );
-        }
-        SpiScope
-    }
-}
-
-impl Drop for SpiScope {
-    fn drop(&mut self) {
-        // Not reached when an ERROR unwinds: the transaction's abort cleans SPI up then.
-        unsafe { pg_sys::SPI_finish() };
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Arguments
 // ---------------------------------------------------------------------------------------------
-
-unsafe fn arg(fcinfo: FunctionCallInfo, i: usize) -> Option<Datum> {
-    let a = (*fcinfo).args.as_slice((*fcinfo).nargs as usize)[i];
-    (!a.isnull).then_some(a.value)
-}
-
-/// A text datum as a Rust string.
-unsafe fn text_to_string(d: Datum) -> String {
-    let c = pg_sys::text_to_cstring(d.cast_mut_ptr());
-    let s = CStr::from_ptr(c).to_string_lossy().into_owned();
-    pg_sys::pfree(c.cast());
-    s
-}
-
-unsafe fn text_arg(fcinfo: FunctionCallInfo, i: usize) -> Option<String> {
-    arg(fcinfo, i).map(|d| text_to_string(d))
-}
-
-fn null_error(name: &str, hint: Option<&str>) -> ! {
-    raise(
-        PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-        format!("{name} must not be null"),
-        hint,
-    )
-}
 
 fn check_seconds(value: Option<i32>, name: &str, null_hint: Option<&str>) -> i32 {
     let Some(v) = value else {
@@ -310,7 +195,7 @@ fn check_seconds(value: Option<i32>, name: &str, null_hint: Option<&str>) -> i32
 }
 
 /// The checks of `pgflow._check_lease`.
-fn check_lease(vt: Option<i32>, qty: Option<i32>) -> (i32, i32) {
+pub(crate) fn check_lease(vt: Option<i32>, qty: Option<i32>) -> (i32, i32) {
     let vt = check_seconds(vt, "vt", Some("vt is the visibility timeout in seconds."));
     let Some(qty) = qty else {
         null_error("qty", None)
@@ -362,7 +247,7 @@ unsafe fn array_elements(d: Datum, int8: bool) -> (i32, Vec<Option<i64>>) {
 }
 
 /// The checks of `pgflow._check_ids`; returns the ids and read_cts.
-unsafe fn check_ids(
+pub(crate) unsafe fn check_ids(
     ids: Option<Datum>,
     cts: Option<Datum>,
     ids_arg: &str,
@@ -443,47 +328,15 @@ unsafe fn queue(name: Option<&str>, name_datum: Option<Datum>) -> QueueInfo {
     q
 }
 
-// fmgr entry points of built-in functions, called through DirectFunctionCall (the bindings
-// only expose them wrapped as Rust functions, which are no PGFunction pointers).
-unsafe extern "C-unwind" {
-    #[link_name = "hashtext"]
-    fn builtin_hashtext(fcinfo: FunctionCallInfo) -> Datum;
-    #[link_name = "pg_advisory_xact_lock_shared_int4"]
-    fn builtin_advisory_xact_lock_shared_int4(fcinfo: FunctionCallInfo) -> Datum;
-    #[link_name = "jsonb_typeof"]
-    fn builtin_jsonb_typeof(fcinfo: FunctionCallInfo) -> Datum;
-}
-
 /// Take the queue-name lock shared (as `pgflow._lock_queue_name(name, false)`), then process
 /// pending invalidations, so that a drop_queue that committed while we waited is seen.
 unsafe fn lock_queue_name(name_datum: Datum) {
-    let hash = pg_sys::DirectFunctionCall1Coll(
-        Some(builtin_hashtext),
-        pg_sys::DEFAULT_COLLATION_OID,
-        name_datum,
-    );
-    pg_sys::DirectFunctionCall2Coll(
-        Some(builtin_advisory_xact_lock_shared_int4),
-        pg_sys::InvalidOid,
-        Datum::from(QUEUE_LOCK_SPACE),
-        hash,
-    );
-    pg_sys::AcceptInvalidationMessages();
+    advisory_xact_lock(QUEUE_LOCK_SPACE, name_datum, true);
 }
 
 // ---------------------------------------------------------------------------------------------
 // The functions
 // ---------------------------------------------------------------------------------------------
-
-macro_rules! v1 {
-    ($finfo:ident) => {
-        #[unsafe(no_mangle)]
-        pub extern "C-unwind" fn $finfo() -> &'static pg_sys::Pg_finfo_record {
-            static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-            &V1
-        }
-    };
-}
 
 v1!(pg_finfo_pgflow_send);
 /// `pgflow.send(queue_name, message, delay int, priority, headers) -> bigint`
@@ -539,15 +392,6 @@ pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
         run(Stmt::DueAt, &[Some(Datum::from(q.id)), visible_at]);
     }
     msg_id
-}
-
-/// `jsonb_typeof` of a jsonb datum.
-unsafe fn json_type(d: Datum) -> String {
-    text_to_string(pg_sys::DirectFunctionCall1Coll(
-        Some(builtin_jsonb_typeof),
-        pg_sys::InvalidOid,
-        d,
-    ))
 }
 
 /// Lease up to `qty` messages of `q` for `vt` seconds into the function's result set, in

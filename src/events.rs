@@ -297,7 +297,7 @@ pub fn bounded(event: &Value) -> String {
     json!({"event": "oversized", "bytes": text.len()}).to_string()
 }
 
-fn add_event(channel: String, event: Value) {
+pub(crate) fn add_event(channel: String, event: Value) {
     let level = current_level();
     PENDING.with(|p| p.borrow_mut().notifications.push((level, channel, event)));
 }
@@ -438,7 +438,7 @@ fn on_commit_notify(channel: &str, event: pgrx::JsonB) {
 /// commits in between is never missed.
 #[pg_extern(volatile, parallel_unsafe, name = "_wake_epoch")]
 #[search_path(pg_catalog, pg_temp)]
-fn wake_epoch(queue_id: i64) -> i64 {
+pub(crate) fn wake_epoch(queue_id: i64) -> i64 {
     if !wakeups_available() {
         return 0;
     }
@@ -449,7 +449,7 @@ fn wake_epoch(queue_id: i64) -> i64 {
 /// commits after `epoch` was taken. Without shared memory this is an interruptible sleep.
 #[pg_extern(volatile, parallel_unsafe, name = "_wait_for_wake")]
 #[search_path(pg_catalog, pg_temp)]
-fn wait_for_wake(queue_id: i64, epoch: i64, timeout_ms: i32) -> bool {
+pub(crate) fn wait_for_wake(queue_id: i64, epoch: i64, timeout_ms: i32) -> bool {
     let timeout_ms = timeout_ms.max(0) as i64;
     let bucket = bucket_of(queue_id);
     let procno = unsafe { (*pg_sys::MyProc).pgprocno } as usize;

@@ -21,6 +21,8 @@ pub mod events;
 pub mod gucs;
 pub mod maintenance;
 pub mod queue;
+mod spi;
+mod workflow;
 
 ::pgrx::pg_module_magic!(name, version);
 

@@ -1,13 +1,15 @@
 -- Workflow layer: runs, tasks and their events.
 --
--- Plans: the public functions on the task path (start_flow, poll_for_tasks, start_tasks,
--- complete_task, fail_task) keep one generic plan per statement per backend
--- (plan_cache_mode = force_generic_plan): otherwise the plan cache keeps choosing custom plans
--- and plans every statement again at every call, which costs more than running it. The plan
--- shape is pinned so it is right at any table size: index scans (enable_seqscan = off) and
--- nested loops (no hash or merge joins). Internal functions (named _...) pin only search_path:
--- they run inside the public ones, whose settings are in effect when their statements are
--- planned.
+-- The task path (poll_for_tasks, start_tasks, complete_task and what a completed step sets
+-- off) is in Rust (src/workflow.rs); it calls the PL/pgSQL functions here for its rare paths.
+--
+-- Plans: the public PL/pgSQL functions here (start_flow, fail_task) keep one generic plan per
+-- statement per backend (plan_cache_mode = force_generic_plan): otherwise the plan cache keeps
+-- choosing custom plans and plans every statement again at every call, which costs more than
+-- running it. The plan shape is pinned so it is right at any table size: index scans
+-- (enable_seqscan = off) and nested loops (no hash or merge joins). Internal functions (named
+-- _...) pin only search_path: they run inside the public ones, whose settings are in effect
+-- when their statements are planned.
 --
 -- Lock order, everywhere: the run first, then task messages (in msg_id order), then step states
 -- (in step_index order), then task rows. Every function that changes a run's step states
@@ -127,33 +129,6 @@ BEGIN
 END
 $$;
 
--- Input of the task of a single step: {"run": <run input>, "<dep>": <dep output>, ...}.
-CREATE FUNCTION pgflow._task_input(flow_slug text, run_id uuid, run_input jsonb, step_slug text, deps_count integer)
-RETURNS jsonb
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    o jsonb;
-BEGIN
-    IF deps_count = 0 THEN
-        RETURN jsonb_build_object('run', run_input);
-    END IF;
-    -- a dep's output: its task's for a single step, its state's (the array) for a map step
-    SELECT jsonb_object_agg(d.dep_slug, CASE WHEN s.step_type = 'map' THEN ss.output ELSE tt.output END) INTO o
-      FROM pgflow.deps d
-      JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
-      LEFT JOIN pgflow.step_states ss
-             ON s.step_type = 'map' AND ss.run_id = _task_input.run_id AND ss.step_slug = d.dep_slug
-      LEFT JOIN pgflow.step_tasks tt
-             ON s.step_type = 'single' AND tt.run_id = _task_input.run_id AND tt.step_slug = d.dep_slug
-            AND tt.task_index = 0
-     WHERE d.flow_slug = _task_input.flow_slug AND d.step_slug = _task_input.step_slug;
-    RETURN jsonb_build_object('run', run_input) || coalesce(o, '{}'::jsonb);
-END
-$$;
-
 -- A run is failing (the caller holds its run lock): its queued and started tasks are no longer
 -- handed out. Their messages are locked in msg_id order, then deleted.
 CREATE FUNCTION pgflow._drop_run_messages(run_id uuid, queue_id bigint) RETURNS void
@@ -187,33 +162,6 @@ BEGIN
     PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
         'event', 'workflow_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug,
         'error', pgflow._event_error(error), 'failed_step', failed_step));
-END
-$$;
-
--- Complete run r if every step of it has completed. Output: {<leaf step>: <its output>, ...}.
-CREATE FUNCTION pgflow._maybe_complete_run(r pgflow.runs) RETURNS void
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-BEGIN
-    IF EXISTS (SELECT 1 FROM pgflow.step_states s WHERE s.run_id = r.run_id AND s.status <> 'completed') THEN
-        RETURN;
-    END IF;
-    UPDATE pgflow.runs
-       SET status = 'completed', completed_at = clock_timestamp(),
-           output = coalesce((
-               SELECT jsonb_object_agg(s.step_slug, pgflow._step_output(r.run_id, s.step_slug, s.step_type))
-                 FROM pgflow.steps s
-                WHERE s.flow_slug = r.flow_slug
-                  AND NOT EXISTS (SELECT 1 FROM pgflow.deps d WHERE d.flow_slug = s.flow_slug AND d.dep_slug = s.step_slug)),
-               '{}'::jsonb)
-     WHERE run_id = r.run_id AND status = 'started';
-    IF FOUND THEN
-        PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
-            'event', 'workflow_completed', 'run_id', r.run_id, 'flow_slug', r.flow_slug,
-            'duration_ms', pgflow._ms_since(r.started_at)));
-    END IF;
 END
 $$;
 
@@ -278,7 +226,7 @@ BEGIN
     END IF;
 
     IF n = 0 THEN
-        RETURN pgflow._step_completed(r, q, st);
+        RETURN pgflow._step_completed(r.run_id, q.queue_id, st.step_slug);
     END IF;
 
     IF st.step_type = 'single' THEN
@@ -312,45 +260,16 @@ BEGIN
 END
 $$;
 
--- Step st of run r has just completed (its state says so): start the dependents whose deps are
--- now all complete, in step_index order, and complete the run when a leaf completes and no
--- step is left. Returns false if the run failed meanwhile (a map over a non-array).
-CREATE FUNCTION pgflow._step_completed(r pgflow.runs, q pgflow.queues, st pgflow.steps) RETURNS boolean
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    nxt pgflow.steps;
-    left_deps integer;
-    leaf boolean := true;
-    x record;
-BEGIN
-    FOR x IN
-        SELECT s AS step, ss.remaining_deps FROM pgflow.deps d
-          JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.step_slug
-          JOIN pgflow.step_states ss ON ss.run_id = r.run_id AND ss.step_slug = d.step_slug
-         WHERE d.flow_slug = st.flow_slug AND d.dep_slug = st.step_slug
-         ORDER BY s.step_index
-    LOOP
-        leaf := false;
-        nxt := x.step;
-        left_deps := x.remaining_deps;
-        IF left_deps = 1 THEN
-            IF NOT pgflow._start_step(r, q, nxt) THEN
-                RETURN false;
-            END IF;
-        ELSE
-            UPDATE pgflow.step_states SET remaining_deps = remaining_deps - 1
-             WHERE run_id = r.run_id AND step_slug = nxt.step_slug;
-        END IF;
-    END LOOP;
-    IF leaf THEN
-        PERFORM pgflow._maybe_complete_run(r);
-    END IF;
-    RETURN true;
-END
-$$;
+-- Step step_slug of run run_id has just completed (its state says so; the caller holds the run
+-- lock): start the dependents whose deps are now all complete, in step_index order, and
+-- complete the run when a leaf completes and no step is left. Returns false if the run failed
+-- meanwhile (a map over a non-array). In Rust (src/workflow.rs), where complete_task calls it
+-- directly; declared for _start_step above.
+CREATE FUNCTION pgflow._step_completed(run_id uuid, queue_id bigint, step_slug text) RETURNS boolean
+LANGUAGE c VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
+AS 'MODULE_PATHNAME', 'pgflow_step_completed';
 
 ---------------------------------------------------------------------------------------------
 -- Starting runs
@@ -458,211 +377,75 @@ BEGIN
 END
 $$;
 
--- Start the tasks of messages just leased by this transaction (msg_ids, their read_ct and
--- bodies, in msg_id order) and return them with their inputs. A message whose task can no
--- longer run (run failed, task done) is deleted; a message that is not a task of this flow is
--- dead-lettered; a task whose last attempt timed out fails.
-CREATE FUNCTION pgflow._start_claimed(f pgflow.flows, q pgflow.queues, msg_ids bigint[], read_cts integer[],
-                                      bodies jsonb[], worker_id uuid)
-RETURNS SETOF pgflow.step_task_record
+-- A message just leased by a claim (poll_for_tasks, start_tasks) whose task cannot start, as
+-- src/workflow.rs found: a message that is not a task of this flow is dead-lettered; one whose
+-- run failed or whose task is done is deleted; a task whose last allowed attempt timed out
+-- fails (and with it its step and run). The statuses that make a task unstartable never change
+-- back, so what is found here is what the claim found; a task found startable all the same is
+-- released at once for the next claim.
+CREATE FUNCTION pgflow._claimed_not_startable(f pgflow.flows, q pgflow.queues, msg_id bigint, read_ct integer,
+                                              body jsonb)
+RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    c record;
     st pgflow.steps;
+    rid uuid;
+    sslug text := CASE WHEN jsonb_typeof(body -> 'step_slug') = 'string' THEN body ->> 'step_slug' END;
+    tidx integer;
     rstatus text;
-    rinput jsonb;
     tstatus text;
-    now_ timestamptz := clock_timestamp();
-    res pgflow.step_task_record;
-    task_events boolean := pgflow._events_level() = 'all';
 BEGIN
-    FOR c IN
-        SELECT x.id, x.rc, x.body,
-               CASE WHEN x.body ->> 'run_id' ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-                     AND jsonb_typeof(x.body -> 'step_slug') = 'string'
-                     AND jsonb_typeof(x.body -> 'task_index') = 'number'
-                    THEN (x.body ->> 'run_id')::uuid END AS rid,
-               x.body ->> 'step_slug' AS sslug,
-               x.body -> 'task_index' AS tidx
-          FROM unnest(msg_ids, read_cts, bodies) AS x(id, rc, body)
-         ORDER BY x.id
-    LOOP
-        IF c.rid IS NULL THEN
-            PERFORM pgflow._dead_letter(q, c.id, format('not a task of flow "%s"', f.flow_slug));
-            CONTINUE;
-        END IF;
-        IF st.step_slug IS DISTINCT FROM c.sslug THEN
-            SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = f.flow_slug AND s.step_slug = c.sslug;
-            IF NOT FOUND THEN
-                PERFORM pgflow._dead_letter(q, c.id, format('not a task of flow "%s"', f.flow_slug));
-                CONTINUE;
-            END IF;
-        END IF;
-        SELECT x.status, x.input, t.status INTO rstatus, rinput, tstatus
-          FROM pgflow.runs x
-          LEFT JOIN pgflow.step_tasks t ON t.run_id = x.run_id AND t.step_slug = c.sslug
-                                       AND t.task_index = (c.tidx)::integer
-         WHERE x.run_id = c.rid;
-        IF NOT FOUND THEN
-            rstatus := NULL;
-            tstatus := NULL;
-        END IF;
-        IF rstatus IS DISTINCT FROM 'started' OR tstatus IS NULL OR tstatus NOT IN ('queued', 'started') THEN
-            -- the run failed or the task is done: nothing to hand out
-            DELETE FROM pgflow.messages m WHERE m.queue_id = q.queue_id AND m.msg_id = c.id;
-            CONTINUE;
-        END IF;
-        IF c.rc > coalesce(st.opt_max_attempts, f.opt_max_attempts) THEN
-            PERFORM pgflow._task_timed_out(f, q, st, c.id, c.rid, (c.tidx)::integer, c.rc);
-            CONTINUE;
-        END IF;
-        UPDATE pgflow.step_tasks t
-           SET status = 'started', attempts_count = c.rc, started_at = now_, last_worker_id = _start_claimed.worker_id
-         WHERE t.run_id = c.rid AND t.step_slug = c.sslug AND t.task_index = (c.tidx)::integer
-           AND t.status IN ('queued', 'started');
-        IF NOT FOUND THEN
-            CONTINUE;
-        END IF;
-        IF tstatus = 'started' AND task_events THEN
-            -- its previous attempt timed out; this one is a retry
-            PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
-                'event', 'task_failed', 'run_id', c.rid, 'flow_slug', f.flow_slug, 'step_slug', c.sslug,
-                'task_index', c.tidx, 'attempt', c.rc - 1, 'will_retry', true,
-                'error', format('timed out: not completed within %s s', coalesce(st.opt_timeout, f.opt_timeout))));
-        END IF;
-        IF task_events THEN
-            PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
-                'event', 'task_started', 'run_id', c.rid, 'flow_slug', f.flow_slug, 'step_slug', c.sslug,
-                'task_index', c.tidx, 'attempt', c.rc));
-        END IF;
-        res.flow_slug := f.flow_slug;
-        res.run_id := c.rid;
-        res.step_slug := c.sslug;
-        res.task_index := (c.tidx)::integer;
-        res.msg_id := c.id;
-        res.input := CASE WHEN st.step_type = 'map' THEN c.body -> 'input'
-                          ELSE pgflow._task_input(f.flow_slug, c.rid, rinput, c.sslug, st.deps_count) END;
-        RETURN NEXT res;
-    END LOOP;
+    IF body ->> 'run_id' ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+       AND jsonb_typeof(body -> 'task_index') = 'number' AND body ->> 'task_index' ~ '^[0-9]{1,9}$' THEN
+        rid := (body ->> 'run_id')::uuid;
+        tidx := (body ->> 'task_index')::integer;
+    END IF;
+    IF rid IS NOT NULL AND sslug IS NOT NULL THEN
+        SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = f.flow_slug AND s.step_slug = sslug;
+    END IF;
+    IF st.step_slug IS NULL THEN
+        PERFORM pgflow._dead_letter(q, _claimed_not_startable.msg_id, format('not a task of flow "%s"', f.flow_slug));
+        RETURN;
+    END IF;
+    SELECT x.status, t.status INTO rstatus, tstatus
+      FROM pgflow.runs x
+      LEFT JOIN pgflow.step_tasks t ON t.run_id = x.run_id AND t.step_slug = sslug AND t.task_index = tidx
+     WHERE x.run_id = rid;
+    IF rstatus IS DISTINCT FROM 'started' OR tstatus IS NULL OR tstatus NOT IN ('queued', 'started') THEN
+        -- the run failed or the task is done: nothing to hand out
+        DELETE FROM pgflow.messages m WHERE m.queue_id = q.queue_id AND m.msg_id = _claimed_not_startable.msg_id;
+    ELSIF _claimed_not_startable.read_ct > coalesce(st.opt_max_attempts, f.opt_max_attempts) THEN
+        PERFORM pgflow._task_timed_out(f, q, st, _claimed_not_startable.msg_id, rid, tidx,
+                                       _claimed_not_startable.read_ct);
+    ELSE
+        UPDATE pgflow.messages m SET vt = clock_timestamp()
+         WHERE m.queue_id = q.queue_id AND m.msg_id = _claimed_not_startable.msg_id;
+    END IF;
 END
 $$;
 
+-- The task path (start_tasks, poll_for_tasks, complete_task) is in Rust (src/workflow.rs).
+-- The SET clauses pin its plans to index scans and nested loops whatever the tables held when
+-- they were planned (plan_cache_mode is for the PL/pgSQL functions it calls).
 CREATE FUNCTION pgflow.start_tasks(flow_slug text, msg_ids bigint[], worker_id uuid)
 RETURNS SETOF pgflow.step_task_record
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE c VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
-AS $$
-#variable_conflict use_column
-DECLARE
-    f pgflow.flows;
-    q pgflow.queues;
-    ids bigint[];
-    cts integer[];
-    bodies jsonb[];
-BEGIN
-    f := pgflow._flow(start_tasks.flow_slug);
-    PERFORM pgflow._check_ids(start_tasks.msg_ids, NULL);
-    IF start_tasks.worker_id IS NULL THEN
-        RAISE EXCEPTION 'worker_id must not be null' USING ERRCODE = '22004',
-            HINT = 'Each worker passes a uuid of its own; complete_task and fail_task can check it.';
-    END IF;
-    q := pgflow._queue(f.flow_slug);
-    -- Lock in msg_id order, then lease each task for its step's timeout.
-    PERFORM 1 FROM pgflow.messages m
-     WHERE m.queue_id = q.queue_id AND m.msg_id = ANY (start_tasks.msg_ids) AND m.read_ct > 0
-     ORDER BY m.msg_id FOR UPDATE;
-    WITH u AS (
-        UPDATE pgflow.messages m
-           SET vt = clock_timestamp() + make_interval(secs => coalesce(
-                   (SELECT s.opt_timeout FROM pgflow.steps s
-                     WHERE s.flow_slug = f.flow_slug AND s.step_slug = m.message ->> 'step_slug'),
-                   f.opt_timeout))
-         WHERE m.queue_id = q.queue_id AND m.msg_id = ANY (start_tasks.msg_ids) AND m.read_ct > 0
-        RETURNING m.msg_id, m.read_ct, m.message
-    )
-    SELECT array_agg(u.msg_id ORDER BY u.msg_id), array_agg(u.read_ct ORDER BY u.msg_id),
-           array_agg(u.message ORDER BY u.msg_id)
-      INTO ids, cts, bodies FROM u;
-    IF ids IS NULL THEN
-        RETURN;
-    END IF;
-    RETURN QUERY SELECT * FROM pgflow._start_claimed(f, q, ids, cts, bodies, start_tasks.worker_id);
-END
-$$;
+AS 'MODULE_PATHNAME', 'pgflow_start_tasks';
 COMMENT ON FUNCTION pgflow.start_tasks(text, bigint[], uuid) IS
 'Start the tasks of messages a worker read from the flow''s queue (pgflow.read or read_with_poll): marks each task started, counts the attempt, leases it for its step''s timeout, and returns (flow_slug, run_id, step_slug, task_index, msg_id, input). input is {"run": <run input>, "<dep>": <dep output>, ...}, or the array element for a map task. Messages of failed runs or finished tasks are dropped and not returned; a task whose last attempt timed out fails (and with it its step and run). worker_id is recorded and may be passed to complete_task / fail_task.';
 
 CREATE FUNCTION pgflow.poll_for_tasks(flow_slug text, vt integer, qty integer, max_poll_seconds integer DEFAULT 5,
                                       poll_interval_ms integer DEFAULT 100, worker_id uuid DEFAULT NULL)
 RETURNS SETOF pgflow.step_task_record
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE c VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
-AS $$
-#variable_conflict use_column
-DECLARE
-    f pgflow.flows;
-    q pgflow.queues;
-    fq record;
-    deadline timestamptz;
-    epoch bigint;
-    left_ms integer;
-    ids bigint[];
-    cts integer[];
-    bodies jsonb[];
-BEGIN
-    SELECT ff AS f, qq AS q INTO fq FROM pgflow.flows ff JOIN pgflow.queues qq ON qq.queue_name = ff.flow_slug
-     WHERE ff.flow_slug = poll_for_tasks.flow_slug;
-    f := fq.f;
-    q := fq.q;
-    IF f.flow_slug IS NULL THEN
-        f := pgflow._flow(poll_for_tasks.flow_slug);   -- raises the specific error
-    END IF;
-    PERFORM pgflow._check_lease(poll_for_tasks.vt, poll_for_tasks.qty);
-    PERFORM pgflow._check_poll(max_poll_seconds, poll_interval_ms);
-    deadline := clock_timestamp() + make_interval(secs => max_poll_seconds);
-    LOOP
-        -- Taken before looking, so tasks queued by a commit between the look and the wait wake us.
-        epoch := pgflow._wake_epoch(q.queue_id);
-        -- Lease the next visible messages, each for its step's timeout (vt for a message that is
-        -- not a task of this flow), in one statement whose generic plan is an ordered scan of
-        -- the delivery-order index and a nested loop over the primary key.
-        WITH c AS (
-            SELECT m.msg_id FROM pgflow.messages m
-             WHERE m.queue_id = q.queue_id AND m.vt <= clock_timestamp()
-             ORDER BY m.priority DESC, m.msg_id
-             LIMIT poll_for_tasks.qty
-               FOR UPDATE SKIP LOCKED
-        ), u AS (
-            UPDATE pgflow.messages m
-               SET vt = clock_timestamp() + make_interval(secs => coalesce(
-                       (SELECT s.opt_timeout FROM pgflow.steps s
-                         WHERE s.flow_slug = f.flow_slug AND s.step_slug = m.message ->> 'step_slug'),
-                       CASE WHEN m.message ? 'run_id' THEN f.opt_timeout ELSE poll_for_tasks.vt END)),
-                   read_ct = m.read_ct + 1
-              FROM c
-             WHERE m.queue_id = q.queue_id AND m.msg_id = c.msg_id
-            RETURNING m.msg_id, m.read_ct, m.message
-        )
-        SELECT array_agg(u.msg_id ORDER BY u.msg_id), array_agg(u.read_ct ORDER BY u.msg_id),
-               array_agg(u.message ORDER BY u.msg_id)
-          INTO ids, cts, bodies FROM u;
-        IF ids IS NOT NULL THEN
-            RETURN QUERY SELECT * FROM pgflow._start_claimed(f, q, ids, cts, bodies, poll_for_tasks.worker_id);
-            IF FOUND THEN
-                RETURN;
-            END IF;
-        END IF;
-        left_ms := ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000);
-        EXIT WHEN left_ms <= 0;
-        PERFORM pgflow._wait_for_wake(q.queue_id, epoch, least(left_ms, poll_interval_ms));
-    END LOOP;
-END
-$$;
+AS 'MODULE_PATHNAME', 'pgflow_poll_for_tasks';
 COMMENT ON FUNCTION pgflow.poll_for_tasks(text, integer, integer, integer, integer, uuid) IS
 'Claim up to qty tasks of a flow in one statement: leases their messages and starts them as pgflow.start_tasks does, returning (flow_slug, run_id, step_slug, task_index, msg_id, input). Each task is leased for its step''s timeout (vt applies only to a stray message that is not a task). Waits up to max_poll_seconds for tasks, woken at the commit that queues new ones (looking again every poll_interval_ms for timed-out tasks and delayed retries). worker_id, optional, is recorded as the task''s last_worker_id.';
 
@@ -744,107 +527,10 @@ $$;
 CREATE FUNCTION pgflow.complete_task(run_id uuid, step_slug text, task_index integer, output jsonb,
                                      worker_id uuid DEFAULT NULL)
 RETURNS text
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE c VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
-AS $$
-#variable_conflict use_column
-DECLARE
-    r pgflow.runs;
-    t pgflow.step_tasks;
-    outcome text;
-    chk record;
-    st pgflow.steps;
-    q pgflow.queues;
-    left_tasks integer;
-    now_ timestamptz;
-    events text;
-    rtsq record;
-BEGIN
-    IF complete_task.run_id IS NULL OR complete_task.step_slug IS NULL OR complete_task.task_index IS NULL
-       OR complete_task.output IS NULL THEN
-        IF complete_task.output IS NULL THEN
-            RAISE EXCEPTION 'output must not be null' USING ERRCODE = '22004',
-                HINT = 'Pass JSON null (''null''::jsonb) for a task without output.';
-        END IF;
-        PERFORM pgflow._end_task_check(complete_task.run_id, complete_task.step_slug, complete_task.task_index,
-                                       complete_task.worker_id);
-    END IF;
-    -- The prologue of pgflow._end_task_check, inline on this hot path: run lock, run, task.
-    PERFORM pg_advisory_xact_lock(1885824631, hashtext(complete_task.run_id::text));
-    -- run, task, step and queue in one statement
-    SELECT rr AS r, tt AS t, ss AS st, qq AS q INTO rtsq
-      FROM pgflow.runs rr
-      JOIN pgflow.step_tasks tt ON tt.run_id = rr.run_id AND tt.step_slug = complete_task.step_slug
-                               AND tt.task_index = complete_task.task_index
-      JOIN pgflow.steps ss ON ss.flow_slug = rr.flow_slug AND ss.step_slug = tt.step_slug
-      JOIN pgflow.queues qq ON qq.queue_name = rr.flow_slug
-     WHERE rr.run_id = complete_task.run_id;
-    r := rtsq.r;
-    t := rtsq.t;
-    st := rtsq.st;
-    q := rtsq.q;
-    IF r.run_id IS NULL OR t.run_id IS NULL THEN
-        -- raises the specific 42704
-        PERFORM pgflow._end_task_check(complete_task.run_id, complete_task.step_slug, complete_task.task_index,
-                                       complete_task.worker_id);
-    END IF;
-    outcome := CASE
-        WHEN r.status = 'failed' THEN 'run_failed'
-        WHEN t.status = 'completed' THEN 'already_completed'
-        WHEN t.status = 'failed' THEN 'already_failed'
-        WHEN t.status = 'queued' THEN 'not_started'
-        WHEN complete_task.worker_id IS NOT NULL AND t.last_worker_id IS DISTINCT FROM complete_task.worker_id THEN 'stale'
-    END;
-    IF outcome IS NOT NULL THEN
-        RETURN outcome;
-    END IF;
-    now_ := clock_timestamp();
-    events := pgflow._events_level();
-    -- Message, then step state, then task. The message is deleted first: when the caller names
-    -- its worker_id, only the delivery it was given (read_ct = its attempt), so a claim by
-    -- another worker that committed while we waited for the message makes this a no-op.
-    DELETE FROM pgflow.messages m
-     WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id
-       AND (complete_task.worker_id IS NULL OR m.read_ct = t.attempts_count);
-    IF NOT FOUND AND complete_task.worker_id IS NOT NULL THEN
-        RETURN pgflow._end_task_recheck(complete_task.run_id, complete_task.step_slug, complete_task.task_index,
-                                        complete_task.worker_id, t.attempts_count);
-    END IF;
-    -- the step state and the task, in one statement (both under the run lock)
-    WITH ss AS (
-        UPDATE pgflow.step_states s
-           SET remaining_tasks = s.remaining_tasks - 1,
-               status = CASE WHEN s.remaining_tasks = 1 AND st.step_type = 'single' THEN 'completed' ELSE s.status END,
-               completed_at = CASE WHEN s.remaining_tasks = 1 AND st.step_type = 'single' THEN now_ ELSE s.completed_at END
-         WHERE s.run_id = complete_task.run_id AND s.step_slug = complete_task.step_slug
-        RETURNING s.remaining_tasks
-    ), tt AS (
-        UPDATE pgflow.step_tasks x
-           SET status = 'completed', output = complete_task.output, completed_at = now_
-         WHERE x.run_id = complete_task.run_id AND x.step_slug = complete_task.step_slug
-           AND x.task_index = complete_task.task_index
-        RETURNING 1
-    )
-    SELECT ss.remaining_tasks INTO left_tasks FROM ss, tt;
-    IF events = 'all' THEN
-      PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
-        'event', 'task_completed', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
-        'task_index', complete_task.task_index, 'duration_ms', round(extract(epoch FROM now_ - t.started_at) * 1000)));
-    END IF;
-    IF left_tasks = 0 THEN
-        IF st.step_type = 'map' THEN
-            UPDATE pgflow.step_states s
-               SET status = 'completed', completed_at = now_,
-                   output = (SELECT jsonb_agg(x.output ORDER BY x.task_index) FROM pgflow.step_tasks x
-                              WHERE x.run_id = complete_task.run_id AND x.step_slug = complete_task.step_slug)
-             WHERE s.run_id = complete_task.run_id AND s.step_slug = complete_task.step_slug;
-        END IF;
-        PERFORM pgflow._step_completed(r, q, st);
-    END IF;
-    RETURN 'completed';
-END
-$$;
+AS 'MODULE_PATHNAME', 'pgflow_complete_task';
 COMMENT ON FUNCTION pgflow.complete_task(uuid, text, integer, jsonb, uuid) IS
 'Complete a started task with its output (any JSON value, not SQL NULL). Returns the outcome: completed; or, changing nothing: already_completed (the first completion wins), already_failed, not_started (queued, e.g. waiting for a retry), run_failed, stale (worker_id given and the task was since handed to another worker). When its step''s last task completes, the step completes (a map step with the array of its task outputs), the dependents whose deps are all complete start, and once every step is complete the run completes with output {<leaf step>: <output>, ...}. Unknown run, step or task: 42704.';
 

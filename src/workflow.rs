@@ -1,0 +1,810 @@
+//! The workflow layer's task path in Rust: `poll_for_tasks`, `start_tasks`, `complete_task`
+//! and what a completed step sets off (`_step_completed`).
+//!
+//! Why not PL/pgSQL for these: every task goes through a claim and a completion, and measured,
+//! the PL/pgSQL versions spent most of their time around the statements rather than in them:
+//! in nested function calls (each with its own `SET` scope and composite arguments) and in
+//! statements each doing one small thing. Here a claim is one statement for the batch plus one
+//! per task (start it and build its input), and a completion one statement for the message,
+//! the step state and the task together, plus one per dependent step it starts (or one that
+//! completes the run). Statements are planned once per backend (see [`crate::spi`]).
+//!
+//! The rare paths stay in PL/pgSQL, called from here: the specific errors for unknown runs,
+//! steps and tasks (`_end_task_check`), a stale delivery (`_end_task_recheck`), a claimed
+//! message whose task cannot start (`_claimed_not_startable`: stray, finished, timed out),
+//! and starting a map step or a delayed step (`_start_step`).
+//!
+//! Locks and their order are those described at the top of `sql/workflow/runtime.sql`.
+
+use crate::errors::raise;
+use crate::events;
+use crate::gucs::{WorkflowEvents, WORKFLOW_EVENTS};
+use crate::queue::{check_ids, check_lease};
+use crate::spi::{
+    advisory_xact_lock, arg, column, int_column, null_error, run, text_column, text_datum,
+    text_to_string, SpiScope, Statement, BOOL, INT4, INT8, INT8ARRAY, JSONB, REGCLASS, TEXT, UUID,
+};
+use crate::v1;
+use pgrx::pg_sys::{self, Datum, FunctionCallInfo, Oid};
+use pgrx::PgSqlErrorCode;
+use serde_json::{json, Value};
+
+/// Key space of the run locks (`'pgfw'`), shared with `pgflow._lock_run`.
+const RUN_LOCK_SPACE: i32 = 1885824631;
+
+#[derive(Clone, Copy)]
+enum Stmt {
+    FlowOf,
+    RaiseFlow,
+    CheckPoll,
+    ClaimTasks,
+    LeaseGiven,
+    StartTask,
+    NotStartable,
+    TaskOf,
+    EndTaskCheck,
+    EndTaskRecheck,
+    FinishTask,
+    MapStepOutput,
+    Dependents,
+    StartSingleStep,
+    StartStep,
+    DecrementDeps,
+    CompleteRun,
+    RunAndQueue,
+}
+
+/// The columns a claim returns, used by [`Stmt::ClaimTasks`] and [`Stmt::LeaseGiven`]:
+/// msg_id, read_ct, body, and the task the body names (run_id, step_slug, task_index), NULL
+/// where the body is not a well-formed task.
+macro_rules! claimed_columns {
+    () => {
+        "m.msg_id, m.read_ct, m.message,
+         CASE WHEN m.message ->> 'run_id' ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+              THEN (m.message ->> 'run_id')::uuid END,
+         CASE WHEN jsonb_typeof(m.message -> 'step_slug') = 'string' THEN m.message ->> 'step_slug' END,
+         CASE WHEN jsonb_typeof(m.message -> 'task_index') = 'number'
+               AND m.message ->> 'task_index' ~ '^[0-9]{1,9}$'
+              THEN (m.message ->> 'task_index')::integer END"
+    };
+}
+
+/// A claimed message's lease: its step's timeout, or (a message that is not a task of the
+/// flow) `$2` seconds. `$4` flow_slug, `$5` the flow's timeout.
+macro_rules! task_lease {
+    () => {
+        "vt = clock_timestamp() + make_interval(secs => coalesce(
+                 (SELECT s.opt_timeout FROM pgflow.steps s
+                   WHERE s.flow_slug = $4 AND s.step_slug = m.message ->> 'step_slug'),
+                 CASE WHEN m.message ? 'run_id' THEN $5 ELSE $2 END))"
+    };
+}
+
+impl Statement for Stmt {
+    fn sql(self) -> (&'static str, &'static [Oid]) {
+        match self {
+            Stmt::FlowOf => (
+                "SELECT f.opt_timeout, f.opt_max_attempts, q.queue_id
+                   FROM pgflow.flows f JOIN pgflow.queues q ON q.queue_name = f.flow_slug
+                  WHERE f.flow_slug = $1",
+                &[TEXT],
+            ),
+            // raises the specific error for a NULL, malformed or unknown flow slug
+            Stmt::RaiseFlow => ("SELECT pgflow._flow($1)", &[TEXT]),
+            Stmt::CheckPoll => ("SELECT pgflow._check_poll($1, $2)", &[INT4, INT4]),
+            // $1 queue_id, $2 vt, $3 qty, $4 flow_slug, $5 flow timeout. Lease the next visible
+            // messages: an ordered scan of the delivery-order index, a nested loop over the key.
+            Stmt::ClaimTasks => (
+                concat!(
+                    "WITH c AS (
+                         SELECT m.msg_id FROM pgflow.messages m
+                          WHERE m.queue_id = $1 AND m.vt <= clock_timestamp()
+                          ORDER BY m.priority DESC, m.msg_id
+                          LIMIT $3
+                            FOR UPDATE SKIP LOCKED
+                     )
+                     UPDATE pgflow.messages m SET ",
+                    task_lease!(),
+                    ", read_ct = m.read_ct + 1
+                       FROM c
+                      WHERE m.queue_id = $1 AND m.msg_id = c.msg_id
+                     RETURNING ",
+                    claimed_columns!()
+                ),
+                &[INT8, INT4, INT4, TEXT, INT4],
+            ),
+            // $1 queue_id, $2 the flow's timeout, $3 msg_ids, $4 flow_slug, $5 the flow's
+            // timeout: lease messages a worker read (start_tasks), locked in msg_id order.
+            Stmt::LeaseGiven => (
+                concat!(
+                    "WITH c AS (
+                         SELECT m.msg_id FROM pgflow.messages m
+                          WHERE m.queue_id = $1 AND m.msg_id = ANY ($3) AND m.read_ct > 0
+                          ORDER BY m.msg_id
+                            FOR UPDATE
+                     )
+                     UPDATE pgflow.messages m SET ",
+                    task_lease!(),
+                    " FROM c
+                      WHERE m.queue_id = $1 AND m.msg_id = c.msg_id AND m.read_ct > 0
+                     RETURNING ",
+                    claimed_columns!()
+                ),
+                &[INT8, INT4, INT8ARRAY, TEXT, INT4],
+            ),
+            // $1 run_id, $2 step_slug, $3 task_index, $4 attempt (read_ct), $5 worker_id,
+            // $6 flow_slug, $7 the flow's max_attempts, $8 message body, $9 the flow's timeout.
+            // Start the task if its run is running, it is queued or started (a retry after a
+            // timeout), and this attempt is allowed; return its previous status, its timeout,
+            // its input ({"run": ..., "<dep>": <output>, ...}, or the element of a map task)
+            // and whether it was started. No row: the task cannot start (see NotStartable).
+            Stmt::StartTask => (
+                "WITH cur AS (
+                     SELECT t.status AS old_status, r.input AS run_input, s.step_type, s.deps_count,
+                            coalesce(s.opt_timeout, $9) AS timeout
+                       FROM pgflow.step_tasks t
+                       JOIN pgflow.runs r ON r.run_id = t.run_id
+                       JOIN pgflow.steps s ON s.flow_slug = $6 AND s.step_slug = t.step_slug
+                      WHERE t.run_id = $1 AND t.step_slug = $2 AND t.task_index = $3
+                        AND r.status = 'started' AND t.status IN ('queued', 'started')
+                        AND $4 <= coalesce(s.opt_max_attempts, $7)
+                 ), started AS (
+                     UPDATE pgflow.step_tasks t
+                        SET status = 'started', attempts_count = $4, started_at = clock_timestamp(),
+                            last_worker_id = $5
+                       FROM cur
+                      WHERE t.run_id = $1 AND t.step_slug = $2 AND t.task_index = $3
+                        AND t.status IN ('queued', 'started')
+                     RETURNING 1
+                 )
+                 SELECT cur.old_status, cur.timeout,
+                        CASE WHEN cur.step_type = 'map' THEN $8 -> 'input'
+                             WHEN cur.deps_count = 0 THEN jsonb_build_object('run', cur.run_input)
+                             ELSE jsonb_build_object('run', cur.run_input) || coalesce((
+                                  SELECT jsonb_object_agg(d.dep_slug,
+                                             CASE WHEN s.step_type = 'map' THEN ss.output ELSE tt.output END)
+                                    FROM pgflow.deps d
+                                    JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
+                                    LEFT JOIN pgflow.step_states ss
+                                           ON s.step_type = 'map' AND ss.run_id = $1 AND ss.step_slug = d.dep_slug
+                                    LEFT JOIN pgflow.step_tasks tt
+                                           ON s.step_type = 'single' AND tt.run_id = $1
+                                          AND tt.step_slug = d.dep_slug AND tt.task_index = 0
+                                   WHERE d.flow_slug = $6 AND d.step_slug = $2), '{}'::jsonb)
+                        END,
+                        (SELECT count(*) FROM started)
+                   FROM cur",
+                &[UUID, TEXT, INT4, INT4, UUID, TEXT, INT4, JSONB, INT4],
+            ),
+            // $1 flow_slug, $2 queue_id, $3 msg_id, $4 read_ct, $5 body
+            Stmt::NotStartable => (
+                "SELECT pgflow._claimed_not_startable(f, q, $3, $4, $5)
+                   FROM pgflow.flows f JOIN pgflow.queues q ON q.queue_id = $2
+                  WHERE f.flow_slug = $1",
+                &[TEXT, INT8, INT8, INT4, JSONB],
+            ),
+            // $1 run_id, $2 step_slug, $3 task_index: the run, the task, its step and queue
+            Stmt::TaskOf => (
+                "SELECT r.status, r.flow_slug, t.status, t.last_worker_id, t.attempts_count, t.message_id,
+                        s.step_type, q.queue_id, q.msg_seq::oid
+                   FROM pgflow.runs r
+                   JOIN pgflow.step_tasks t ON t.run_id = r.run_id AND t.step_slug = $2 AND t.task_index = $3
+                   JOIN pgflow.steps s ON s.flow_slug = r.flow_slug AND s.step_slug = t.step_slug
+                   JOIN pgflow.queues q ON q.queue_name = r.flow_slug
+                  WHERE r.run_id = $1",
+                &[UUID, TEXT, INT4],
+            ),
+            // raises the specific errors for NULL or unknown runs, steps and tasks
+            Stmt::EndTaskCheck => (
+                "SELECT outcome FROM pgflow._end_task_check($1, $2, $3, $4)",
+                &[UUID, TEXT, INT4, UUID],
+            ),
+            Stmt::EndTaskRecheck => (
+                "SELECT pgflow._end_task_recheck($1, $2, $3, $4, $5)",
+                &[UUID, TEXT, INT4, UUID, INT4],
+            ),
+            // $1 queue_id, $2 msg_id, $3 worker_id, $4 attempt, $5 run_id, $6 step_slug,
+            // $7 task_index, $8 output, $9 single step. Message, then step state, then task
+            // (the subqueries run in that order). The message goes first: when the caller
+            // names its worker_id, only the delivery it was given (read_ct = its attempt), so
+            // a claim by another worker that committed while we waited makes this a no-op.
+            Stmt::FinishTask => (
+                "WITH gone AS (
+                     DELETE FROM pgflow.messages m
+                      WHERE m.queue_id = $1 AND m.msg_id = $2 AND ($3::uuid IS NULL OR m.read_ct = $4)
+                     RETURNING 1
+                 ), ss AS (
+                     UPDATE pgflow.step_states s
+                        SET remaining_tasks = s.remaining_tasks - 1,
+                            status = CASE WHEN s.remaining_tasks = 1 AND $9 THEN 'completed' ELSE s.status END,
+                            completed_at = CASE WHEN s.remaining_tasks = 1 AND $9 THEN clock_timestamp()
+                                                ELSE s.completed_at END
+                      WHERE s.run_id = $5 AND s.step_slug = $6 AND ($3::uuid IS NULL OR EXISTS (SELECT 1 FROM gone))
+                     RETURNING s.remaining_tasks
+                 ), tt AS (
+                     UPDATE pgflow.step_tasks x
+                        SET status = 'completed', output = $8, completed_at = clock_timestamp()
+                      WHERE x.run_id = $5 AND x.step_slug = $6 AND x.task_index = $7
+                        AND ($3::uuid IS NULL OR EXISTS (SELECT 1 FROM gone))
+                     RETURNING round(extract(epoch FROM x.completed_at - x.started_at) * 1000)::bigint AS ms
+                 )
+                 SELECT (SELECT count(*) FROM gone), (SELECT remaining_tasks FROM ss), (SELECT ms FROM tt)",
+                &[INT8, INT8, UUID, INT4, UUID, TEXT, INT4, JSONB, BOOL],
+            ),
+            // $1 run_id, $2 step_slug: a map step's last task completed
+            Stmt::MapStepOutput => (
+                "UPDATE pgflow.step_states s
+                    SET status = 'completed', completed_at = clock_timestamp(),
+                        output = (SELECT jsonb_agg(x.output ORDER BY x.task_index) FROM pgflow.step_tasks x
+                                   WHERE x.run_id = $1 AND x.step_slug = $2)
+                  WHERE s.run_id = $1 AND s.step_slug = $2",
+                &[UUID, TEXT],
+            ),
+            // $1 flow_slug, $2 step_slug, $3 run_id: the steps depending on a step
+            Stmt::Dependents => (
+                "SELECT s.step_slug, s.step_type, s.step_index, coalesce(s.opt_start_delay, 0), ss.remaining_deps
+                   FROM pgflow.deps d
+                   JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.step_slug
+                   JOIN pgflow.step_states ss ON ss.run_id = $3 AND ss.step_slug = d.step_slug
+                  WHERE d.flow_slug = $1 AND d.dep_slug = $2
+                  ORDER BY s.step_index",
+                &[TEXT, TEXT, UUID],
+            ),
+            // $1 run_id, $2 step_slug, $3 flow_slug, $4 queue_id, $5 sequence, $6 step_index:
+            // start a single step without start delay, as pgflow._start_step does for it.
+            Stmt::StartSingleStep => (
+                "WITH st AS (
+                     UPDATE pgflow.step_states
+                        SET status = 'started', remaining_deps = 0, remaining_tasks = 1, initial_tasks = 1,
+                            started_at = clock_timestamp()
+                      WHERE run_id = $1 AND step_slug = $2
+                     RETURNING 1
+                 ), m AS (
+                     INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message)
+                     SELECT $4, nextval($5), clock_timestamp(), $6,
+                            jsonb_build_object('run_id', $1, 'step_slug', $2, 'task_index', 0)
+                       FROM st
+                     RETURNING msg_id
+                 )
+                 INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id, queued_at)
+                 SELECT $3, $1, $2, 0, m.msg_id, clock_timestamp() FROM m",
+                &[UUID, TEXT, TEXT, INT8, REGCLASS, INT4],
+            ),
+            // $1 run_id, $2 queue_id, $3 step_slug: any other step start (map, start delay)
+            Stmt::StartStep => (
+                "SELECT pgflow._start_step(r, q, s)
+                   FROM pgflow.runs r
+                   JOIN pgflow.queues q ON q.queue_id = $2
+                   JOIN pgflow.steps s ON s.flow_slug = r.flow_slug AND s.step_slug = $3
+                  WHERE r.run_id = $1",
+                &[UUID, INT8, TEXT],
+            ),
+            Stmt::DecrementDeps => (
+                "UPDATE pgflow.step_states SET remaining_deps = remaining_deps - 1
+                  WHERE run_id = $1 AND step_slug = $2",
+                &[UUID, TEXT],
+            ),
+            // $1 run_id: complete the run if every step has completed, with output
+            // {<leaf step>: <its output>, ...}; returns its flow and duration.
+            Stmt::CompleteRun => (
+                "UPDATE pgflow.runs r
+                    SET status = 'completed', completed_at = clock_timestamp(),
+                        output = coalesce((
+                            SELECT jsonb_object_agg(s.step_slug, pgflow._step_output(r.run_id, s.step_slug, s.step_type))
+                              FROM pgflow.steps s
+                             WHERE s.flow_slug = r.flow_slug
+                               AND NOT EXISTS (SELECT 1 FROM pgflow.deps d
+                                                WHERE d.flow_slug = s.flow_slug AND d.dep_slug = s.step_slug)),
+                            '{}'::jsonb)
+                  WHERE r.run_id = $1 AND r.status = 'started'
+                    AND NOT EXISTS (SELECT 1 FROM pgflow.step_states s WHERE s.run_id = $1 AND s.status <> 'completed')
+                 RETURNING r.flow_slug, round(extract(epoch FROM clock_timestamp() - r.started_at) * 1000)::bigint",
+                &[UUID],
+            ),
+            Stmt::RunAndQueue => (
+                "SELECT r.flow_slug, q.msg_seq::oid FROM pgflow.runs r JOIN pgflow.queues q ON q.queue_id = $2
+                  WHERE r.run_id = $1",
+                &[UUID, INT8],
+            ),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A uuid datum in its text form (8-4-4-4-12 lower-case hex).
+unsafe fn uuid_string(d: Datum) -> String {
+    let b = std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), 16);
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+unsafe fn uuids_equal(a: Datum, b: Datum) -> bool {
+    std::slice::from_raw_parts(a.cast_mut_ptr::<u8>(), 16)
+        == std::slice::from_raw_parts(b.cast_mut_ptr::<u8>(), 16)
+}
+
+/// Take the run lock (as `pgflow._lock_run(run_id, true)`).
+unsafe fn lock_run(run_id: Datum) {
+    let key = text_datum(&uuid_string(run_id));
+    advisory_xact_lock(RUN_LOCK_SPACE, key, false);
+}
+
+/// Announce a workflow event as `pgflow._emit` does, as the setting pgflow.workflow_events
+/// allows: on the flow's channel and on `pgflow.flows`, at commit.
+fn emit(flow_slug: &str, event: Value) {
+    let is_task_event = event["event"]
+        .as_str()
+        .is_some_and(|e| e.starts_with("task_"));
+    match WORKFLOW_EVENTS.get() {
+        WorkflowEvents::Off => return,
+        WorkflowEvents::Runs if is_task_event => return,
+        _ => {}
+    }
+    events::add_event(events::flow_channel_of(flow_slug), event.clone());
+    events::add_event("pgflow.flows".to_string(), event);
+}
+
+fn task_events() -> bool {
+    matches!(WORKFLOW_EVENTS.get(), WorkflowEvents::All)
+}
+
+/// A flow's options and queue.
+struct Flow {
+    slug: String,
+    slug_datum: Datum,
+    timeout: i32,
+    max_attempts: i32,
+    queue_id: i64,
+}
+
+unsafe fn flow(slug: Option<Datum>) -> Flow {
+    if let Some(d) = slug {
+        if run(Stmt::FlowOf, &[Some(d)]) == 1 {
+            return Flow {
+                slug: text_to_string(d),
+                slug_datum: d,
+                timeout: int_column(0, 1).unwrap_or(0) as i32,
+                max_attempts: int_column(0, 2).unwrap_or(0) as i32,
+                queue_id: int_column(0, 3).unwrap_or(0),
+            };
+        }
+    }
+    run(Stmt::RaiseFlow, &[slug]);
+    raise(
+        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        "flow without its queue".into(),
+        None,
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claiming tasks
+// ---------------------------------------------------------------------------------------------
+
+/// A message the claim just leased.
+struct Claimed {
+    msg_id: i64,
+    read_ct: i32,
+    body: Datum,
+    run_id: Option<Datum>,
+    step_slug: Option<Datum>,
+    task_index: Option<i32>,
+}
+
+/// The rows of the last claim statement, in msg_id order.
+unsafe fn claimed_rows(n: u64) -> Vec<Claimed> {
+    let mut rows: Vec<Claimed> = (0..n)
+        .map(|row| Claimed {
+            msg_id: int_column(row, 1).unwrap_or(0),
+            read_ct: int_column(row, 2).unwrap_or(0) as i32,
+            body: column(row, 3).unwrap_or(Datum::from(0)),
+            run_id: column(row, 4),
+            step_slug: column(row, 5),
+            task_index: int_column(row, 6).map(|i| i as i32),
+        })
+        .collect();
+    rows.sort_unstable_by_key(|c| c.msg_id);
+    rows
+}
+
+/// Start the tasks of messages just leased by this transaction, in msg_id order, adding each
+/// started task to the function's result set; returns how many were started.
+unsafe fn start_claimed(
+    fcinfo: FunctionCallInfo,
+    f: &Flow,
+    claimed: &[Claimed],
+    worker_id: Option<Datum>,
+) -> usize {
+    let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+    let mut started = 0;
+    for c in claimed {
+        let (Some(run_id), Some(step_slug), Some(task_index)) =
+            (c.run_id, c.step_slug, c.task_index)
+        else {
+            not_startable(f, c);
+            continue;
+        };
+        let n = run(
+            Stmt::StartTask,
+            &[
+                Some(run_id),
+                Some(step_slug),
+                Some(Datum::from(task_index)),
+                Some(Datum::from(c.read_ct)),
+                worker_id,
+                Some(f.slug_datum),
+                Some(Datum::from(f.max_attempts)),
+                Some(c.body),
+                Some(Datum::from(f.timeout)),
+            ],
+        );
+        if n == 0 || int_column(0, 4) != Some(1) {
+            not_startable(f, c);
+            continue;
+        }
+        let retry_after_timeout = text_column(0, 1).as_deref() == Some("started");
+        let timeout = int_column(0, 2).unwrap_or(0);
+        let input = column(0, 3);
+        let step = text_to_string(step_slug);
+        if task_events() {
+            let run = uuid_string(run_id);
+            if retry_after_timeout {
+                emit(
+                    &f.slug,
+                    json!({"event": "task_failed", "run_id": run, "flow_slug": f.slug,
+                           "step_slug": step, "task_index": task_index, "attempt": c.read_ct - 1,
+                           "will_retry": true,
+                           "error": format!("timed out: not completed within {timeout} s")}),
+                );
+            }
+            emit(
+                &f.slug,
+                json!({"event": "task_started", "run_id": run, "flow_slug": f.slug,
+                       "step_slug": step, "task_index": task_index, "attempt": c.read_ct}),
+            );
+        }
+        let mut values = [
+            f.slug_datum,
+            run_id,
+            step_slug,
+            Datum::from(task_index),
+            Datum::from(c.msg_id),
+            input.unwrap_or(Datum::from(0)),
+        ];
+        let mut nulls = [false, false, false, false, false, input.is_none()];
+        pg_sys::tuplestore_putvalues(
+            (*rsinfo).setResult,
+            (*rsinfo).setDesc,
+            values.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+        );
+        started += 1;
+    }
+    started
+}
+
+/// A claimed message whose task cannot start: dead-lettered, dropped or failed in PL/pgSQL.
+unsafe fn not_startable(f: &Flow, c: &Claimed) {
+    run(
+        Stmt::NotStartable,
+        &[
+            Some(f.slug_datum),
+            Some(Datum::from(f.queue_id)),
+            Some(Datum::from(c.msg_id)),
+            Some(Datum::from(c.read_ct)),
+            Some(c.body),
+        ],
+    );
+}
+
+fn poll_args_valid(max_poll_seconds: Option<i32>, poll_interval_ms: Option<i32>) -> bool {
+    max_poll_seconds.is_some_and(|s| (0..=3600).contains(&s))
+        && poll_interval_ms.is_some_and(|ms| (1..=60_000).contains(&ms))
+}
+
+v1!(pg_finfo_pgflow_poll_for_tasks);
+/// `pgflow.poll_for_tasks(flow_slug, vt, qty, max_poll_seconds, poll_interval_ms, worker_id)`
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_poll_for_tasks(fcinfo: FunctionCallInfo) -> Datum {
+    let int = |i| arg(fcinfo, i).map(|d: Datum| d.value() as i32);
+    let (max_poll_seconds, poll_interval_ms) = (int(3), int(4));
+    let worker_id = arg(fcinfo, 5);
+    pg_sys::InitMaterializedSRF(fcinfo, 0);
+    let _spi = SpiScope::connect();
+    let f = flow(arg(fcinfo, 0));
+    let (vt, qty) = check_lease(int(1), int(2));
+    if !poll_args_valid(max_poll_seconds, poll_interval_ms) {
+        run(Stmt::CheckPoll, &[arg(fcinfo, 3), arg(fcinfo, 4)]);
+    }
+    let (max_poll_seconds, poll_interval_ms) =
+        (max_poll_seconds.unwrap_or(0), poll_interval_ms.unwrap_or(1));
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_secs(max_poll_seconds as u64);
+    loop {
+        // Taken before looking, so tasks queued by a commit between the look and the wait
+        // wake us.
+        let epoch = events::wake_epoch(f.queue_id);
+        let n = run(
+            Stmt::ClaimTasks,
+            &[
+                Some(Datum::from(f.queue_id)),
+                Some(Datum::from(vt)),
+                Some(Datum::from(qty)),
+                Some(f.slug_datum),
+                Some(Datum::from(f.timeout)),
+            ],
+        );
+        if n > 0 && start_claimed(fcinfo, &f, &claimed_rows(n), worker_id) > 0 {
+            break;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let wait_ms = (left.as_millis() as i64).clamp(1, poll_interval_ms as i64);
+        events::wait_for_wake(f.queue_id, epoch, wait_ms as i32);
+    }
+    Datum::from(0)
+}
+
+v1!(pg_finfo_pgflow_start_tasks);
+/// `pgflow.start_tasks(flow_slug, msg_ids, worker_id)`
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_start_tasks(fcinfo: FunctionCallInfo) -> Datum {
+    pg_sys::InitMaterializedSRF(fcinfo, 0);
+    let _spi = SpiScope::connect();
+    let f = flow(arg(fcinfo, 0));
+    let ids = arg(fcinfo, 1);
+    check_ids(ids, None, "msg_ids", "read_cts");
+    let Some(worker_id) = arg(fcinfo, 2) else {
+        null_error(
+            "worker_id",
+            Some("Each worker passes a uuid of its own; complete_task and fail_task can check it."),
+        )
+    };
+    let n = run(
+        Stmt::LeaseGiven,
+        &[
+            Some(Datum::from(f.queue_id)),
+            Some(Datum::from(f.timeout)),
+            ids,
+            Some(f.slug_datum),
+            Some(Datum::from(f.timeout)),
+        ],
+    );
+    if n > 0 {
+        start_claimed(fcinfo, &f, &claimed_rows(n), Some(worker_id));
+    }
+    Datum::from(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Completing tasks
+// ---------------------------------------------------------------------------------------------
+
+v1!(pg_finfo_pgflow_complete_task);
+/// `pgflow.complete_task(run_id, step_slug, task_index, output, worker_id) -> text`
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_complete_task(fcinfo: FunctionCallInfo) -> Datum {
+    let outcome = {
+        let _spi = SpiScope::connect();
+        complete_task(fcinfo)
+    };
+    text_datum(&outcome)
+}
+
+unsafe fn complete_task(fcinfo: FunctionCallInfo) -> String {
+    let (run_id, step_slug, task_index, worker_id) = (
+        arg(fcinfo, 0),
+        arg(fcinfo, 1),
+        arg(fcinfo, 2),
+        arg(fcinfo, 4),
+    );
+    let Some(output) = arg(fcinfo, 3) else {
+        null_error(
+            "output",
+            Some("Pass JSON null ('null'::jsonb) for a task without output."),
+        )
+    };
+    let check_params = [run_id, step_slug, task_index, worker_id];
+    let (Some(run_id), Some(step_slug), Some(task_index)) = (run_id, step_slug, task_index) else {
+        run(Stmt::EndTaskCheck, &check_params); // raises the specific 22004
+        unreachable!("_end_task_check raises for NULL arguments");
+    };
+    lock_run(run_id);
+    if run(
+        Stmt::TaskOf,
+        &[Some(run_id), Some(step_slug), Some(task_index)],
+    ) == 0
+    {
+        run(Stmt::EndTaskCheck, &check_params); // raises the specific 42704
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            "task not found".into(),
+            None,
+        );
+    }
+    let run_status = text_column(0, 1).unwrap_or_default();
+    let flow_slug = text_column(0, 2).unwrap_or_default();
+    let task_status = text_column(0, 3).unwrap_or_default();
+    let last_worker = column(0, 4);
+    let attempt = int_column(0, 5).unwrap_or(0) as i32;
+    let message_id = int_column(0, 6).unwrap_or(0);
+    let single = text_column(0, 7).as_deref() == Some("single");
+    let queue_id = int_column(0, 8).unwrap_or(0);
+    let seq = Oid::from(int_column(0, 9).unwrap_or(0) as u32);
+    let stale = match (worker_id, last_worker) {
+        (None, _) => false,
+        (Some(w), Some(l)) => !uuids_equal(w, l),
+        (Some(_), None) => true,
+    };
+    let outcome = match (run_status.as_str(), task_status.as_str()) {
+        ("failed", _) => Some("run_failed"),
+        (_, "completed") => Some("already_completed"),
+        (_, "failed") => Some("already_failed"),
+        (_, "queued") => Some("not_started"),
+        _ if stale => Some("stale"),
+        _ => None,
+    };
+    if let Some(outcome) = outcome {
+        return outcome.to_string();
+    }
+    run(
+        Stmt::FinishTask,
+        &[
+            Some(Datum::from(queue_id)),
+            Some(Datum::from(message_id)),
+            worker_id,
+            Some(Datum::from(attempt)),
+            Some(run_id),
+            Some(step_slug),
+            Some(task_index),
+            Some(output),
+            Some(Datum::from(single)),
+        ],
+    );
+    let deleted = int_column(0, 1).unwrap_or(0);
+    let left_tasks = int_column(0, 2);
+    let duration_ms = int_column(0, 3);
+    if deleted == 0 && worker_id.is_some() {
+        run(
+            Stmt::EndTaskRecheck,
+            &[
+                Some(run_id),
+                Some(step_slug),
+                Some(task_index),
+                worker_id,
+                Some(Datum::from(attempt)),
+            ],
+        );
+        return text_column(0, 1).unwrap_or_else(|| "stale".into());
+    }
+    let step = text_to_string(step_slug);
+    if task_events() {
+        emit(
+            &flow_slug,
+            json!({"event": "task_completed", "run_id": uuid_string(run_id), "flow_slug": flow_slug,
+                   "step_slug": step, "task_index": task_index.value() as i32,
+                   "duration_ms": duration_ms}),
+        );
+    }
+    if left_tasks == Some(0) {
+        if !single {
+            run(Stmt::MapStepOutput, &[Some(run_id), Some(step_slug)]);
+        }
+        step_completed(run_id, &flow_slug, queue_id, seq, step_slug);
+    }
+    "completed".to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Completed steps
+// ---------------------------------------------------------------------------------------------
+
+/// Step `step_slug` of run `run_id` has just completed (its state says so; the caller holds
+/// the run lock): start the dependents whose deps are now all complete, in step_index order,
+/// and complete the run when a leaf completes and no step is left. Returns false if the run
+/// failed meanwhile (a map over a non-array).
+unsafe fn step_completed(
+    run_id: Datum,
+    flow_slug: &str,
+    queue_id: i64,
+    seq: Oid,
+    step_slug: Datum,
+) -> bool {
+    let flow_datum = text_datum(flow_slug);
+    let n = run(
+        Stmt::Dependents,
+        &[Some(flow_datum), Some(step_slug), Some(run_id)],
+    );
+    // (step_slug, single without start delay, step_index, remaining_deps)
+    let dependents: Vec<(Datum, bool, i32, i64)> = (0..n)
+        .map(|row| {
+            let single = text_column(row, 2).as_deref() == Some("single");
+            let no_delay = int_column(row, 4) == Some(0);
+            (
+                column(row, 1).unwrap_or(Datum::from(0)),
+                single && no_delay,
+                int_column(row, 3).unwrap_or(0) as i32,
+                int_column(row, 5).unwrap_or(0),
+            )
+        })
+        .collect();
+    for &(dep, fast, step_index, remaining_deps) in &dependents {
+        if remaining_deps != 1 {
+            run(Stmt::DecrementDeps, &[Some(run_id), Some(dep)]);
+        } else if fast {
+            run(
+                Stmt::StartSingleStep,
+                &[
+                    Some(run_id),
+                    Some(dep),
+                    Some(flow_datum),
+                    Some(Datum::from(queue_id)),
+                    Some(Datum::from(seq)),
+                    Some(Datum::from(step_index)),
+                ],
+            );
+        } else {
+            run(
+                Stmt::StartStep,
+                &[Some(run_id), Some(Datum::from(queue_id)), Some(dep)],
+            );
+            if column(0, 1).is_some_and(|ok| ok.value() == 0) {
+                return false;
+            }
+        }
+    }
+    if dependents.is_empty() && run(Stmt::CompleteRun, &[Some(run_id)]) == 1 {
+        let duration_ms = int_column(0, 2);
+        emit(
+            flow_slug,
+            json!({"event": "workflow_completed", "run_id": uuid_string(run_id),
+                   "flow_slug": flow_slug, "duration_ms": duration_ms}),
+        );
+    }
+    true
+}
+
+v1!(pg_finfo_pgflow_step_completed);
+/// Internal `pgflow._step_completed(run_id, queue_id, step_slug) -> boolean`, for
+/// `pgflow._start_step` (a map step over an empty array completes at once).
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_step_completed(fcinfo: FunctionCallInfo) -> Datum {
+    let (Some(run_id), Some(queue_id), Some(step_slug)) =
+        (arg(fcinfo, 0), arg(fcinfo, 1), arg(fcinfo, 2))
+    else {
+        null_error("run_id, queue_id and step_slug", None)
+    };
+    let _spi = SpiScope::connect();
+    if run(Stmt::RunAndQueue, &[Some(run_id), Some(queue_id)]) == 0 {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("run {} does not exist", uuid_string(run_id)),
+            None,
+        );
+    }
+    let flow_slug = text_column(0, 1).unwrap_or_default();
+    let seq = Oid::from(int_column(0, 2).unwrap_or(0) as u32);
+    Datum::from(step_completed(
+        run_id,
+        &flow_slug,
+        queue_id.value() as i64,
+        seq,
+        step_slug,
+    ))
+}

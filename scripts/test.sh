@@ -42,7 +42,9 @@ if wants style; then
 fi
 
 say "starting a PostgreSQL 15 test cluster in $TEST_DIR on port $TEST_PORT"
-start_cluster "$TEST_DIR" "$TEST_PORT" "$TEST_DB" || { echo "could not start the test cluster" >&2; exit 1; }
+# With Rust backtraces on, an error raised through pgflow's Rust code would carry one in its
+# DETAIL unless pgflow strips it; the tests check that none does, so the server runs with them on.
+RUST_BACKTRACE=1 start_cluster "$TEST_DIR" "$TEST_PORT" "$TEST_DB" || { echo "could not start the test cluster" >&2; exit 1; }
 export PGFLOW_TEST_DSN="host=127.0.0.1 port=$TEST_PORT user=postgres dbname=$TEST_DB"
 psql_test() { runuser -u postgres -- "$PGBIN/psql" -h "$TEST_DIR" -p "$TEST_PORT" -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
 psql_test -d "$TEST_DB" -c "CREATE EXTENSION pgflow" >/dev/null

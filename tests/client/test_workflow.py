@@ -776,6 +776,59 @@ def test_runtime_bad_input_changes_nothing(conn, flows):
     assert complete(conn, run_id, "a", 0, "ok") == "completed"
 
 
+def test_task_path_errors_reach_the_client_as_raised(conn, flows):
+    """Errors raised under the Rust task path (some by PL/pgSQL helpers it calls) keep their
+    SQLSTATE, message and hint, and carry no DETAIL: pgrx would put a Rust backtrace there
+    when the server runs with RUST_BACKTRACE set."""
+    flow = flows(SEQ)
+    run_id = start(conn, flow, {})
+    cases = [
+        ("SELECT pgflow.complete_task(%s, 'nope', 0, '1')", (run_id,), "42704", "has no step"),
+        ("SELECT pgflow.complete_task(%s, 'a', 3, '1')", (run_id,), "42704", "has no task 3"),
+        ("SELECT pgflow.complete_task(NULL, 'a', 0, '1')", None, "22004", "run_id must not be null"),
+        ("SELECT pgflow.poll_for_tasks(%s, 30, 1)", ("nope_" + flow,), "42704", "does not exist"),
+        ("SELECT pgflow.poll_for_tasks(%s, 30, 1, 0, 0)", (flow,), "22023", "poll_interval_ms"),
+        ("SELECT pgflow.start_tasks(NULL, '{1}', %s)", (uuid.uuid4(),), "22004", "flow_slug"),
+    ]
+    for sql, params, code, needle in cases:
+        e = error_of(conn, sql, params)
+        assert e.sqlstate == code, (sql, e)
+        assert needle in e.diag.message_primary, (sql, e)
+        assert e.diag.message_detail is None, (sql, e.diag.message_detail)
+
+
+def test_stray_and_finished_messages_in_a_flow_queue(conn, flows):
+    """A flow's queue is a queue: messages that are not its tasks are dead-lettered when a
+    worker claims them, a copy of a finished task's message is dropped, and neither stops the
+    real tasks from being handed out."""
+    flow = flows(SEQ)
+    run_id = start(conn, flow, {"n": 1})
+    (t,) = poll(conn, flow)
+    assert complete(conn, run_id, "a", 0, "A") == "completed"
+    some_run = str(uuid.uuid4())
+    strays = [
+        {"hello": "world"},
+        {"run_id": "not-a-uuid", "step_slug": "a", "task_index": 0},
+        {"run_id": some_run, "step_slug": "nope", "task_index": 0},
+        {"run_id": some_run, "step_slug": "a", "task_index": 1.5},
+        {"run_id": some_run, "step_slug": "a", "task_index": 10000000000},
+        {"run_id": some_run, "step_slug": 7, "task_index": 0},
+    ]
+    finished = {"run_id": str(run_id), "step_slug": "a", "task_index": 0}
+    for body in strays + [finished]:
+        conn.execute("SELECT pgflow.send(%s, %s, 0, 5)", (flow, Jsonb(body)))
+    tasks = poll(conn, flow, qty=20)
+    assert [(r, s, i) for _, r, s, i, _, _ in tasks] == [(run_id, "b", 0)]
+    dlq = conn.execute("SELECT message, last_error FROM pgflow.list_dlq_messages(%s)", (flow,)).fetchall()
+    assert sorted(json.dumps(m, sort_keys=True) for m, _ in dlq) == \
+        sorted(json.dumps(m, sort_keys=True) for m in strays)
+    assert all(f'not a task of flow "{flow}"' in err for _, err in dlq)
+    left = conn.execute("SELECT count(*) FROM pgflow.messages m JOIN pgflow.queues q USING (queue_id) "
+                        "WHERE q.queue_name = %s", (flow,)).fetchone()[0]
+    assert left == 1   # only b's task, leased
+    conn.execute("SELECT pgflow.purge_dlq(%s)", (flow,))
+
+
 def test_start_flow_with_run_id_is_idempotent(conn, flows):
     flow = flows(SEQ)
     rid = uuid.uuid4()

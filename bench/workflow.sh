@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Workflow throughput and WAL per task, on a throwaway cluster of its own.
 #
-#   bash bench/workflow.sh            # prints one markdown table
+#   bash bench/workflow.sh                  # prints one markdown table
+#   ONLY='seq-8-off' bash bench/workflow.sh  # only the rows whose flow-workers-events match
 #
 # Flows: "seq", three single steps in a row (a -> b -> c); "map", a root step whose output is
 # a 100-element array fanned out by a map step (101 tasks per run). Runs are started before
@@ -54,6 +55,7 @@ ROWS=()
 # scenario FLOW WORKERS EVENTS RUNS
 scenario() {
     local flow=$1 workers=$2 events=$3 runs=$4
+    [[ "$flow-$workers-$events" =~ ${ONLY:-.} ]] || return 0
     say "$flow: $workers worker(s), events $events, $runs runs started beforehand"
     define_flows
     psql_ -c "CHECKPOINT" -c "SELECT pg_stat_reset_shared('wal')" >/dev/null

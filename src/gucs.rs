@@ -17,6 +17,13 @@ pub static MAINTENANCE_DATABASE: GucSetting<Option<CString>> =
 /// Whether the maintenance worker runs at all (it is only started when preloaded).
 pub static MAINTENANCE_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 
+/// How long archived messages are kept (seconds; 0 keeps them forever). Applied by the
+/// maintenance worker once a minute, through `pgflow.apply_retention()`.
+pub static ARCHIVE_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// How long finished (completed or failed) runs are kept, with their step states and tasks.
+pub static RUN_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
+
 /// Which workflow events are announced (read by the SQL layer with current_setting).
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum WorkflowEvents {
@@ -76,6 +83,26 @@ pub fn init() {
             GucFlags::default(),
         );
     }
+    GucRegistry::define_int_guc(
+        c"pgflow.archive_retention",
+        c"How long pgflow keeps archived messages; 0 keeps them forever.",
+        c"Older ones are deleted by pgflow.apply_retention(), which the maintenance worker runs once a minute.",
+        &ARCHIVE_RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pgflow.run_retention",
+        c"How long pgflow keeps finished workflow runs; 0 keeps them forever.",
+        c"Runs completed or failed longer ago are deleted with their step states and tasks by pgflow.apply_retention(), which the maintenance worker runs once a minute.",
+        &RUN_RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_bool_guc(
         c"pgflow.maintenance_enabled",
         c"Whether the pgflow maintenance worker does its passes.",
@@ -91,4 +118,19 @@ pub fn init() {
 #[search_path(pg_catalog, pg_temp)]
 fn max_batch_size() -> i32 {
     MAX_BATCH_SIZE.get()
+}
+
+/// `pgflow._archive_retention_s()`: `pgflow.archive_retention` in seconds, for the SQL layer
+/// (current_setting would give it with a unit, as `7d`).
+#[pg_extern(stable, parallel_safe, name = "_archive_retention_s")]
+#[search_path(pg_catalog, pg_temp)]
+fn archive_retention_s() -> i32 {
+    ARCHIVE_RETENTION_S.get()
+}
+
+/// `pgflow._run_retention_s()`: `pgflow.run_retention` in seconds, for the SQL layer.
+#[pg_extern(stable, parallel_safe, name = "_run_retention_s")]
+#[search_path(pg_catalog, pg_temp)]
+fn run_retention_s() -> i32 {
+    RUN_RETENTION_S.get()
 }

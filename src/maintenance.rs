@@ -5,12 +5,17 @@
 //! its own: that announces delayed messages and retries which came due (waking blocked readers
 //! and notifying listeners) and removes leftovers of dropped queues. The logic lives in SQL so
 //! it can be called by hand as well; this loop only keeps it running, survives a failing pass
-//! (logged, retried on the next tick) and waits while the extension is not installed.
+//! (logged, retried on the next tick) and waits while the extension is not installed. Once a
+//! minute it also runs `pgflow.apply_retention()` (archived messages and finished runs older
+//! than `pgflow.archive_retention` / `pgflow.run_retention`).
 
 use crate::gucs;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How often the worker applies `pgflow.archive_retention` and `pgflow.run_retention`.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pgflow maintenance")
@@ -34,6 +39,7 @@ pub extern "C-unwind" fn pgflow_maintenance_main(_arg: pg_sys::Datum) {
     log!("pgflow maintenance worker started in database \"{database}\"");
 
     let mut installed = false;
+    let mut last_retention = Instant::now();
     let mut checks: u32 = 0;
     loop {
         let interval = gucs::MAINTENANCE_INTERVAL_MS.get().max(10) as u64;
@@ -68,6 +74,12 @@ pub extern "C-unwind" fn pgflow_maintenance_main(_arg: pg_sys::Datum) {
         // dropped under it) ends this process, and the postmaster restarts it in 5 seconds.
         BackgroundWorker::transaction(|| Spi::run("SELECT pgflow.run_maintenance()"))
             .unwrap_or_else(|e| warning!("pgflow maintenance pass failed: {e}"));
+        // Retention is a scan of the archive and of finished runs: once a minute is plenty.
+        if last_retention.elapsed() >= RETENTION_EVERY {
+            last_retention = Instant::now();
+            BackgroundWorker::transaction(|| Spi::run("SELECT pgflow.apply_retention()"))
+                .unwrap_or_else(|e| warning!("pgflow retention pass failed: {e}"));
+        }
     }
     log!("pgflow maintenance worker stopping");
 }

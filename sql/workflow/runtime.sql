@@ -662,3 +662,42 @@ END
 $$;
 COMMENT ON FUNCTION pgflow.get_run_with_states(uuid) IS
 'A run as one JSON document for psql and dashboards: the run row (status, input, output, times; at the top level and again under "run") and "steps", in definition order, each with its state (status, remaining_deps, remaining_tasks, initial_tasks, error_message, times) and task counts per status ("tasks": {"queued","started","completed","failed","attempts"}).';
+
+---------------------------------------------------------------------------------------------
+-- Retention (see pgflow.apply_retention in sql/maintenance/maintenance.sql)
+---------------------------------------------------------------------------------------------
+
+CREATE FUNCTION pgflow.prune_runs(older_than interval, flow_slug text DEFAULT NULL, max_rows integer DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    f pgflow.flows;
+    ids uuid[];
+    n bigint;
+BEGIN
+    PERFORM pgflow._check_retention(older_than, max_rows);
+    IF prune_runs.flow_slug IS NOT NULL THEN
+        f := pgflow._flow(prune_runs.flow_slug);
+    END IF;
+    -- Only finished runs: a finished run has no messages left (its tasks' messages were
+    -- deleted as they completed, or all at once when it failed), so nothing else refers to it.
+    ids := ARRAY(SELECT r.run_id FROM pgflow.runs r
+                  WHERE r.status IN ('completed', 'failed')
+                    AND coalesce(r.completed_at, r.failed_at) < clock_timestamp() - older_than
+                    AND (f.flow_slug IS NULL OR r.flow_slug = f.flow_slug)
+                  LIMIT max_rows);
+    IF cardinality(ids) = 0 THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM pgflow.step_tasks t WHERE t.run_id = ANY (ids);
+    DELETE FROM pgflow.step_states s WHERE s.run_id = ANY (ids);
+    DELETE FROM pgflow.runs r WHERE r.run_id = ANY (ids);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION pgflow.prune_runs(interval, text, integer) IS
+'Delete workflow runs that completed or failed more than older_than ago, with their step states and tasks, of one flow or (flow_slug NULL) of all; at most max_rows runs (NULL: no limit). Runs still under way are never touched. Returns how many runs were deleted. A late complete_task or fail_task for a deleted run gets 42704, and its run_id can be started again. pgflow.run_retention has the maintenance worker do this once a minute.';

@@ -1,16 +1,25 @@
 //! pgflow: durable queues, DAG workflows and their events inside PostgreSQL.
 //!
-//! The layers, each a module here and a folder of SQL under `sql/`:
+//! The layers, each a folder of SQL under `sql/` and, where it has Rust, a module here:
 //!
-//! 1. **queue** (`sql/queue/`): named queues in one set of tables, leases, priorities, delays,
-//!    retries with backoff and the dead-letter queue. Written in SQL (PL/pgSQL keeps each
-//!    statement's plan per backend); names are validated by [`errors`].
-//! 2. **workflow** (`sql/workflow/`): flows, runs, step states and tasks delivered through the
-//!    queue layer.
+//! 1. **queue** ([`queue`], `sql/queue/`): named queues in one set of tables, leases,
+//!    priorities, delays, retries with backoff and the dead-letter queue. The hot path (`send`,
+//!    `read`, `archive` and `delete` of one message, `ack_and_read`) is Rust, in `queue.rs`;
+//!    the rest (management, batches, retries, DLQ, inspection) is PL/pgSQL. Names are
+//!    validated by [`errors`].
+//! 2. **workflow** (`workflow.rs`, `sql/workflow/`): flows, runs, step states and tasks
+//!    delivered through the queue layer. The task path (`poll_for_tasks`, `start_tasks`,
+//!    `complete_task`, step completion) is Rust, in `workflow.rs`; definitions, `start_flow`,
+//!    `fail_task`, inspection, retention and the task path's rare cases are PL/pgSQL.
 //! 3. **events** ([`events`], `sql/events/`): notifications at commit, merged per channel and
 //!    bounded in size, and commit-time wake-ups of blocked readers through shared memory.
 //! 4. **maintenance** ([`maintenance`], `sql/maintenance/`): a background worker announcing
-//!    delayed work as it comes due.
+//!    delayed work as it comes due and applying retention once a minute.
+//!
+//! Both hot paths run their statements through `spi.rs`: kept SPI plans (planned once per
+//! backend, generic), argument helpers and advisory locks. An error raised inside one of their
+//! statements reaches the client with its SQLSTATE, message, detail and hint, and no Rust
+//! backtrace in DETAIL.
 //!
 //! Settings live in [`gucs`].
 

@@ -180,34 +180,66 @@ impl Statement for Stmt {
 // Arguments
 // ---------------------------------------------------------------------------------------------
 
-fn check_seconds(value: Option<i32>, name: &str, null_hint: Option<&str>) -> i32 {
+/// An integer argument that must not be NULL and must lie in `range`; `unit` follows the
+/// upper bound in the message (" seconds" or "").
+fn check_int(
+    value: Option<i32>,
+    name: &str,
+    range: std::ops::RangeInclusive<i32>,
+    unit: &str,
+    null_hint: Option<&str>,
+) -> i32 {
     let Some(v) = value else {
         null_error(name, null_hint)
     };
-    if !(0..=MAX_SECONDS).contains(&v) {
+    if !range.contains(&v) {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("{name} must be between 0 and {MAX_SECONDS} seconds, not {v}"),
+            format!(
+                "{name} must be between {} and {}{unit}, not {v}",
+                range.start(),
+                range.end()
+            ),
             None,
         );
     }
     v
 }
 
-/// The checks of `pgflow._check_lease`.
+fn check_seconds(value: Option<i32>, name: &str, null_hint: Option<&str>) -> i32 {
+    check_int(value, name, 0..=MAX_SECONDS, " seconds", null_hint)
+}
+
+/// The checks shared by the functions that lease messages: a visibility timeout and a count.
 pub(crate) fn check_lease(vt: Option<i32>, qty: Option<i32>) -> (i32, i32) {
     let vt = check_seconds(vt, "vt", Some("vt is the visibility timeout in seconds."));
-    let Some(qty) = qty else {
-        null_error("qty", None)
-    };
-    if !(1..=MAX_QTY).contains(&qty) {
-        raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("qty must be between 1 and {MAX_QTY}, not {qty}"),
-            None,
-        );
-    }
-    (vt, qty)
+    (vt, check_int(qty, "qty", 1..=MAX_QTY, "", None))
+}
+
+/// The checks shared by the functions that wait for messages (read_with_poll,
+/// poll_for_tasks): how long to wait at most, and how often to look again meanwhile.
+pub(crate) fn check_poll(
+    max_poll_seconds: Option<i32>,
+    poll_interval_ms: Option<i32>,
+) -> (i32, i32) {
+    (
+        check_int(max_poll_seconds, "max_poll_seconds", 0..=3600, "", None),
+        check_int(poll_interval_ms, "poll_interval_ms", 1..=60_000, "", None),
+    )
+}
+
+/// Internal `pgflow._check_lease(vt, qty)`, for the PL/pgSQL functions that lease messages.
+#[pg_extern(immutable, parallel_safe, name = "_check_lease")]
+#[search_path(pg_catalog, pg_temp)]
+fn check_lease_sql(vt: Option<i32>, qty: Option<i32>) {
+    check_lease(vt, qty);
+}
+
+/// Internal `pgflow._check_poll(max_poll_seconds, poll_interval_ms)`, for read_with_poll.
+#[pg_extern(immutable, parallel_safe, name = "_check_poll")]
+#[search_path(pg_catalog, pg_temp)]
+fn check_poll_sql(max_poll_seconds: Option<i32>, poll_interval_ms: Option<i32>) {
+    check_poll(max_poll_seconds, poll_interval_ms);
 }
 
 /// The elements of a one-dimensional int8[] or int4[] argument, with their nulls.

@@ -19,13 +19,14 @@
 use crate::errors::raise;
 use crate::events;
 use crate::gucs::{WorkflowEvents, WORKFLOW_EVENTS};
-use crate::queue::{check_ids, check_lease};
+use crate::queue::{check_ids, check_lease, check_poll};
 use crate::spi::{
     advisory_xact_lock, arg, column, int_column, null_error, run, text_column, text_datum,
     text_to_string, SpiScope, Statement, BOOL, INT4, INT8, INT8ARRAY, JSONB, REGCLASS, TEXT, UUID,
 };
 use crate::v1;
 use pgrx::pg_sys::{self, Datum, FunctionCallInfo, Oid};
+use pgrx::prelude::{pg_extern, search_path};
 use pgrx::PgSqlErrorCode;
 use serde_json::{json, Value};
 
@@ -36,7 +37,6 @@ const RUN_LOCK_SPACE: i32 = 1885824631;
 enum Stmt {
     FlowOf,
     RaiseFlow,
-    CheckPoll,
     ClaimTasks,
     LeaseGiven,
     StartTask,
@@ -91,7 +91,6 @@ impl Statement for Stmt {
             ),
             // raises the specific error for a NULL, malformed or unknown flow slug
             Stmt::RaiseFlow => ("SELECT pgflow._flow($1)", &[TEXT]),
-            Stmt::CheckPoll => ("SELECT pgflow._check_poll($1, $2)", &[INT4, INT4]),
             // $1 queue_id, $2 vt, $3 qty, $4 flow_slug, $5 flow timeout. Lease the next visible
             // messages: an ordered scan of the delivery-order index, a nested loop over the key.
             Stmt::ClaimTasks => (
@@ -176,12 +175,13 @@ impl Statement for Stmt {
                    FROM cur",
                 &[UUID, TEXT, INT4, INT4, UUID, TEXT, INT4, JSONB, INT4],
             ),
-            // $1 flow_slug, $2 queue_id, $3 msg_id, $4 read_ct, $5 body
+            // $1 flow_slug, $2 queue_id, $3 msg_id, $4 read_ct, $5-$7 the task the message
+            // names (run_id, step_slug, task_index; NULL where it is not a well-formed task)
             Stmt::NotStartable => (
-                "SELECT pgflow._claimed_not_startable(f, q, $3, $4, $5)
+                "SELECT pgflow._claimed_not_startable(f, q, $3, $4, $5, $6, $7)
                    FROM pgflow.flows f JOIN pgflow.queues q ON q.queue_id = $2
                   WHERE f.flow_slug = $1",
-                &[TEXT, INT8, INT8, INT4, JSONB],
+                &[TEXT, INT8, INT8, INT4, UUID, TEXT, INT4],
             ),
             // $1 run_id, $2 step_slug, $3 task_index: the run, the task, its step and queue
             Stmt::TaskOf => (
@@ -354,6 +354,15 @@ fn emit(flow_slug: &str, event: Value) {
     events::add_event("pgflow.flows".to_string(), event);
 }
 
+/// Internal `pgflow._emit(flow_slug, event)`: [`emit`] for the PL/pgSQL side of the workflow
+/// layer (start_flow, fail_task, failing runs), so the rule of pgflow.workflow_events lives
+/// here only.
+#[pg_extern(volatile, parallel_unsafe, name = "_emit")]
+#[search_path(pg_catalog, pg_temp)]
+fn emit_sql(flow_slug: &str, event: pgrx::JsonB) {
+    emit(flow_slug, event.0);
+}
+
 fn task_events() -> bool {
     matches!(WORKFLOW_EVENTS.get(), WorkflowEvents::All)
 }
@@ -502,14 +511,11 @@ unsafe fn not_startable(f: &Flow, c: &Claimed) {
             Some(Datum::from(f.queue_id)),
             Some(Datum::from(c.msg_id)),
             Some(Datum::from(c.read_ct)),
-            Some(c.body),
+            c.run_id,
+            c.step_slug,
+            c.task_index.map(Datum::from),
         ],
     );
-}
-
-fn poll_args_valid(max_poll_seconds: Option<i32>, poll_interval_ms: Option<i32>) -> bool {
-    max_poll_seconds.is_some_and(|s| (0..=3600).contains(&s))
-        && poll_interval_ms.is_some_and(|ms| (1..=60_000).contains(&ms))
 }
 
 v1!(pg_finfo_pgflow_poll_for_tasks);
@@ -518,17 +524,12 @@ v1!(pg_finfo_pgflow_poll_for_tasks);
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pgflow_poll_for_tasks(fcinfo: FunctionCallInfo) -> Datum {
     let int = |i| arg(fcinfo, i).map(|d: Datum| d.value() as i32);
-    let (max_poll_seconds, poll_interval_ms) = (int(3), int(4));
     let worker_id = arg(fcinfo, 5);
     pg_sys::InitMaterializedSRF(fcinfo, 0);
     let _spi = SpiScope::connect();
     let f = flow(arg(fcinfo, 0));
     let (vt, qty) = check_lease(int(1), int(2));
-    if !poll_args_valid(max_poll_seconds, poll_interval_ms) {
-        run(Stmt::CheckPoll, &[arg(fcinfo, 3), arg(fcinfo, 4)]);
-    }
-    let (max_poll_seconds, poll_interval_ms) =
-        (max_poll_seconds.unwrap_or(0), poll_interval_ms.unwrap_or(1));
+    let (max_poll_seconds, poll_interval_ms) = check_poll(int(3), int(4));
     let deadline =
         std::time::Instant::now() + std::time::Duration::from_secs(max_poll_seconds as u64);
     loop {

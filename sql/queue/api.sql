@@ -53,44 +53,9 @@ BEGIN
 END
 $$;
 
--- Checks shared by the functions that lease messages.
-CREATE FUNCTION pgflow._check_lease(vt integer, qty integer) RETURNS void
-LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF vt IS NULL THEN
-        RAISE EXCEPTION 'vt must not be null' USING ERRCODE = '22004',
-            HINT = 'vt is the visibility timeout in seconds.';
-    ELSIF vt < 0 OR vt > 31536000 THEN
-        RAISE EXCEPTION 'vt must be between 0 and 31536000 seconds, not %', vt USING ERRCODE = '22023';
-    END IF;
-    IF qty IS NULL THEN
-        RAISE EXCEPTION 'qty must not be null' USING ERRCODE = '22004';
-    ELSIF qty < 1 OR qty > 100000 THEN
-        RAISE EXCEPTION 'qty must be between 1 and 100000, not %', qty USING ERRCODE = '22023';
-    END IF;
-END
-$$;
-
--- Checks shared by the functions that wait for messages (read_with_poll, poll_for_tasks).
-CREATE FUNCTION pgflow._check_poll(max_poll_seconds integer, poll_interval_ms integer) RETURNS void
-LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF max_poll_seconds IS NULL THEN
-        RAISE EXCEPTION 'max_poll_seconds must not be null' USING ERRCODE = '22004';
-    ELSIF max_poll_seconds < 0 OR max_poll_seconds > 3600 THEN
-        RAISE EXCEPTION 'max_poll_seconds must be between 0 and 3600, not %', max_poll_seconds USING ERRCODE = '22023';
-    END IF;
-    IF poll_interval_ms IS NULL THEN
-        RAISE EXCEPTION 'poll_interval_ms must not be null' USING ERRCODE = '22004';
-    ELSIF poll_interval_ms < 1 OR poll_interval_ms > 60000 THEN
-        RAISE EXCEPTION 'poll_interval_ms must be between 1 and 60000, not %', poll_interval_ms USING ERRCODE = '22023';
-    END IF;
-END
-$$;
+-- pgflow._check_lease(vt, qty) and pgflow._check_poll(max_poll_seconds, poll_interval_ms),
+-- the checks shared by the functions that lease messages and those that wait for them, are in
+-- Rust (src/queue.rs), where the hot path calls the same code directly.
 
 -- Checks shared by the send functions.
 CREATE FUNCTION pgflow._check_send(delay_seconds integer, priority integer, headers jsonb) RETURNS void

@@ -69,45 +69,9 @@ BEGIN
 END
 $$;
 
--- Announce a workflow event on the flow's channel and on pgflow.flows, if the setting
--- pgflow.workflow_events allows it: 'all' (the default) announces every event; 'runs' only the
--- workflow_* events of runs starting and ending; 'off' none. A transaction that notifies holds
--- PostgreSQL's cluster-wide notify lock from its commit until the commit is flushed, so per-task
--- events put a ceiling on task throughput; see docs/workflows.md.
-CREATE FUNCTION pgflow._events_level() RETURNS text
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    level text := current_setting('pgflow.workflow_events', true);
-BEGIN
-    RETURN CASE WHEN level IN ('runs', 'off') THEN level ELSE 'all' END;
-END
-$$;
-
-CREATE FUNCTION pgflow._emit(flow_slug text, event jsonb) RETURNS void
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    level text := coalesce(current_setting('pgflow.workflow_events', true), '');
-BEGIN
-    IF level = 'off' OR (level = 'runs' AND left(event ->> 'event', 5) = 'task_') THEN
-        RETURN;
-    END IF;
-    PERFORM pgflow._on_commit_notify('pgflow.flow.' || flow_slug, event);
-    PERFORM pgflow._on_commit_notify('pgflow.flows', event);
-END
-$$;
-
-CREATE FUNCTION pgflow._ms_since(t timestamptz) RETURNS bigint
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    RETURN round(extract(epoch FROM clock_timestamp() - t) * 1000)::bigint;
-END
-$$;
+-- pgflow._emit(flow_slug, event) announces a workflow event on the flow's channel and on
+-- pgflow.flows as pgflow.workflow_events allows; it is in Rust (src/workflow.rs), the one place
+-- that rule lives, shared with the task path.
 
 -- The output of a completed step of a run: a single step's task output, a map step's array.
 CREATE FUNCTION pgflow._step_output(run_id uuid, step_slug text, step_type text) RETURNS jsonb
@@ -384,7 +348,7 @@ $$;
 -- back, so what is found here is what the claim found; a task found startable all the same is
 -- released at once for the next claim.
 CREATE FUNCTION pgflow._claimed_not_startable(f pgflow.flows, q pgflow.queues, msg_id bigint, read_ct integer,
-                                              body jsonb)
+                                              rid uuid, sslug text, tidx integer)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -392,18 +356,12 @@ AS $$
 #variable_conflict use_column
 DECLARE
     st pgflow.steps;
-    rid uuid;
-    sslug text := CASE WHEN jsonb_typeof(body -> 'step_slug') = 'string' THEN body ->> 'step_slug' END;
-    tidx integer;
     rstatus text;
     tstatus text;
 BEGIN
-    IF body ->> 'run_id' ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-       AND jsonb_typeof(body -> 'task_index') = 'number' AND body ->> 'task_index' ~ '^[0-9]{1,9}$' THEN
-        rid := (body ->> 'run_id')::uuid;
-        tidx := (body ->> 'task_index')::integer;
-    END IF;
-    IF rid IS NOT NULL AND sslug IS NOT NULL THEN
+    -- rid, sslug and tidx: the task the message names, NULL where its body is not a
+    -- well-formed task (parsed by the claim statement in src/workflow.rs)
+    IF rid IS NOT NULL AND sslug IS NOT NULL AND tidx IS NOT NULL THEN
         SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = f.flow_slug AND s.step_slug = sslug;
     END IF;
     IF st.step_slug IS NULL THEN

@@ -82,6 +82,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     events::init();
     queue::init();
+    spi::init();
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         maintenance::register();
     }

@@ -4,9 +4,18 @@
 //!
 //! Why kept plans: a statement prepared with `SPI_prepare_cursor(.., CURSOR_OPT_GENERIC_PLAN)`
 //! and `SPI_keepplan` is parsed and planned once per backend, then only revalidated, which is
-//! what PL/pgSQL does for its statements, without PL/pgSQL's per-call costs. The functions
-//! that run them are declared with `SET` clauses (search_path, no sequential scans, no hash or
-//! merge joins), so a plan made again after an invalidation is the same index plan.
+//! what PL/pgSQL does for its statements, without PL/pgSQL's per-call costs.
+//!
+//! Why statements are pinned here rather than by `SET` clauses on the functions: a `SET`
+//! clause makes every call save, set and restore each setting through the GUC machinery, and a
+//! changed search_path makes the plan cache recompute and compare it at every execution;
+//! measured on the queue's send-read-archive lifecycle, that was about a tenth of the server
+//! time. So every statement run by [`run`] is parsed and revalidated under a fixed search path
+//! (pg_catalog alone, no temporary schema: an override, pushed and popped around the
+//! statement, which costs a list copy), and planned with sequential and bitmap scans, hash and
+//! merge joins and JIT off by a planner hook that applies those settings only while a statement of
+//! ours is being planned (once per backend, and again after an invalidation). The plans are
+//! the same index plans whatever the caller's settings or the tables' size when planned.
 
 use crate::errors::raise;
 use pgrx::pg_sys::panic::{CaughtError, ErrorReport};
@@ -73,8 +82,16 @@ pub type Param = Option<Datum>;
 /// detail and hint, without the Rust backtrace pgrx would otherwise add to its DETAIL when the
 /// server runs with RUST_BACKTRACE set.
 pub unsafe fn run(stmt: impl Statement, params: &[Param]) -> u64 {
-    let execute = std::panic::AssertUnwindSafe(|| execute(stmt, params));
+    let execute = std::panic::AssertUnwindSafe(|| {
+        push_search_path();
+        let n = execute(stmt, params);
+        // On an error the override is left to the (sub)transaction's abort, which pops it.
+        pg_sys::PopOverrideSearchPath();
+        n
+    });
+    PINNED_DEPTH.with(|d| d.set(d.get() + 1));
     PgTryBuilder::new(execute)
+        .finally(|| PINNED_DEPTH.with(|d| d.set(d.get() - 1)))
         .catch_others(|caught| match caught {
             CaughtError::PostgresError(e) if e.level() == PgLogLevel::ERROR => {
                 let mut report =
@@ -91,6 +108,112 @@ pub unsafe fn run(stmt: impl Statement, params: &[Param]) -> u64 {
             other => other.rethrow(),
         })
         .execute()
+}
+
+/// Make pg_catalog the only schema searched (no temporary schema either), until popped.
+unsafe fn push_search_path() {
+    let mut path = pg_sys::OverrideSearchPath {
+        schemas: std::ptr::null_mut(),
+        addCatalog: true,
+        addTemp: false,
+        generation: 0,
+    };
+    pg_sys::PushOverrideSearchPath(&mut path);
+}
+
+thread_local! {
+    /// How many statements of ours are running in this backend (nested ones included): while
+    /// it is above zero, whatever is planned is planned with the settings of [`PINNED_PLANNING`].
+    static PINNED_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// The settings our statements are planned with: plain index scans and nested loops whatever
+/// the statistics or the caller's cost settings say (a queue is often empty when its
+/// statements are first planned; a bitmap scan would read and sort a whole backlog to claim
+/// one message), no JIT.
+const PINNED_PLANNING: [(&CStr, &CStr); 5] = [
+    (c"enable_seqscan", c"off"),
+    (c"enable_bitmapscan", c"off"),
+    (c"enable_hashjoin", c"off"),
+    (c"enable_mergejoin", c"off"),
+    (c"jit", c"off"),
+];
+
+static mut PREVIOUS_PLANNER: pg_sys::planner_hook_type = None;
+
+/// Install the planner hook. Called from `_PG_init`, before any statement of ours is prepared.
+pub fn init() {
+    unsafe {
+        PREVIOUS_PLANNER = pg_sys::planner_hook;
+        pg_sys::planner_hook = Some(pinned_planner);
+    }
+}
+
+/// The planner, with [`PINNED_PLANNING`] applied while a statement of ours is running. The
+/// settings go through the GUC machinery at a nest level of their own, so an error while
+/// planning restores the caller's values with the (sub)transaction's abort.
+///
+/// Every query of the backend is planned through here, so an error raised while planning (a
+/// constant expression that fails, a helper raising on bad input) must reach the caller
+/// exactly as raised, context included. That is why this is no `#[pg_guard]` function and
+/// calls PostgreSQL directly: a guard would turn the error into a Rust panic and raise it
+/// again, changed. Nothing here needs dropping or can panic, so PostgreSQL's longjmp past this
+/// frame skips no Rust clean-up.
+unsafe extern "C-unwind" fn pinned_planner(
+    parse: *mut pg_sys::Query,
+    query_string: *const std::ffi::c_char,
+    cursor_options: std::ffi::c_int,
+    bound_params: pg_sys::ParamListInfo,
+) -> *mut pg_sys::PlannedStmt {
+    let pinned = PINNED_DEPTH.with(|d| d.get()) > 0;
+    let mut level = 0;
+    if pinned {
+        level = raw::NewGUCNestLevel();
+        for (name, value) in PINNED_PLANNING {
+            raw::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                PgLogLevel::ERROR as std::ffi::c_int,
+                false,
+            );
+        }
+    }
+    let planner = PREVIOUS_PLANNER.unwrap_or(raw::standard_planner);
+    let planned = planner(parse, query_string, cursor_options, bound_params);
+    if pinned {
+        raw::AtEOXact_GUC(true, level);
+    }
+    planned
+}
+
+/// PostgreSQL functions called without pgrx's error guard (see [`pinned_planner`]).
+mod raw {
+    use pgrx::pg_sys;
+    use std::ffi::{c_char, c_int};
+    unsafe extern "C-unwind" {
+        pub fn NewGUCNestLevel() -> c_int;
+        pub fn AtEOXact_GUC(is_commit: bool, nest_level: c_int);
+        pub fn set_config_option(
+            name: *const c_char,
+            value: *const c_char,
+            context: pg_sys::GucContext::Type,
+            source: pg_sys::GucSource::Type,
+            action: pg_sys::GucAction::Type,
+            change_val: bool,
+            elevel: c_int,
+            is_reload: bool,
+        ) -> c_int;
+        pub fn standard_planner(
+            parse: *mut pg_sys::Query,
+            query_string: *const c_char,
+            cursor_options: c_int,
+            bound_params: pg_sys::ParamListInfo,
+        ) -> *mut pg_sys::PlannedStmt;
+    }
 }
 
 unsafe fn execute(stmt: impl Statement, params: &[Param]) -> u64 {

@@ -12,7 +12,6 @@
 -- from a per-backend cache. Cheaper per send than a statement trigger with a transition table.
 CREATE FUNCTION pgflow._messages_inserted() RETURNS trigger
 LANGUAGE c
-SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgflow_messages_inserted';
 
 CREATE TRIGGER messages_announce
@@ -22,7 +21,6 @@ FOR EACH ROW EXECUTE FUNCTION pgflow._messages_inserted();
 -- Creating, altering or dropping a queue invalidates every backend's cache of queues.
 CREATE FUNCTION pgflow._queues_changed() RETURNS trigger
 LANGUAGE c
-SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgflow_queues_changed';
 
 CREATE TRIGGER queues_changed

@@ -312,14 +312,14 @@ $$;
 
 -- send, read, archive and delete of one message, and ack_and_read: the hot path, in Rust
 -- (src/queue.rs), each one statement planned once per backend. Their argument checks raise
--- the same errors as the PL/pgSQL helpers above. The SET clauses pin the plans to index scans
--- whatever the tables held when they were planned.
+-- the same errors as the PL/pgSQL helpers above. They carry no SET clauses: src/spi.rs parses
+-- and plans their statements under a fixed search path and with sequential scans off, so the
+-- plans are index plans whatever the caller's settings and whatever the tables held when they
+-- were planned, without the cost of a SET scope at every call.
 CREATE FUNCTION pgflow.send(queue_name text, message jsonb, delay integer DEFAULT 0,
                             priority integer DEFAULT 0, headers jsonb DEFAULT NULL)
 RETURNS bigint
 LANGUAGE c VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-SET enable_hashjoin = off SET enable_mergejoin = off
 AS 'MODULE_PATHNAME', 'pgflow_send';
 COMMENT ON FUNCTION pgflow.send(text, jsonb, integer, integer, jsonb) IS
 'Send a message; returns its msg_id. It becomes readable when the sending transaction commits and delay seconds have passed. Higher priority is delivered first, FIFO by msg_id within a priority. headers: a JSON object or null.';
@@ -511,8 +511,6 @@ $$;
 CREATE FUNCTION pgflow.read(queue_name text, vt integer, qty integer DEFAULT 1)
 RETURNS SETOF pgflow.message_record
 LANGUAGE c VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-SET enable_hashjoin = off SET enable_mergejoin = off
 AS 'MODULE_PATHNAME', 'pgflow_read';
 COMMENT ON FUNCTION pgflow.read(text, integer, integer) IS
 'Lease up to qty visible messages for vt seconds, highest priority first, then FIFO. Each row''s (msg_id, read_ct) identifies the delivery: pass read_ct to delete/archive/set_vt/nack so a late consumer whose lease expired cannot act on a redelivered message. Never blocks; concurrent readers get distinct messages.';
@@ -645,8 +643,6 @@ $$;
 CREATE FUNCTION pgflow.delete(queue_name text, msg_id bigint, read_ct integer DEFAULT NULL)
 RETURNS boolean
 LANGUAGE c VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-SET enable_hashjoin = off SET enable_mergejoin = off
 AS 'MODULE_PATHNAME', 'pgflow_delete_one';
 COMMENT ON FUNCTION pgflow.delete(text, bigint, integer) IS
 'Delete a message (acknowledge it). Returns false if there is no such message, or if read_ct is given and the message has been delivered again since (the caller''s lease is stale).';
@@ -667,8 +663,6 @@ COMMENT ON FUNCTION pgflow.delete(text, bigint[], integer[]) IS
 CREATE FUNCTION pgflow.archive(queue_name text, msg_id bigint, read_ct integer DEFAULT NULL)
 RETURNS boolean
 LANGUAGE c VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-SET enable_hashjoin = off SET enable_mergejoin = off
 AS 'MODULE_PATHNAME', 'pgflow_archive_one';
 COMMENT ON FUNCTION pgflow.archive(text, bigint, integer) IS
 'Move a message to the archive (acknowledge it, keeping it queryable in pgflow.archive). Returns false if there is no such message or read_ct is stale.';
@@ -690,8 +684,6 @@ CREATE FUNCTION pgflow.ack_and_read(queue_name text, ack_msg_ids bigint[], vt in
                                     archive boolean DEFAULT true, ack_read_cts integer[] DEFAULT NULL)
 RETURNS SETOF pgflow.message_record
 LANGUAGE c VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-SET enable_hashjoin = off SET enable_mergejoin = off
 AS 'MODULE_PATHNAME', 'pgflow_ack_and_read';
 COMMENT ON FUNCTION pgflow.ack_and_read(text, bigint[], integer, integer, boolean, integer[]) IS
 'Acknowledge the messages a consumer finished (archive, or delete when archive is false; ack_read_cts as for archive) and lease its next ones, in one statement and one commit. Returns the new leases as pgflow.read does.';

@@ -9,7 +9,9 @@
 -- running it. The plan shape is pinned so it is right at any table size: index scans
 -- (enable_seqscan = off) and nested loops (no hash or merge joins). Internal functions (named
 -- _...) pin only search_path: they run inside the public ones, whose settings are in effect
--- when their statements are planned.
+-- when their statements are planned. The task path in Rust carries no SET clauses: src/spi.rs
+-- pins the search path and the plan shape of its statements, and of the internal functions
+-- they call (its rare paths), without a SET scope at every call.
 --
 -- Lock order, everywhere: the run first, then task messages (in msg_id order), then step states
 -- (in step_index order), then task rows. Every function that changes a run's step states
@@ -231,8 +233,6 @@ $$;
 -- directly; declared for _start_step above.
 CREATE FUNCTION pgflow._step_completed(run_id uuid, queue_id bigint, step_slug text) RETURNS boolean
 LANGUAGE c VOLATILE
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
 AS 'MODULE_PATHNAME', 'pgflow_step_completed';
 
 ---------------------------------------------------------------------------------------------
@@ -385,14 +385,12 @@ BEGIN
 END
 $$;
 
--- The task path (start_tasks, poll_for_tasks, complete_task) is in Rust (src/workflow.rs).
--- The SET clauses pin its plans to index scans and nested loops whatever the tables held when
--- they were planned (plan_cache_mode is for the PL/pgSQL functions it calls).
+-- The task path (start_tasks, poll_for_tasks, complete_task) is in Rust (src/workflow.rs),
+-- its plans pinned to index scans and nested loops by src/spi.rs whatever the tables held when
+-- they were planned.
 CREATE FUNCTION pgflow.start_tasks(flow_slug text, msg_ids bigint[], worker_id uuid)
 RETURNS SETOF pgflow.step_task_record
 LANGUAGE c VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
 AS 'MODULE_PATHNAME', 'pgflow_start_tasks';
 COMMENT ON FUNCTION pgflow.start_tasks(text, bigint[], uuid) IS
 'Start the tasks of messages a worker read from the flow''s queue (pgflow.read or read_with_poll): marks each task started, counts the attempt, leases it for its step''s timeout, and returns (flow_slug, run_id, step_slug, task_index, msg_id, input). input is {"run": <run input>, "<dep>": <dep output>, ...}, or the array element for a map task. Messages of failed runs or finished tasks are dropped and not returned; a task whose last attempt timed out fails (and with it its step and run). worker_id is recorded and may be passed to complete_task / fail_task.';
@@ -401,8 +399,6 @@ CREATE FUNCTION pgflow.poll_for_tasks(flow_slug text, vt integer, qty integer, m
                                       poll_interval_ms integer DEFAULT 100, worker_id uuid DEFAULT NULL)
 RETURNS SETOF pgflow.step_task_record
 LANGUAGE c VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
 AS 'MODULE_PATHNAME', 'pgflow_poll_for_tasks';
 COMMENT ON FUNCTION pgflow.poll_for_tasks(text, integer, integer, integer, integer, uuid) IS
 'Claim up to qty tasks of a flow in one statement: leases their messages and starts them as pgflow.start_tasks does, returning (flow_slug, run_id, step_slug, task_index, msg_id, input). Each task is leased for its step''s timeout (vt applies only to a stray message that is not a task). Waits up to max_poll_seconds for tasks, woken at the commit that queues new ones (looking again every poll_interval_ms for timed-out tasks and delayed retries). worker_id, optional, is recorded as the task''s last_worker_id.';
@@ -486,8 +482,6 @@ CREATE FUNCTION pgflow.complete_task(run_id uuid, step_slug text, task_index int
                                      worker_id uuid DEFAULT NULL)
 RETURNS text
 LANGUAGE c VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
 AS 'MODULE_PATHNAME', 'pgflow_complete_task';
 COMMENT ON FUNCTION pgflow.complete_task(uuid, text, integer, jsonb, uuid) IS
 'Complete a started task with its output (any JSON value, not SQL NULL). Returns the outcome: completed; or, changing nothing: already_completed (the first completion wins), already_failed, not_started (queued, e.g. waiting for a retry), run_failed, stale (worker_id given and the task was since handed to another worker). When its step''s last task completes, the step completes (a map step with the array of its task outputs), the dependents whose deps are all complete start, and once every step is complete the run completes with output {<leaf step>: <output>, ...}. Unknown run, step or task: 42704.';

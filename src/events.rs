@@ -91,6 +91,11 @@ struct PendingEvents {
 }
 
 impl PendingEvents {
+    /// Nothing collected: most transactions (reads, acks, anything not sending) end here.
+    fn is_empty(&self) -> bool {
+        self.sent.is_empty() && self.notifications.is_empty() && self.wake_buckets.is_empty()
+    }
+
     /// A savepoint at `level` rolled back: forget what it and its children collected.
     fn drop_level(&mut self, level: Level) {
         self.sent.retain(|(l, _), _| *l < level);
@@ -160,6 +165,9 @@ unsafe extern "C-unwind" fn on_xact_event(
     _arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::XactEvent::*;
+    if PENDING.with(|p| p.borrow().is_empty()) {
+        return;
+    }
     match event {
         XACT_EVENT_PRE_COMMIT => emit_notifications(),
         XACT_EVENT_COMMIT => {
@@ -187,6 +195,9 @@ unsafe extern "C-unwind" fn on_subxact_event(
     _arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::SubXactEvent::*;
+    if PENDING.with(|p| p.borrow().is_empty()) {
+        return;
+    }
     // Called while the subtransaction ending is still the current one.
     match event {
         SUBXACT_EVENT_ABORT_SUB => PENDING.with(|p| p.borrow_mut().drop_level(current_level())),

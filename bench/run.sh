@@ -3,22 +3,33 @@
 # tables of the same shape, in the same cluster. Prints one markdown table on stdout; progress
 # and per-run figures go to stderr.
 #
-#   bash bench/run.sh                      # 2 pairs of 10-second runs per comparison (~7 min)
-#   BENCH_PAIRS=3 BENCH_SECONDS=20 bash bench/run.sh
+#   bash bench/run.sh                      # 5 interleaved runs of 10 s per comparison (~14 min)
+#   BENCH_RUNS=9 BENCH_SECONDS=20 bash bench/run.sh
 #   BENCH_ONLY="single_c8 notify_c8" bash bench/run.sh   # some rows only
 #   BENCH_KEEP=1 bash bench/run.sh         # leave the cluster running afterwards (psql -h DIR -p PORT bench)
 #   BENCH_SQL="ALTER FUNCTION ..." bash bench/run.sh   # SQL run after setup, to try a variant
 #
-# Each comparison alternates its two sides (A, B, A, B, ...); every run starts after a VACUUM of
-# the message tables and a CHECKPOINT, with the WAL statistics reset. Throughput counts units
-# really archived (rows added to the archive table), not pgbench transactions.
+# How the two sides of a comparison are measured, and why:
+# - **Interleaved runs give the ratio.** In one pgbench run every client picks side A's or side
+#   B's script at random for each lifecycle, so both sides run under the same disk and the same
+#   load, mixed millisecond by millisecond. On these machines the time an fsync takes drifts by
+#   2-3x within seconds; a commit-bound lifecycle drifts with it, and two separate runs, even
+#   short ones alternated, differed by more than anything measured (per-pair ratios of 0.6 to
+#   1.9 for two identical builds). A side's cost is the client time it took per unit archived
+#   (its lifecycles times their mean latency, over the units it archived); the ratio is B's
+#   cost over A's, A's throughput relative to B's. The row gives the median over the runs.
+# - **Separate runs give WAL per unit and absolute rates**: two runs of each side alone, in the
+#   order A B B A after a CHECKPOINT and a warm-up (so neither side is always the first to
+#   write pages after the checkpoint), WAL being the insert position's advance during a run.
+# Every run starts after a VACUUM of the message tables. Units are messages really archived
+# (rows added to the side's archive), not pgbench transactions.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"
 
 DIR=${BENCH_DIR:-/tmp/pgflow-bench}
 PORT=${BENCH_PORT:-5450}
 DB=bench
-PAIRS=${BENCH_PAIRS:-2}
+RUNS=${BENCH_RUNS:-5}
 SECS=${BENCH_SECONDS:-10}
 Q="$REPO_ROOT/bench/queue"
 RESULTS=$(mktemp)
@@ -38,26 +49,42 @@ fi
 psql_ -f "$Q/setup.sql" >/dev/null
 if [ -n "${BENCH_SQL:-}" ]; then psql_ -c "$BENCH_SQL" >/dev/null; fi
 
-# run_one SCRIPT CLIENTS ARCHIVE_TABLE: prints "units_per_second wal_bytes_per_unit"
-run_one() {
-    local script=$1 clients=$2 table=$3 before after wal out tps n units
-    psql_ -c "VACUUM pgflow.messages, plain.messages" -c "CHECKPOINT" >/dev/null
-    before=$(psql_ -c "SELECT count(*) FROM $table")
-    psql_ -c "SELECT pg_stat_reset_shared('wal')" >/dev/null
-    # The plain side gets the planner settings pgflow pins in its functions (no sequential scan)
-    # and no sort, so that whatever the statistics say its claim is an ordered scan of the
-    # delivery-order index, as pgflow's is.
-    local opts=""
-    case $script in plain_*) opts="-c enable_seqscan=off -c enable_sort=off -c jit=off" ;; esac
-    out=$(as_root runuser -u postgres -- env PGOPTIONS="$opts" "$PGBIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -n \
-            -M prepared -c "$clients" -j 2 -T "$SECS" -D pid=0 -D prc=0 -f "$Q/$script" "$DB" 2>&1) || {
-        echo "$out" >&2; echo "pgbench failed on $script" >&2; exit 1; }
+# Units archived so far by a side: its archive table, or one queue's rows of pgflow.archive.
+units_sql() {
+    case $1 in
+        plain_*) echo "SELECT count(*) FROM plain.archive" ;;
+        pgflow_notify_*) echo "SELECT count(*) FROM pgflow.archive WHERE queue_id = (SELECT queue_id FROM pgflow.queues WHERE queue_name = 'bench_notify')" ;;
+        *) echo "SELECT count(*) FROM pgflow.archive WHERE queue_id = (SELECT queue_id FROM pgflow.queues WHERE queue_name = 'bench')" ;;
+    esac
+}
+
+# pgbench CLIENTS SECONDS SCRIPT...: every session gets the planner settings pgflow pins for
+# its statements (no sequential scan) and no sort, so that whatever the statistics say the
+# plain claim is an ordered scan of the delivery-order index, as pgflow's is.
+pgbench_() {
+    local clients=$1 secs=$2 out
+    shift 2
+    local files=()
+    for s in "$@"; do files+=(-f "$Q/$s@1"); done
+    out=$(as_root runuser -u postgres -- env PGOPTIONS="-c enable_seqscan=off -c enable_sort=off -c jit=off" \
+            "$PGBIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -n -M prepared -c "$clients" -j 2 \
+            -T "$secs" -D pid=0 -D prc=0 "${files[@]}" "$DB" 2>&1) || {
+        echo "$out" >&2; echo "pgbench failed on $*" >&2; exit 1; }
     if grep -qE "aborted|number of failed transactions: [1-9]" <<<"$out"; then
-        echo "$out" >&2; echo "clients aborted or transactions failed in $script" >&2; exit 1
+        echo "$out" >&2; echo "clients aborted or transactions failed in $*" >&2; exit 1
     fi
-    sleep 1   # let the exiting backends flush their WAL statistics
-    wal=$(psql_ -c "SELECT wal_bytes FROM pg_stat_wal")
-    after=$(psql_ -c "SELECT count(*) FROM $table")
+    echo "$out"
+}
+
+# separate SCRIPT CLIENTS [SECONDS]: one side alone; prints "units_per_second wal_bytes_per_unit"
+separate() {
+    local script=$1 clients=$2 secs=${3:-$SECS} before after lsn wal out tps n units
+    psql_ -c "VACUUM pgflow.messages, plain.messages" >/dev/null
+    before=$(psql_ -c "$(units_sql "$script")")
+    lsn=$(psql_ -c "SELECT pg_current_wal_insert_lsn()")
+    out=$(pgbench_ "$clients" "$secs" "$script")
+    wal=$(psql_ -c "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '$lsn')")
+    after=$(psql_ -c "$(units_sql "$script")")
     tps=$(grep -oP 'tps = \K[0-9.]+' <<<"$out" | head -1)
     n=$(grep -oP 'number of transactions actually processed: \K[0-9]+' <<<"$out")
     units=$((after - before))
@@ -66,43 +93,66 @@ run_one() {
         "$tps" "$n" "$units" "$wal"
 }
 
-set_notify() { psql_ -c "SELECT pgflow.alter_queue('bench', notify => $1)" >/dev/null; }
+# interleaved A_SCRIPT B_SCRIPT CLIENTS: both sides in one run; prints "ratio a_per_s b_per_s",
+# the ratio being B's client time per unit over A's.
+interleaved() {
+    local a=$1 b=$2 clients=$3 a0 b0 a1 b1 out
+    psql_ -c "VACUUM pgflow.messages, plain.messages" >/dev/null
+    a0=$(psql_ -c "$(units_sql "$a")"); b0=$(psql_ -c "$(units_sql "$b")")
+    out=$(pgbench_ "$clients" "$SECS" "$a" "$b")
+    a1=$(psql_ -c "$(units_sql "$a")"); b1=$(psql_ -c "$(units_sql "$b")")
+    # Per script: "N transactions" and "latency average = X ms", in script order.
+    PGBENCH_OUT="$out" python3 - "$((a1 - a0))" "$((b1 - b0))" "$SECS" <<'PY'
+import os, re, sys
+out = os.environ["PGBENCH_OUT"]
+ua, ub, secs = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+parts = out.split("SQL script ")[1:]
+n = [int(re.search(r"- (\d+) transactions", p).group(1)) for p in parts]
+lat = [float(re.search(r"latency average = ([0-9.]+) ms", p).group(1)) for p in parts]
+if ua <= 0 or ub <= 0:
+    sys.exit("a side archived nothing")
+cost_a, cost_b = n[0] * lat[0] / ua, n[1] * lat[1] / ub
+print(f"{cost_b / cost_a:.3f} {ua / secs:.1f} {ub / secs:.1f}")
+PY
+}
 
-# compare ID CLIENTS A_SCRIPT A_TABLE A_PREP B_SCRIPT B_TABLE B_PREP
+# compare ID CLIENTS A_SCRIPT B_SCRIPT
 compare() {
-    local id=$1 clients=$2 a=$3 at=$4 ap=$5 b=$6 bt=$7 bp=$8 r
+    local id=$1 clients=$2 a=$3 b=$4 r
     if [ -n "${BENCH_ONLY:-}" ] && [[ " $BENCH_ONLY " != *" $id "* ]]; then return; fi
-    for pair in $(seq 1 "$PAIRS"); do
-        eval "$ap"; r=$(run_one "$a" "$clients" "$at"); echo "$id A $r" >>"$RESULTS"
-        echo "  $id pair $pair  A $a: $r" >&2
-        eval "$bp"; r=$(run_one "$b" "$clients" "$bt"); echo "$id B $r" >>"$RESULTS"
-        echo "  $id pair $pair  B $b: $r" >&2
+    psql_ -c "CHECKPOINT" >/dev/null
+    separate "$a" "$clients" 1 >/dev/null
+    separate "$b" "$clients" 1 >/dev/null
+    for side in A B B A; do
+        local script=$a
+        [ "$side" = A ] || script=$b
+        r=$(separate "$script" "$clients"); echo "$id $side $r" >>"$RESULTS"
+        echo "  $id alone  $side $script: $r" >&2
+    done
+    for run in $(seq 1 "$RUNS"); do
+        r=$(interleaved "$a" "$b" "$clients"); echo "$id X $r" >>"$RESULTS"
+        echo "  $id interleaved run $run: B/A cost $r (A, B per s)" >&2
     done
 }
 
-PGF=pgflow.archive
-PLN=plain.archive
-say "running: $PAIRS pairs of ${SECS}s per comparison" >&2
-for c in 1 8; do
-    compare "single_c$c" "$c" pgflow_single.sql $PGF : plain_single.sql $PLN :
-done
-for c in 1 8; do
-    compare "batch_c$c" "$c" pgflow_batch.sql $PGF : plain_batch.sql $PLN :
-done
-for c in 1 8; do
-    compare "ackread_c$c" "$c" pgflow_ack_read.sql $PGF : plain_single.sql $PLN :
-done
-compare notify_c8 8 pgflow_single.sql $PGF "set_notify true" pgflow_single.sql $PGF "set_notify false"
-set_notify false
+say "running: $RUNS interleaved runs of ${SECS}s per comparison, and each side alone once" >&2
+for c in 1 8; do compare "single_c$c" "$c" pgflow_single.sql plain_single.sql; done
+for c in 1 8; do compare "batch_c$c" "$c" pgflow_batch.sql plain_batch.sql; done
+for c in 1 8; do compare "ackread_c$c" "$c" pgflow_ack_read.sql plain_single.sql; done
+compare notify_c8 8 pgflow_notify_single.sql pgflow_single.sql
 
-python3 - "$RESULTS" "$PAIRS" "$SECS" <<'PY'
+python3 - "$RESULTS" "$RUNS" "$SECS" <<'PY'
 import statistics, sys
 from collections import defaultdict
-runs = defaultdict(lambda: {"A": [], "B": []})
+alone = defaultdict(dict)
+mixed = defaultdict(list)
 for line in open(sys.argv[1]):
-    cid, side, rate, wal = line.split()
-    runs[cid][side].append((float(rate), float(wal)))
-pairs, secs = sys.argv[2], sys.argv[3]
+    cid, side, *rest = line.split()
+    if side == "X":
+        mixed[cid].append(float(rest[0]))
+    else:
+        alone[cid].setdefault(side, []).append((float(rest[0]), float(rest[1])))
+runs, secs = sys.argv[2], sys.argv[3]
 rows = [
     # id, workload, clients, unit, pgflow side, baseline side, target ratio, WAL bound
     ("single_c1", "single-message lifecycle: send, read, archive (3 commits)", 1, "lifecycles/s",
@@ -121,24 +171,25 @@ rows = [
      "notify on", "notify off", 0.70, None),
 ]
 def fmt(x): return f"{x:,.0f}"
-print(f"| workload | clients | A | A per s | B | B per s | A/B throughput (median of {pairs} pairs) "
-      f"| WAL/unit A | WAL/unit B | WAL A/B | target | met |")
+print(f"| workload | clients | A | B | A/B throughput, interleaved (median of {runs} runs; all runs) "
+      f"| A alone | B alone | WAL/unit A | WAL/unit B | WAL A/B | target | met |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for cid, work, clients, unit, an, bn, target, walb in rows:
-    A, B = runs[cid]["A"], runs[cid]["B"]
-    if not A or not B:
+    if not mixed[cid] or len(alone[cid]) < 2:
         continue
-    ratios = [a[0] / b[0] for a, b in zip(A, B)]
-    walr = [a[1] / b[1] for a, b in zip(A, B)]
-    r, wr = statistics.median(ratios), statistics.median(walr)
+    ratios = mixed[cid]
+    (ra, wa), (rb, wb) = ([statistics.mean(x) for x in zip(*alone[cid][s])] for s in "AB")
+    r, wr = statistics.median(ratios), wa / wb
     ok = r >= target and (walb is None or wr <= walb)
     tgt = f">= {target:.2f}" + (f", WAL <= {walb:.2f}" if walb else "")
-    print(f"| {work} | {clients} | {an} | {fmt(statistics.median(x[0] for x in A))} {unit} | {bn} "
-          f"| {fmt(statistics.median(x[0] for x in B))} {unit} | {r:.2f} "
-          f"({', '.join(f'{x:.2f}' for x in ratios)}) | {fmt(statistics.median(x[1] for x in A))} B "
-          f"| {fmt(statistics.median(x[1] for x in B))} B | {wr:.2f} | {tgt} | {'yes' if ok else 'no'} |")
+    print(f"| {work} | {clients} | {an} | {bn} | {r:.2f} ({', '.join(f'{x:.2f}' for x in sorted(ratios))}) "
+          f"| {fmt(ra)} {unit} | {fmt(rb)} {unit} | {fmt(wa)} B | {fmt(wb)} B | {wr:.2f} | {tgt} "
+          f"| {'yes' if ok else 'no'} |")
 print()
-print(f"{pairs} alternated pairs of {secs}-second pgbench runs (-n -M prepared -j 2) per row; "
-      "throughput and WAL figures are medians per side, the ratio is the median of the per-pair ratios. "
-      "WAL/unit: pg_stat_wal.wal_bytes after a reset, divided by messages archived.")
+print(f"Ratio: {runs} runs of {secs} s per row in which each pgbench client (-n -M prepared -j 2) "
+      "picks A's or B's script at random for every lifecycle; a side's cost is its lifecycles times "
+      "their mean latency per unit it archived, and the ratio is B's cost over A's. "
+      f"Alone: {secs}-second runs of each side by itself in the order A B B A, after a CHECKPOINT and "
+      "a warm-up; means of the two runs per side. WAL/unit is the WAL insert position's advance "
+      "during a run divided by the units archived.")
 PY

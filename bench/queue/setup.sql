@@ -5,6 +5,8 @@ CREATE EXTENSION IF NOT EXISTS pgflow;
 
 SELECT pgflow.create_queue('bench');
 SELECT pgflow.create_queue('bench_idle');
+-- The notify comparison's other side: the same lifecycle on a queue whose sends are announced.
+SELECT pgflow.create_queue('bench_notify', notify => true);
 
 -- Plain SQL on tables shaped like pgflow.messages and pgflow.archive: same columns, defaults,
 -- primary keys, delivery-order index and fillfactor.
@@ -13,13 +15,15 @@ CREATE TABLE plain.messages (LIKE pgflow.messages INCLUDING ALL) WITH (fillfacto
 CREATE TABLE plain.archive (LIKE pgflow.archive INCLUDING ALL);
 CREATE SEQUENCE plain.msg_seq AS bigint;
 
--- History, identical on both sides: 20,000 messages sent, read and archived on the benchmark
+-- History, identical on both sides: 20,000 messages sent, read and archived on each benchmark
 -- queue (queue_id 1 on the plain side), and 10,000 waiting on a queue nobody reads (queue_id 2).
 DO $$
 BEGIN
     FOR i IN 1..20 LOOP
         PERFORM pgflow.send_batch('bench', array_fill('{"n": 1}'::jsonb, ARRAY[1000]));
         PERFORM pgflow.archive('bench', (SELECT array_agg(msg_id) FROM pgflow.read('bench', 30, 1000)));
+        PERFORM pgflow.send_batch('bench_notify', array_fill('{"n": 1}'::jsonb, ARRAY[1000]));
+        PERFORM pgflow.archive('bench_notify', (SELECT array_agg(msg_id) FROM pgflow.read('bench_notify', 30, 1000)));
     END LOOP;
     FOR i IN 1..10 LOOP
         PERFORM pgflow.send_batch('bench_idle', array_fill('{"n": 1}'::jsonb, ARRAY[1000]));

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Server time per send-read-archive lifecycle, pgflow against plain SQL on same-shaped tables,
-# in one session (no client, network or fsync in the figure): the CPU cost that bounds
-# throughput when many clients share few cores. Starts its own cluster; prints a table.
+# in one session (no client, network or fsync in the figure), the two sides interleaved
+# in blocks of 50 lifecycles: the CPU cost that bounds throughput when many clients share few
+# cores. Starts its own cluster; prints a table.
 #   bash bench/cpu.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"
@@ -15,11 +16,15 @@ trap 'stop_cluster "$DIR"' EXIT
 psql_() { as_root runuser -u postgres -- "$PGBIN/psql" -h "$DIR" -p "$PORT" -U postgres -d "$DB" -qAtX -v ON_ERROR_STOP=1 "$@"; }
 psql_ -f "$REPO_ROOT/bench/queue/setup.sql" >/dev/null
 psql_ -f "$REPO_ROOT/bench/queue/cpu_lifecycle.sql" 2>&1 | awk '
-    /^(pgflow|plain)$/ { side = $1; next }
-    /^Time:/ { us = $2 * 1000 / 2000; t[side] = t[side] sprintf("%s%.0f", (t[side] == "" ? "" : ", "), us); a[side, ++n[side]] = us }
+    match($0, /NOTICE:  round 3000 [0-9.]+ [0-9.]+/) {
+        split(substr($0, RSTART, RLENGTH), w, " ")   # NOTICE: round 3000 <pgflow us> <plain us>
+        f = f sprintf("%s%s", (f == "" ? "" : ", "), w[4]); p = p sprintf("%s%s", (p == "" ? "" : ", "), w[5])
+        r = r sprintf("%s%.2f", (r == "" ? "" : ", "), w[5] / w[4])
+    }
     END {
-        print "| side | us per lifecycle (3 runs of 2,000) |"
+        print "| side | CPU us per lifecycle (3 rounds of 3,000, interleaved in blocks of 50) |"
         print "|---|---|"
-        print "| pgflow | " t["pgflow"] " |"
-        print "| plain SQL | " t["plain"] " |"
+        print "| pgflow | " f " |"
+        print "| plain SQL | " p " |"
+        print "| plain / pgflow | " r " |"
     }'

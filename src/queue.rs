@@ -16,9 +16,10 @@
 //! send does). Clearing on any relcache invalidation is deliberate: it is rare, and a miss
 //! costs one look-up.
 //!
-//! The functions are declared in `sql/queue/api.sql` (`LANGUAGE c`) with their defaults,
-//! COMMENTs and `SET` clauses; the argument checks raise exactly the errors the PL/pgSQL
-//! helpers raise for the other functions.
+//! The functions are declared in `sql/queue/api.sql` (`LANGUAGE c`) with their defaults and
+//! COMMENTs, and no `SET` clauses: [`crate::spi`] pins the search path and plan shape of their
+//! statements. The argument checks raise exactly the errors the PL/pgSQL helpers raise for the
+//! other functions.
 
 use crate::errors::{check_name, raise};
 use crate::events;

@@ -36,34 +36,44 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgflow FROM PUBLIC;
-GRANT USAGE ON SCHEMA pgflow TO pgflow_producer, pgflow_consumer, pgflow_admin;
-GRANT pgflow_producer, pgflow_consumer TO pgflow_admin;
-GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgflow TO pgflow_admin;
-GRANT SELECT ON ALL TABLES IN SCHEMA pgflow TO pgflow_admin;
-
-DO $$
+-- Which role may call which function: one rule, applied by CREATE EXTENSION here and again at
+-- the end of every upgrade script (after it created or replaced functions), so that an
+-- upgraded database grants exactly what a fresh install does. Internal helpers (names starting
+-- with an underscore) are callable by no role: only through the public functions, which run
+-- as the extension's owner.
+CREATE FUNCTION pgflow._apply_grants() RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
-    f text;
+    f record;
+    roles text[];
 BEGIN
-    -- name patterns per role; the admin role has all functions
+    REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgflow FROM PUBLIC;
+    GRANT USAGE ON SCHEMA pgflow TO pgflow_producer, pgflow_consumer, pgflow_admin;
+    GRANT pgflow_producer, pgflow_consumer TO pgflow_admin;
+    GRANT SELECT ON ALL TABLES IN SCHEMA pgflow TO pgflow_admin;
     FOR f IN
-        SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p
+        SELECT p.oid::regprocedure::text AS sig, p.proname::text AS name
+          FROM pg_catalog.pg_proc p
          WHERE p.pronamespace = 'pgflow'::regnamespace
-           AND p.proname IN ('send', 'send_batch', 'send_with_notify', 'queue_channel', 'flow_channel',
-                             'start_flow', 'get_queue_stats', 'wakeups_enabled')
     LOOP
-        EXECUTE 'GRANT EXECUTE ON FUNCTION ' || f || ' TO pgflow_producer';
-    END LOOP;
-    FOR f IN
-        SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p
-         WHERE p.pronamespace = 'pgflow'::regnamespace
-           AND p.proname IN ('read', 'read_with_poll', 'pop', 'delete', 'archive', 'set_vt', 'nack',
-                             'ack_and_read', 'queue_channel', 'flow_channel', 'get_queue_stats',
-                             'wakeups_enabled', 'start_tasks', 'poll_for_tasks', 'complete_task',
-                             'fail_task', 'get_run_with_states')
-    LOOP
-        EXECUTE 'GRANT EXECUTE ON FUNCTION ' || f || ' TO pgflow_consumer';
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM pgflow_producer, pgflow_consumer, pgflow_admin', f.sig);
+        CONTINUE WHEN f.name LIKE '\_%';
+        roles := ARRAY['pgflow_admin'];
+        IF f.name IN ('send', 'send_batch', 'send_with_notify', 'queue_channel', 'flow_channel',
+                      'start_flow', 'get_queue_stats', 'wakeups_enabled') THEN
+            roles := roles || 'pgflow_producer'::text;
+        END IF;
+        IF f.name IN ('read', 'read_with_poll', 'pop', 'delete', 'archive', 'set_vt', 'nack',
+                      'ack_and_read', 'queue_channel', 'flow_channel', 'get_queue_stats',
+                      'wakeups_enabled', 'start_tasks', 'poll_for_tasks', 'complete_task',
+                      'fail_task', 'get_run_with_states') THEN
+            roles := roles || 'pgflow_consumer'::text;
+        END IF;
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f.sig, array_to_string(roles, ', '));
     END LOOP;
 END
 $$;
+
+SELECT pgflow._apply_grants();

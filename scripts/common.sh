@@ -1,21 +1,38 @@
 #!/usr/bin/env bash
-# Shared by scripts/demo.sh, scripts/test.sh and bench/run.sh: install what a fresh Debian 12
-# machine lacks (skipping what is there), build and install the extension, and run throwaway
-# PostgreSQL 15 clusters as the postgres OS user.
+# Shared by scripts/demo.sh, scripts/test.sh, scripts/package.sh and bench/: install what a
+# fresh Debian 12 machine lacks (skipping what is there), build and install the extension, and
+# run throwaway clusters as the postgres OS user.
+#
+# PGFLOW_PG picks the PostgreSQL major version (default 15). 15 comes from Debian's packages;
+# 18 is built from Debian's source package by scripts/build-postgres.sh into the same layout
+# (/usr/lib/postgresql/18/bin, /usr/share/postgresql/18), once.
 set -euo pipefail
 
-PGBIN=/usr/lib/postgresql/15/bin
+# Every major version pgflow is built and tested for on these machines (see README).
+PG_SUPPORTED="15 18"
+PG_MAJOR=${PGFLOW_PG:-15}
+case " $PG_SUPPORTED " in
+    *" $PG_MAJOR "*) ;;
+    *) echo "PGFLOW_PG=$PG_MAJOR: supported versions are $PG_SUPPORTED" >&2; exit 2 ;;
+esac
+export PGFLOW_PG=$PG_MAJOR
+PGBIN=/usr/lib/postgresql/$PG_MAJOR/bin
 PG_CONFIG="$PGBIN/pg_config"
 PGRX_VERSION=0.18.1
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="$HOME/.cargo/bin:$PATH"
+# Cargo features of this version's build (pgrx binds to one major version per build), and a
+# target directory per version so that switching versions does not rebuild everything.
+PG_FEATURES=(--no-default-features --features "pg$PG_MAJOR")
+if [ "$PG_MAJOR" != 15 ]; then export CARGO_TARGET_DIR="$REPO_ROOT/target/pg$PG_MAJOR"; fi
 
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 ensure_packages() {
-    local pkgs=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang pkg-config sudo python3-pip)
+    local pkgs=(libclang-dev clang pkg-config sudo python3-pip)
+    [ "$PG_MAJOR" = 15 ] && pkgs+=(postgresql-15 postgresql-server-dev-15 postgresql-contrib)
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,6 +42,9 @@ ensure_packages() {
         as_root apt-get update -qq
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
+    if [ "$PG_MAJOR" != 15 ]; then
+        bash "$REPO_ROOT/scripts/build-postgres.sh" "$PG_MAJOR"
+    fi
 }
 
 ensure_cargo_pgrx() {
@@ -32,9 +52,14 @@ ensure_cargo_pgrx() {
         say "installing cargo-pgrx $PGRX_VERSION (takes several minutes once)"
         cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
     fi
-    if ! grep -qs "pg15 *= *\"$PG_CONFIG\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
-        say "pointing cargo-pgrx at Debian's PostgreSQL 15"
-        cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null
+    if ! grep -qs "pg$PG_MAJOR *= *\"$PG_CONFIG\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+        # init rewrites the whole list: name every supported version installed here
+        local args=() v
+        for v in $PG_SUPPORTED; do
+            [ -x "/usr/lib/postgresql/$v/bin/pg_config" ] && args+=("--pg$v" "/usr/lib/postgresql/$v/bin/pg_config")
+        done
+        say "pointing cargo-pgrx at PostgreSQL ${args[*]}"
+        cargo pgrx init "${args[@]}" >/dev/null
     fi
 }
 
@@ -55,12 +80,12 @@ ensure_tools() {
     ensure_python_modules
 }
 
-# Build the extension (release) and install it into Debian's PostgreSQL 15.
+# Build the extension (release) and install it into PostgreSQL $PG_MAJOR.
 install_extension() {
-    say "building and installing the pgflow extension"
+    say "building and installing the pgflow extension for PostgreSQL $PG_MAJOR"
     local log
     log=$(mktemp)
-    if ! (cd "$REPO_ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG") >"$log" 2>&1; then
+    if ! (cd "$REPO_ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" "${PG_FEATURES[@]}") >"$log" 2>&1; then
         tail -40 "$log" >&2
         echo "building or installing pgflow failed" >&2
         rm -f "$log"
@@ -101,4 +126,26 @@ stop_cluster() {
     if [ -f "$dir/data/postmaster.pid" ]; then
         as_root runuser -u postgres -- "$PGBIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
     fi
+}
+
+# run_pg_regress DIR PORT: the golden files of tests/pg_regress against the cluster of
+# start_cluster DIR PORT, in a new database pgflow_regress; shows pg_regress's output and any
+# differences, and sets REGRESS_OK and REGRESS_BAD to the counts of passed and failed files.
+run_pg_regress() {
+    local dir=$1 port=$2 out tests
+    tests=$(cd "$REPO_ROOT/tests/pg_regress/sql" && ls ./*.sql | sed 's|^\./||; s/\.sql$//' | sort | tr '\n' ' ')
+    out=$(mktemp -d); chmod 777 "$out"
+    as_root runuser -u postgres -- "$PGBIN/psql" -h "$dir" -p "$port" -U postgres -d postgres -qAt \
+        -c "DROP DATABASE IF EXISTS pgflow_regress" -c "CREATE DATABASE pgflow_regress" >/dev/null
+    # shellcheck disable=SC2086
+    "$PGBIN/../lib/pgxs/src/test/regress/pg_regress" --use-existing --host=127.0.0.1 --port="$port" \
+        --user=postgres --dbname=pgflow_regress --inputdir="$REPO_ROOT/tests/pg_regress" \
+        --outputdir="$out" $tests | tee "$out/log"
+    REGRESS_OK=$(grep -cE '^(ok|test) .* ok|^ok ' "$out/log" || true)
+    REGRESS_BAD=$(grep -cE 'FAILED|failed \(ignored\)|^not ok ' "$out/log" || true)
+    if [ -f "$out/regression.diffs" ]; then cat "$out/regression.diffs"; fi
+    if [ "$((REGRESS_OK + REGRESS_BAD))" -ne "$(echo $tests | wc -w)" ]; then
+        REGRESS_BAD=$(( $(echo $tests | wc -w) - REGRESS_OK ))
+    fi
+    rm -rf "$out"
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: install what is missing, build and install pgflow, start a throwaway
-# PostgreSQL 15 cluster with it, and exercise an example queue and flow end to end.
+# PostgreSQL cluster with it (15, or PGFLOW_PG=18), and exercise an example queue and flow end
+# to end.
 # Running it again starts a fresh cluster.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -10,7 +11,7 @@ DEMO_PORT=${PGFLOW_DEMO_PORT:-5499}
 
 ensure_tools
 install_extension
-say "starting PostgreSQL 15 in $DEMO_DIR on port $DEMO_PORT"
+say "starting PostgreSQL $PG_MAJOR in $DEMO_DIR on port $DEMO_PORT"
 start_cluster "$DEMO_DIR" "$DEMO_PORT" pgflow_demo
 
 say "running examples/demo.sql"

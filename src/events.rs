@@ -463,7 +463,7 @@ pub(crate) fn wake_epoch(queue_id: i64) -> i64 {
 pub(crate) fn wait_for_wake(queue_id: i64, epoch: i64, timeout_ms: i32) -> bool {
     let timeout_ms = timeout_ms.max(0) as i64;
     let bucket = bucket_of(queue_id);
-    let procno = unsafe { (*pg_sys::MyProc).pgprocno } as usize;
+    let procno = crate::spi::my_proc_number();
     if !wakeups_available() || procno >= MAX_WAITERS {
         sleep_on_latch(timeout_ms);
         return false;
@@ -527,7 +527,7 @@ mod tests {
     #[pg_test]
     fn one_event_is_its_own_payload() {
         let e = json!({"event": "message_sent", "queue": "q", "first_msg_id": 1});
-        assert_eq!(payload_for(&[e.clone()]), e.to_string());
+        assert_eq!(payload_for(std::slice::from_ref(&e)), e.to_string());
     }
 
     #[pg_test]

@@ -83,10 +83,10 @@ pub type Param = Option<Datum>;
 /// server runs with RUST_BACKTRACE set.
 pub unsafe fn run(stmt: impl Statement, params: &[Param]) -> u64 {
     let execute = std::panic::AssertUnwindSafe(|| {
-        push_search_path();
+        let pinned = pin_search_path();
         let n = execute(stmt, params);
-        // On an error the override is left to the (sub)transaction's abort, which pops it.
-        pg_sys::PopOverrideSearchPath();
+        // On an error the pin is left to the (sub)transaction's abort, which undoes it.
+        unpin_search_path(pinned);
         n
     });
     PINNED_DEPTH.with(|d| d.set(d.get() + 1));
@@ -110,8 +110,10 @@ pub unsafe fn run(stmt: impl Statement, params: &[Param]) -> u64 {
         .execute()
 }
 
-/// Make pg_catalog the only schema searched (no temporary schema either), until popped.
-unsafe fn push_search_path() {
+/// Make pg_catalog the only schema searched (no temporary schema either), until
+/// [`unpin_search_path`]: an override pushed on the namespace stack, which costs a list copy.
+#[cfg(any(feature = "pg15", feature = "pg16"))]
+unsafe fn pin_search_path() -> std::ffi::c_int {
     let mut path = pg_sys::OverrideSearchPath {
         schemas: std::ptr::null_mut(),
         addCatalog: true,
@@ -119,6 +121,51 @@ unsafe fn push_search_path() {
         generation: 0,
     };
     pg_sys::PushOverrideSearchPath(&mut path);
+    0
+}
+
+#[cfg(any(feature = "pg15", feature = "pg16"))]
+unsafe fn unpin_search_path(_level: std::ffi::c_int) {
+    pg_sys::PopOverrideSearchPath();
+}
+
+/// PostgreSQL 17 removed the override stack. There the path is set as PostgreSQL's own
+/// maintenance commands restrict theirs (`RestrictSearchPath`): `search_path` set to
+/// `pg_catalog, pg_temp` at a GUC nest level of its own, undone by [`unpin_search_path`] or by
+/// the (sub)transaction's abort. The temporary schema comes last, so it can hide no relation
+/// or type, and it is never searched for functions or operators. PostgreSQL 17 caches each
+/// search path it computes, so setting one the backend has seen costs a hash look-up.
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+unsafe fn pin_search_path() -> std::ffi::c_int {
+    let level = raw::NewGUCNestLevel();
+    raw::set_config_option(
+        c"search_path".as_ptr(),
+        c"pg_catalog, pg_temp".as_ptr(),
+        pg_sys::GucContext::PGC_USERSET,
+        pg_sys::GucSource::PGC_S_SESSION,
+        pg_sys::GucAction::GUC_ACTION_SAVE,
+        true,
+        PgLogLevel::ERROR as std::ffi::c_int,
+        false,
+    );
+    level
+}
+
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+unsafe fn unpin_search_path(level: std::ffi::c_int) {
+    raw::AtEOXact_GUC(true, level);
+}
+
+/// This backend's number among PostgreSQL's processes (an index into `ProcGlobal->allProcs`):
+/// `MyProc->pgprocno` up to PostgreSQL 16, `MyProcNumber` from 17 on.
+pub fn my_proc_number() -> usize {
+    #[cfg(any(feature = "pg15", feature = "pg16"))]
+    // SAFETY: MyProc is set for every backend before any SQL function can run.
+    let n = unsafe { (*pg_sys::MyProc).pgprocno };
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    // SAFETY: a plain global, set at backend start.
+    let n = unsafe { pg_sys::MyProcNumber };
+    n as usize
 }
 
 thread_local! {

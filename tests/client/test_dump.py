@@ -10,7 +10,7 @@ import pytest
 
 from conftest import DSN, unique_name
 
-PGBIN = "/usr/lib/postgresql/15/bin"
+PGBIN = f"/usr/lib/postgresql/{os.environ.get('PGFLOW_PG', '15')}/bin"
 
 
 def _params():

@@ -1,6 +1,6 @@
 """Shared pieces of the crash and soak harnesses: a private cluster, connections, results.
 
-Each harness starts its own PostgreSQL 15 cluster with scripts/common.sh (`start_cluster`),
+Each harness starts its own PostgreSQL cluster (the version scripts/test.sh runs) with scripts/common.sh (`start_cluster`),
 so nothing it does (kill -9 included) can touch another cluster. Results are printed one per
 line as `ok <check>` or `not ok <check>: <why>`; tests/crash/run.sh counts them.
 """
@@ -14,9 +14,11 @@ import time
 
 import psycopg
 
-LIBRARY = "/usr/lib/postgresql/15/lib/pgflow.so"
+# The PostgreSQL major version under test (scripts/test.sh sets PGFLOW_PG; Debian layout).
+PG_MAJOR = os.environ.get("PGFLOW_PG", "15")
+LIBRARY = f"/usr/lib/postgresql/{PG_MAJOR}/lib/pgflow.so"
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-PGBIN = "/usr/lib/postgresql/15/bin"
+PGBIN = f"/usr/lib/postgresql/{PG_MAJOR}/bin"
 
 
 def log(msg):

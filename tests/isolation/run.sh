@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Isolation specs: races between sessions, step by step, with pg_isolation_regress.
 #   tests/isolation/run.sh [PORT [DB]]      (defaults: 5444 pgflow_iso)
-# Runs against a running PostgreSQL 15 on 127.0.0.1:PORT (user postgres) with pgflow
+# Runs against a running PostgreSQL (PGFLOW_PG, default 15) on 127.0.0.1:PORT (user postgres) with pgflow
 # installed; creates database DB if it is missing. Workflow specs (flow-*.spec) are skipped,
 # with a message, while the workflow layer (pgflow.start_flow) is not in the extension.
 # Set ISOLATION_SPECS to run only some specs (names without .spec).
@@ -10,8 +10,8 @@ set -uo pipefail
 PORT=${1:-5444}
 DB=${2:-pgflow_iso}
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PGBIN=/usr/lib/postgresql/15/bin
-REGRESS=/usr/lib/postgresql/15/lib/pgxs/src/test/isolation/pg_isolation_regress
+PGBIN=/usr/lib/postgresql/${PGFLOW_PG:-15}/bin
+REGRESS=$PGBIN/../lib/pgxs/src/test/isolation/pg_isolation_regress
 OUT=${ISOLATION_OUTDIR:-$(mktemp -d /tmp/pgflow-isolation.XXXXXX)}
 mkdir -p "$OUT"; chmod 777 "$OUT"
 
@@ -43,8 +43,9 @@ fi
 "$REGRESS" --use-existing --host=127.0.0.1 --port="$PORT" --user=postgres --dbname="$DB" \
     --inputdir="$HERE" --outputdir="$OUT" $specs 2>&1 | tee "$OUT/log"
 
-n_ok=$(grep -cE '^(ok|test) .*[^A-Z]ok( |$)|\.\.\. ok' "$OUT/log" || true)
-n_bad=$(grep -cE 'FAILED|\.\.\. failed' "$OUT/log" || true)
+# PostgreSQL 15 prints "test name ... ok", 18 prints "ok 1 - name" / "not ok 1 - name"
+n_ok=$(grep -cE '^(ok|test) .*[^A-Z]ok( |$)|\.\.\. ok|^ok [0-9]' "$OUT/log" || true)
+n_bad=$(grep -cE 'FAILED|\.\.\. failed|^not ok [0-9]' "$OUT/log" || true)
 if [ -s "$OUT/regression.diffs" ]; then
     echo "differences (also in $OUT/regression.diffs):"
     head -200 "$OUT/regression.diffs"

@@ -70,19 +70,23 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
-    // Only the worker reads it, and a postmaster-level setting can only be defined while the
-    // library is preloaded: defining it at a later load (CREATE EXTENSION without preload)
-    // would fail.
-    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
-        GucRegistry::define_string_guc(
-            c"pgflow.maintenance_database",
-            c"Database in which the pgflow maintenance worker runs.",
-            c"It must hold CREATE EXTENSION pgflow; until it does, the worker waits.",
-            &MAINTENANCE_DATABASE,
-            GucContext::Postmaster,
-            GucFlags::default(),
-        );
-    }
+    // Only the worker reads it, at its start. A postmaster-level setting can only be defined
+    // while the library is preloaded (PostgreSQL refuses it at a later load); a backend that
+    // loads pgflow later (no preload: no worker) still defines it, so that a value in
+    // postgresql.conf is not rejected under the reserved prefix.
+    let preloading = unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress };
+    GucRegistry::define_string_guc(
+        c"pgflow.maintenance_database",
+        c"Database in which the pgflow maintenance worker runs.",
+        c"It must hold CREATE EXTENSION pgflow; until it does, the worker waits.",
+        &MAINTENANCE_DATABASE,
+        if preloading {
+            GucContext::Postmaster
+        } else {
+            GucContext::Sighup
+        },
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"pgflow.archive_retention",
         c"How long pgflow keeps archived messages; 0 keeps them forever.",
@@ -111,6 +115,11 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    // Every pgflow.* setting is defined above: a name under the prefix that is not one of
+    // them (a typo in postgresql.conf, SET or ALTER SYSTEM) is an error, not a silently kept
+    // placeholder. Placeholders set before the library loaded are removed with a warning.
+    // SAFETY: called from _PG_init, in the backend's main thread, with a NUL-terminated name.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"pgflow".as_ptr()) };
 }
 
 /// `pgflow._max_batch_size()`: the current `pgflow.max_batch_size`, for the SQL layer.

@@ -82,13 +82,16 @@ END
 $$;
 
 -- Remember that a queue has messages becoming visible at `due`, so the maintenance worker wakes
--- its readers and notifies its listeners then. Rounded up to 100 ms: one row per burst.
+-- its readers and notifies its listeners then. Rounded up to 100 ms: one row per burst. In the
+-- last 100 ms before the largest timestamptz, rounding up would leave the type's range: such a
+-- time is kept as it is.
 CREATE FUNCTION pgflow._due_at(queue_id bigint, due timestamptz) RETURNS void
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
     INSERT INTO pgflow.due_wakeups (queue_id, due_at)
-    VALUES ($1, to_timestamp(ceil(extract(epoch FROM $2) * 10) / 10))
+    VALUES ($1, CASE WHEN $2 > timestamptz '294276-12-31 23:59:59.9+00' THEN $2
+                     ELSE to_timestamp(ceil(extract(epoch FROM $2) * 10) / 10) END)
     ON CONFLICT DO NOTHING;
 $$;
 
@@ -109,45 +112,64 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
+    q pgflow.queues;
     new_id bigint;
     seq_name text;
+    differing text;
 BEGIN
     PERFORM pgflow._check_name(create_queue.queue_name, 'queue_name');
     PERFORM pgflow._check_queue_options(create_queue.max_retries, create_queue.retry_delay_ms,
         create_queue.max_retry_delay_ms, create_queue.retry_jitter, create_queue.notify);
     PERFORM pgflow._lock_queue_name(create_queue.queue_name, true);
-    IF EXISTS (SELECT 1 FROM pgflow.queues WHERE queue_name = create_queue.queue_name) THEN
-        RETURN false;
-    END IF;
-    -- The sequence is named after the queue's id, never its name: nothing a user typed is
-    -- spliced into SQL text.
-    new_id := nextval(pg_get_serial_sequence('pgflow.queues', 'queue_id')::regclass);
-    seq_name := 'queue_' || new_id::text || '_msg_seq';
-    -- The schema outlives DROP EXTENSION, and so do the sequences of its queues; queue ids then
-    -- start again at 1. A sequence of this name that no queue uses is such a leftover.
-    IF to_regclass('pgflow.' || quote_ident(seq_name)) IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM pgflow.queues
-                        WHERE msg_seq = to_regclass('pgflow.' || quote_ident(seq_name))) THEN
-        EXECUTE format('DROP SEQUENCE pgflow.%I', seq_name);
-    END IF;
-    EXECUTE format('CREATE SEQUENCE pgflow.%I AS bigint', seq_name);
-    INSERT INTO pgflow.queues (queue_id, queue_name, msg_seq, max_retries, retry_delay_ms,
-                               max_retry_delay_ms, retry_jitter, notify)
-    OVERRIDING SYSTEM VALUE
-    VALUES (new_id, create_queue.queue_name, ('pgflow.' || seq_name)::regclass,
-            create_queue.max_retries, create_queue.retry_delay_ms,
-            create_queue.max_retry_delay_ms, create_queue.retry_jitter, create_queue.notify)
-    ON CONFLICT (queue_name) DO NOTHING;
+    SELECT * INTO q FROM pgflow.queues WHERE queue_name = create_queue.queue_name;
     IF NOT FOUND THEN
+        -- The sequence is named after the queue's id, never its name: nothing a user typed is
+        -- spliced into SQL text.
+        new_id := nextval(pg_get_serial_sequence('pgflow.queues', 'queue_id')::regclass);
+        seq_name := 'queue_' || new_id::text || '_msg_seq';
+        -- The schema outlives DROP EXTENSION, and so do the sequences of its queues; queue ids
+        -- then start again at 1. A sequence of this name that no queue uses is such a leftover.
+        IF to_regclass('pgflow.' || quote_ident(seq_name)) IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM pgflow.queues
+                            WHERE msg_seq = to_regclass('pgflow.' || quote_ident(seq_name))) THEN
+            EXECUTE format('DROP SEQUENCE pgflow.%I', seq_name);
+        END IF;
+        EXECUTE format('CREATE SEQUENCE pgflow.%I AS bigint', seq_name);
+        INSERT INTO pgflow.queues (queue_id, queue_name, msg_seq, max_retries, retry_delay_ms,
+                                   max_retry_delay_ms, retry_jitter, notify)
+        OVERRIDING SYSTEM VALUE
+        VALUES (new_id, create_queue.queue_name, ('pgflow.' || seq_name)::regclass,
+                create_queue.max_retries, create_queue.retry_delay_ms,
+                create_queue.max_retry_delay_ms, create_queue.retry_jitter, create_queue.notify)
+        ON CONFLICT (queue_name) DO NOTHING;
+        IF FOUND THEN
+            RETURN true;
+        END IF;
         -- A concurrent create_queue of the same name committed first: theirs stands.
         EXECUTE format('DROP SEQUENCE pgflow.%I', seq_name);
-        RETURN false;
+        SELECT * INTO q FROM pgflow.queues WHERE queue_name = create_queue.queue_name;
     END IF;
-    RETURN true;
+    -- The queue exists: the same call is a no-op, a call asking for other options an error
+    -- (as for create_flow), never a silent success that keeps options the caller did not ask for.
+    SELECT string_agg(format('%s %s (asked: %s)', o.name, o.has, o.asked), ', ' ORDER BY o.n)
+      INTO differing
+      FROM (VALUES (1, 'max_retries', q.max_retries::text, create_queue.max_retries::text),
+                   (2, 'retry_delay_ms', q.retry_delay_ms::text, create_queue.retry_delay_ms::text),
+                   (3, 'max_retry_delay_ms', q.max_retry_delay_ms::text, create_queue.max_retry_delay_ms::text),
+                   (4, 'retry_jitter', q.retry_jitter::text, create_queue.retry_jitter::text),
+                   (5, 'notify', q.notify::text, create_queue.notify::text)) o(n, name, has, asked)
+     WHERE o.has IS DISTINCT FROM o.asked;
+    IF differing IS NOT NULL THEN
+        RAISE EXCEPTION 'queue "%" already exists with other options', create_queue.queue_name
+            USING ERRCODE = '42710',
+                  DETAIL = format('It has %s.', differing),
+                  HINT = 'Change a queue''s options with pgflow.alter_queue; create_queue with the options the queue has is a no-op.';
+    END IF;
+    RETURN false;
 END
 $$;
 COMMENT ON FUNCTION pgflow.create_queue(text, integer, integer, integer, double precision, boolean) IS
-'Create a queue. Returns true if created, false if a queue of that name already exists (its options are kept; change them with pgflow.alter_queue). Names: ASCII letters, digits, underscore, 1-48 bytes. max_retries: deliveries after the first before a message is dead-lettered (0-100); retry_delay_ms: first backoff, doubled per attempt up to max_retry_delay_ms; retry_jitter: 0-1, fraction of the backoff randomly taken off; notify: announce every committed send on pgflow.queue_channel(queue_name).';
+'Create a queue. Returns true if created; false, changing nothing, if a queue of that name already exists with the same options; fails with 42710 naming the differing options if it exists with others (change them with pgflow.alter_queue). Names: ASCII letters, digits, underscore, 1-48 bytes. max_retries: deliveries after the first before a message is dead-lettered (0-100); retry_delay_ms: first backoff, doubled per attempt up to max_retry_delay_ms; retry_jitter: 0-1, fraction of the backoff randomly taken off; notify: announce every committed send on pgflow.queue_channel(queue_name).';
 
 CREATE FUNCTION pgflow._check_queue_options(
     max_retries integer, retry_delay_ms integer, max_retry_delay_ms integer,

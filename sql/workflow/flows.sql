@@ -65,6 +65,7 @@ AS $$
 #variable_conflict use_column
 DECLARE
     f pgflow.flows;
+    created boolean;
 BEGIN
     PERFORM pgflow._check_name(create_flow.flow_slug, 'flow_slug');
     PERFORM pgflow._check_option('max_attempts', create_flow.max_attempts, 1, 100, false);
@@ -87,8 +88,15 @@ BEGIN
     -- The flow's tasks travel through the queue of the same name. Attempts are counted by the
     -- workflow layer, so the queue itself never dead-letters them (max_retries at its maximum,
     -- above any max_attempts).
-    IF NOT pgflow.create_queue(create_flow.flow_slug, max_retries => 100, retry_delay_ms => 0,
-                               max_retry_delay_ms => 0) THEN
+    -- An existing queue of that name is refused whatever its options (create_queue would
+    -- accept one with the same options, or raise its own error for other options).
+    IF EXISTS (SELECT 1 FROM pgflow.queues WHERE queue_name = create_flow.flow_slug) THEN
+        created := false;
+    ELSE
+        created := pgflow.create_queue(create_flow.flow_slug, max_retries => 100, retry_delay_ms => 0,
+                                       max_retry_delay_ms => 0);
+    END IF;
+    IF NOT created THEN
         RAISE EXCEPTION 'a queue named "%" already exists', create_flow.flow_slug
             USING ERRCODE = '42710',
                   HINT = 'A flow delivers its tasks through a queue of its own name: choose another flow_slug, or drop that queue.';

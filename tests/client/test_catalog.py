@@ -163,3 +163,41 @@ def test_a_producer_role_sends_and_cannot_administer(conn, queue):
         assert conn.execute("SELECT count(*) FROM pgflow.list_pending_messages(%s)", (queue,)).fetchone()[0] == 1
     finally:
         conn.execute(f'DROP ROLE "{role}"')
+
+
+def test_no_role_can_call_an_internal_helper(conn):
+    # Internal helpers (underscore names) run only inside the public functions, as the
+    # extension's owner; 0.1.0 let pgflow_admin call them, and so announce arbitrary payloads
+    # on any channel through pgflow._emit.
+    callable_by = conn.execute(r"""
+        SELECT p.oid::regprocedure::text, r.rolname FROM pg_proc p CROSS JOIN pg_roles r
+         WHERE p.pronamespace = 'pgflow'::regnamespace AND p.proname LIKE '\_%'
+           AND NOT r.rolsuper AND has_function_privilege(r.oid, p.oid, 'EXECUTE')""").fetchall()
+    assert callable_by == []
+    assert conn.execute(r"""SELECT count(*) FROM pg_proc WHERE pronamespace = 'pgflow'::regnamespace
+                             AND proname LIKE '\_%'""").fetchone()[0] > 20
+
+
+def test_an_admin_cannot_announce_through_emit(conn, queue):
+    import psycopg
+    from conftest import DSN, unique_name
+    role = unique_name("admin")
+    conn.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE pgflow_admin')
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(DSN)
+        params["user"] = role
+        with psycopg.connect(**params, autocommit=True) as a:
+            for sql in ("SELECT pgflow._emit('f', '{\"event\": \"forged\"}')",
+                        "SELECT pgflow._on_commit_notify('pgflow.flows', '{\"forged\": true}')",
+                        "SELECT pgflow._check_name('x', 'q')"):
+                try:
+                    a.execute(sql)
+                except psycopg.errors.InsufficientPrivilege:
+                    pass
+                else:
+                    raise AssertionError(f"{sql} ran for pgflow_admin")
+            # the public API stays theirs
+            assert a.execute("SELECT pgflow.send(%s, '{}')", (queue,)).fetchone()[0] == 1
+            assert a.execute("SELECT count(*) FROM pgflow.list_queues()").fetchone()[0] >= 1
+    finally:
+        conn.execute(f'DROP ROLE "{role}"')

@@ -8,7 +8,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import unique_name
+from conftest import error_of, unique_name
 
 
 def one(conn, sql, params=None):
@@ -38,11 +38,18 @@ def options(conn, queue):
 
 # --- managing queues -----------------------------------------------------------------------------
 
-def test_create_queue_twice_is_a_no_op_keeping_options(conn):
+def test_create_queue_twice_is_a_no_op_and_other_options_an_error(conn):
     name = unique_name()
     try:
         assert one(conn, "SELECT pgflow.create_queue(%s, max_retries => 5, retry_delay_ms => 20)", (name,)) is True
-        assert one(conn, "SELECT pgflow.create_queue(%s, max_retries => 9, notify => true)", (name,)) is False
+        # the same call again: a no-op
+        assert one(conn, "SELECT pgflow.create_queue(%s, max_retries => 5, retry_delay_ms => 20)", (name,)) is False
+        # other options: 42710 naming each option that differs, and nothing changes
+        e = error_of(conn, "SELECT pgflow.create_queue(%s, max_retries => 9, notify => true)", (name,))
+        assert e.sqlstate == "42710"
+        assert name in e.diag.message_primary and "other options" in e.diag.message_primary
+        assert e.diag.message_detail == "It has max_retries 5 (asked: 9), retry_delay_ms 20 (asked: 1000), notify false (asked: true)."
+        assert "alter_queue" in e.diag.message_hint
         assert options(conn, name) == (5, 20, 3600000, 0.0, False)
         # alter_queue changes what it is given and keeps the rest
         conn.execute("SELECT pgflow.alter_queue(%s, max_retries => 7, retry_jitter => 0.5)", (name,))
@@ -609,3 +616,21 @@ def test_create_queue_racing_drop_queue_of_the_same_name(make_conn):
     assert result == {"created": True}
     assert one(other, "SELECT count(*) FROM pgflow.list_queues() WHERE queue_name = %s", (name,)) == 1
     other.execute("SELECT pgflow.drop_queue(%s)", (name,))
+
+
+def test_any_finite_delay_time_is_accepted(conn, queue):
+    # The docs promise any finite timestamptz; 0.1.0 failed with 22008 from an internal helper
+    # in the last 100 ms of the type's range (rounding the due time up left it).
+    last = ["294276-12-31 23:59:59.95+00", "294276-12-31 23:59:59.999999+00", "294276-12-31 23:59:59.9+00"]
+    for t in last:
+        (mid,) = conn.execute("SELECT pgflow.send(%s, '{}', %s::timestamptz)", (queue, t)).fetchone()
+        assert mid > 0
+    ids = conn.execute("SELECT pgflow.send_batch(%s, ARRAY['{}','{}']::jsonb[], %s::timestamptz)",
+                       (queue, last[1])).fetchall()
+    assert len(ids) == 2
+    # none is visible, all are pending, and a due row stands for them
+    assert conn.execute("SELECT count(*) FROM pgflow.read(%s, 30, 10)", (queue,)).fetchone()[0] == 0
+    stats = conn.execute("SELECT depth, delayed FROM pgflow.get_queue_stats(%s)", (queue,)).fetchone()
+    assert stats == (5, 5)
+    assert conn.execute("""SELECT count(*) FROM pgflow.due_wakeups w JOIN pgflow.queues q USING (queue_id)
+                            WHERE q.queue_name = %s AND w.due_at > '294276-12-31'""", (queue,)).fetchone()[0] >= 1

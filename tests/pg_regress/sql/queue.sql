@@ -15,7 +15,9 @@ DO $$ BEGIN PERFORM pgflow.drop_queue(n) FROM unnest(ARRAY['orders', 'emails', '
 
 -- create_queue returns true when it creates the queue ...
 SELECT pgflow.create_queue('orders');
--- ... and false when the queue exists already: a no-op that keeps its options.
+-- ... false when the same call finds the queue there already: a no-op ...
+SELECT pgflow.create_queue('orders');
+-- ... and an error naming what differs when the queue exists with other options.
 SELECT pgflow.create_queue('orders', max_retries => 10);
 SELECT pgflow.create_queue('emails', max_retries => 5, retry_delay_ms => 250);
 

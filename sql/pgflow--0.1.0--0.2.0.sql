@@ -9,10 +9,6 @@
 \echo Use "ALTER EXTENSION pgflow UPDATE TO '0.2.0'" to load this file. \quit
 
 -- send and send_batch accept a delay time in the last 100 ms of the timestamptz range.
--- Remember that a queue has messages becoming visible at `due`, so the maintenance worker wakes
--- its readers and notifies its listeners then. Rounded up to 100 ms: one row per burst. In the
--- last 100 ms before the largest timestamptz, rounding up would leave the type's range: such a
--- time is kept as it is.
 CREATE OR REPLACE FUNCTION pgflow._due_at(queue_id bigint, due timestamptz) RETURNS void
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -24,7 +20,7 @@ AS $$
 $$;
 
 -- create_queue: the same call is a no-op, a call with other options fails with 42710 naming
--- them (as create_flow does); create_flow keeps its own error for a queue of its name.
+-- them (as create_flow does).
 CREATE OR REPLACE FUNCTION pgflow.create_queue(
     queue_name text,
     max_retries integer DEFAULT 3,
@@ -97,6 +93,361 @@ $$;
 COMMENT ON FUNCTION pgflow.create_queue(text, integer, integer, integer, double precision, boolean) IS
 'Create a queue. Returns true if created; false, changing nothing, if a queue of that name already exists with the same options; fails with 42710 naming the differing options if it exists with others (change them with pgflow.alter_queue). Names: ASCII letters, digits, underscore, 1-48 bytes. max_retries: deliveries after the first before a message is dead-lettered (0-100); retry_delay_ms: first backoff, doubled per attempt up to max_retry_delay_ms; retry_jitter: 0-1, fraction of the backoff randomly taken off; notify: announce every committed send on pgflow.queue_channel(queue_name).';
 
+-- A flow's queue is moved only by the workflow functions: queues.managed_by marks it (set for
+-- the queues of existing flows), and every function of the queue API that sends, acknowledges,
+-- drops, delays, fails, reconfigures or redrives messages refuses it (55000) through
+-- pgflow._check_unmanaged. create_flow marks its queue; drop_flow unmarks it before dropping it.
+ALTER TABLE pgflow.queues
+    ADD COLUMN managed_by text CONSTRAINT queues_managed_by_known CHECK (managed_by = 'flow');
+COMMENT ON COLUMN pgflow.queues.managed_by IS 'pgflow: ''flow'' for the queue carrying a flow''s tasks, whose messages only the workflow functions move; NULL for other queues.';
+UPDATE pgflow.queues q SET managed_by = 'flow'
+ WHERE EXISTS (SELECT 1 FROM pgflow.flows f WHERE f.flow_slug = q.queue_name);
+
+CREATE FUNCTION pgflow."_check_unmanaged"(
+	"queue_name" TEXT, /* & str */
+	"managed_by" TEXT, /* Option < & str > */
+	"operation" TEXT /* & str */
+) RETURNS void
+IMMUTABLE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'check_unmanaged_sql_wrapper';
+
+CREATE FUNCTION pgflow._api_queue(queue_name text, operation text) RETURNS pgflow.queues
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    q pgflow.queues;
+BEGIN
+    q := pgflow._queue(queue_name);
+    PERFORM pgflow._check_unmanaged(q.queue_name, q.managed_by, operation);
+    RETURN q;
+END
+$$;
+CREATE OR REPLACE FUNCTION pgflow.alter_queue(
+    queue_name text,
+    max_retries integer DEFAULT NULL,
+    retry_delay_ms integer DEFAULT NULL,
+    max_retry_delay_ms integer DEFAULT NULL,
+    retry_jitter double precision DEFAULT NULL,
+    notify boolean DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q pgflow.queues;
+BEGIN
+    q := pgflow._api_queue(alter_queue.queue_name, 'alter_queue');
+    q.max_retries := coalesce(alter_queue.max_retries, q.max_retries);
+    q.retry_delay_ms := coalesce(alter_queue.retry_delay_ms, q.retry_delay_ms);
+    q.max_retry_delay_ms := coalesce(alter_queue.max_retry_delay_ms, q.max_retry_delay_ms);
+    q.retry_jitter := coalesce(alter_queue.retry_jitter, q.retry_jitter);
+    q.notify := coalesce(alter_queue.notify, q.notify);
+    PERFORM pgflow._check_queue_options(q.max_retries, q.retry_delay_ms, q.max_retry_delay_ms,
+                                        q.retry_jitter, q.notify);
+    UPDATE pgflow.queues
+       SET max_retries = q.max_retries, retry_delay_ms = q.retry_delay_ms,
+           max_retry_delay_ms = q.max_retry_delay_ms, retry_jitter = q.retry_jitter, notify = q.notify
+     WHERE queue_id = q.queue_id;
+END
+$$;
+COMMENT ON FUNCTION pgflow.alter_queue(text, integer, integer, integer, double precision, boolean) IS
+'Change options of an existing queue; a NULL argument keeps the current value. Takes effect for messages read or failed from then on.';
+CREATE OR REPLACE FUNCTION pgflow.drop_queue(queue_name text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q pgflow.queues;
+BEGIN
+    PERFORM pgflow._check_name(drop_queue.queue_name, 'queue_name');
+    PERFORM pgflow._lock_queue_name(drop_queue.queue_name, true);
+    SELECT * INTO q FROM pgflow.queues WHERE queue_name = drop_queue.queue_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM pgflow._check_unmanaged(q.queue_name, q.managed_by, 'drop_queue');
+    DELETE FROM pgflow.messages WHERE queue_id = q.queue_id;
+    DELETE FROM pgflow.archive WHERE queue_id = q.queue_id;
+    DELETE FROM pgflow.due_wakeups WHERE queue_id = q.queue_id;
+    DELETE FROM pgflow.queues WHERE queue_id = q.queue_id;
+    EXECUTE format('DROP SEQUENCE %s', q.msg_seq::text);
+    -- Dead-lettered messages stay: they can be retried once a queue of that name exists again.
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION pgflow.drop_queue(text) IS
+'Drop a queue with its live and archived messages; waits for transactions sending to it, and takes their messages along. Returns false if no such queue. Its dead-lettered messages are kept (pgflow.list_dlq_messages) and can be retried into a queue of the same name created later.';
+CREATE OR REPLACE FUNCTION pgflow.purge_queue(queue_name text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q pgflow.queues;
+    n bigint;
+BEGIN
+    q := pgflow._api_queue(purge_queue.queue_name, 'purge_queue');
+    DELETE FROM pgflow.messages WHERE queue_id = q.queue_id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    DELETE FROM pgflow.due_wakeups WHERE queue_id = q.queue_id;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION pgflow.purge_queue(text) IS
+'Delete every live message of a queue (waiting, delayed or leased); archive and dead-letter queue are untouched. Returns how many were deleted.';
+CREATE OR REPLACE FUNCTION pgflow.send(queue_name text, message jsonb, delay timestamptz,
+                            priority integer DEFAULT 0, headers jsonb DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    IF delay IS NULL THEN
+        RAISE EXCEPTION 'delay must not be null' USING ERRCODE = '22004',
+            HINT = 'Pass the time at which the message becomes readable.';
+    ELSIF NOT isfinite(delay) THEN
+        RAISE EXCEPTION 'delay must be a finite time, not %', delay USING ERRCODE = '22023',
+            HINT = 'Pass the time at which the message becomes readable.';
+    END IF;
+    PERFORM pgflow._check_send(0, priority, headers);
+    PERFORM pgflow._lock_queue_name(queue_name, false);
+    RETURN pgflow._send(pgflow._api_queue(queue_name, 'send'), message, delay, priority, headers);
+END
+$$;
+COMMENT ON FUNCTION pgflow.send(text, jsonb, timestamptz, integer, jsonb) IS
+'Send a message that becomes readable at the given time (a finite timestamptz; a time in the past means now); returns its msg_id.';
+CREATE OR REPLACE FUNCTION pgflow.send_batch(queue_name text, messages jsonb[], delay integer DEFAULT 0,
+                                  priority integer DEFAULT 0, headers jsonb[] DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    PERFORM pgflow._check_send(delay, priority, NULL);
+    PERFORM pgflow._lock_queue_name(queue_name, false);
+    RETURN QUERY SELECT pgflow._send_batch(pgflow._api_queue(queue_name, 'send_batch'), messages,
+                        clock_timestamp() + make_interval(secs => delay), priority, headers);
+END
+$$;
+COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], integer, integer, jsonb[]) IS
+'Send several messages in one statement; returns their msg_ids in array order (ids ascend in that order, so FIFO keeps it). At most pgflow.max_batch_size (default 10000) messages; headers, if given, has one object or null per message.';
+CREATE OR REPLACE FUNCTION pgflow.send_batch(queue_name text, messages jsonb[], delay timestamptz,
+                                  priority integer DEFAULT 0, headers jsonb[] DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    IF delay IS NULL THEN
+        RAISE EXCEPTION 'delay must not be null' USING ERRCODE = '22004';
+    ELSIF NOT isfinite(delay) THEN
+        RAISE EXCEPTION 'delay must be a finite time, not %', delay USING ERRCODE = '22023';
+    END IF;
+    PERFORM pgflow._check_send(0, priority, NULL);
+    PERFORM pgflow._lock_queue_name(queue_name, false);
+    RETURN QUERY SELECT pgflow._send_batch(pgflow._api_queue(queue_name, 'send_batch'), messages, delay, priority, headers);
+END
+$$;
+COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], timestamptz, integer, jsonb[]) IS
+'Send several messages in one statement, readable from the given time (a finite timestamptz; a time in the past means now); returns their msg_ids in array order.';
+CREATE OR REPLACE FUNCTION pgflow.pop(queue_name text, qty integer DEFAULT 1)
+RETURNS SETOF pgflow.message_record
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    PERFORM pgflow._check_lease(0, qty);
+    RETURN QUERY SELECT * FROM pgflow._claim(pgflow._api_queue(queue_name, 'pop'), 0, qty, true);
+END
+$$;
+COMMENT ON FUNCTION pgflow.pop(text, integer) IS
+'Read and delete up to qty visible messages at once (at-most-once delivery: a consumer that fails after pop has lost the message).';
+CREATE OR REPLACE FUNCTION pgflow.delete(queue_name text, msg_ids bigint[], read_cts integer[] DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    PERFORM pgflow._check_ids(msg_ids, read_cts);
+    RETURN QUERY SELECT pgflow._ack(pgflow._api_queue(queue_name, 'delete'), msg_ids, read_cts, false);
+END
+$$;
+COMMENT ON FUNCTION pgflow.delete(text, bigint[], integer[]) IS
+'Delete several messages; returns the ids deleted. With read_cts (one per id, null for any), a message whose read_ct differs is left alone.';
+CREATE OR REPLACE FUNCTION pgflow.archive(queue_name text, msg_ids bigint[], read_cts integer[] DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    PERFORM pgflow._check_ids(msg_ids, read_cts);
+    RETURN QUERY SELECT pgflow._ack(pgflow._api_queue(queue_name, 'archive'), msg_ids, read_cts, true);
+END
+$$;
+COMMENT ON FUNCTION pgflow.archive(text, bigint[], integer[]) IS
+'Archive several messages; returns the ids archived. With read_cts, a message whose read_ct differs is left alone.';
+CREATE OR REPLACE FUNCTION pgflow.set_vt(queue_name text, msg_id bigint, vt integer, read_ct integer DEFAULT NULL)
+RETURNS SETOF pgflow.message_record
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    q pgflow.queues;
+BEGIN
+    IF set_vt.msg_id IS NULL THEN
+        RAISE EXCEPTION 'msg_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    PERFORM pgflow._check_lease(set_vt.vt, 1);
+    q := pgflow._api_queue(set_vt.queue_name, 'set_vt');
+    RETURN QUERY
+    UPDATE pgflow.messages m
+       SET vt = clock_timestamp() + make_interval(secs => set_vt.vt)
+     WHERE m.queue_id = q.queue_id AND m.msg_id = set_vt.msg_id
+       AND (set_vt.read_ct IS NULL OR m.read_ct = set_vt.read_ct)
+    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority;
+END
+$$;
+COMMENT ON FUNCTION pgflow.set_vt(text, bigint, integer, integer) IS
+'Set a message''s visibility timeout to vt seconds from now (extend or end a lease). Returns the updated message, or no row if there is no such message or read_ct is stale.';
+CREATE OR REPLACE FUNCTION pgflow.nack(queue_name text, msg_id bigint, error text DEFAULT NULL, read_ct integer DEFAULT NULL)
+RETURNS pgflow.nack_result
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    q pgflow.queues;
+    m record;
+    delay_ms double precision;
+    at timestamptz;
+    entry jsonb;
+BEGIN
+    IF nack.msg_id IS NULL THEN
+        RAISE EXCEPTION 'msg_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    -- Shared lock first (see pgflow._lock_queue_name): a drop_queue committing meanwhile then
+    -- shows as 42704 here, not as an error about the queue's vanished message sequence below.
+    PERFORM pgflow._lock_queue_name(nack.queue_name, false);
+    q := pgflow._api_queue(nack.queue_name, 'nack');
+    SELECT mm.msg_id, mm.read_ct INTO m FROM pgflow.messages mm
+     WHERE mm.queue_id = q.queue_id AND mm.msg_id = nack.msg_id
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        IF EXISTS (SELECT 1 FROM pgflow.archive a WHERE a.queue_id = q.queue_id AND a.msg_id = nack.msg_id)
+           OR nack.msg_id BETWEEN 1 AND coalesce(pg_sequence_last_value(q.msg_seq), 0) THEN
+            -- It existed: acked, archived or dead-lettered by someone else. A late nack is a no-op.
+            RETURN ROW(nack.msg_id, 'stale', NULL, NULL, NULL)::pgflow.nack_result;
+        END IF;
+        RAISE EXCEPTION 'message % does not exist in queue "%"', nack.msg_id, q.queue_name
+            USING ERRCODE = '42704', HINT = 'Pass the msg_id returned by pgflow.read.';
+    END IF;
+    IF nack.read_ct IS NOT NULL AND m.read_ct <> nack.read_ct THEN
+        RETURN ROW(nack.msg_id, 'stale', m.read_ct, NULL, NULL)::pgflow.nack_result;
+    END IF;
+    IF m.read_ct = 0 THEN
+        RAISE EXCEPTION 'message % of queue "%" has not been delivered', nack.msg_id, q.queue_name
+            USING ERRCODE = '55000', HINT = 'Only a message returned by pgflow.read can be nacked.';
+    END IF;
+    entry := jsonb_build_object('attempt', m.read_ct, 'error', pgflow._error_text(nack.error), 'at', clock_timestamp());
+    IF m.read_ct > q.max_retries THEN
+        UPDATE pgflow.messages mm SET errors = coalesce(mm.errors, '[]'::jsonb) || jsonb_build_array(entry)
+         WHERE mm.queue_id = q.queue_id AND mm.msg_id = nack.msg_id;
+        RETURN ROW(nack.msg_id, 'dead_lettered', m.read_ct, NULL,
+                   pgflow._dead_letter(q, nack.msg_id, coalesce(nack.error, 'nacked without an error')))::pgflow.nack_result;
+    END IF;
+    -- retry_delay_ms * 2^(attempt-1), capped, then up to retry_jitter of it taken off at random.
+    delay_ms := least(q.retry_delay_ms * power(2::double precision, m.read_ct - 1), q.max_retry_delay_ms::double precision);
+    delay_ms := delay_ms * (1 - q.retry_jitter * random());
+    at := clock_timestamp() + make_interval(secs => delay_ms / 1000.0);
+    UPDATE pgflow.messages mm
+       SET vt = at, errors = coalesce(mm.errors, '[]'::jsonb) || jsonb_build_array(entry)
+     WHERE mm.queue_id = q.queue_id AND mm.msg_id = nack.msg_id;
+    IF delay_ms > 0 THEN
+        PERFORM pgflow._due_at(q.queue_id, at);
+    ELSE
+        -- Due at once: no maintenance pass will announce it, so announce it here, at commit.
+        PERFORM pgflow._on_commit_wake(q.queue_id);
+        IF q.notify THEN
+            PERFORM pgflow._on_commit_notify(pgflow.queue_channel(q.queue_name),
+                jsonb_build_object('event', 'message_due', 'queue', q.queue_name));
+        END IF;
+    END IF;
+    RETURN ROW(nack.msg_id, 'retrying', m.read_ct, at, NULL)::pgflow.nack_result;
+END
+$$;
+COMMENT ON FUNCTION pgflow.nack(text, bigint, text, integer) IS
+'Report a failed attempt. The message becomes visible again after retry_delay_ms * 2^(attempt-1) ms (capped by max_retry_delay_ms, less up to retry_jitter of it at random), or, if this was its last allowed delivery (max_retries + 1), moves to the dead-letter queue. Returns outcome retrying (with visible_at), dead_lettered (with dlq_id) or stale (read_ct no longer matches, or the message was already acked: nothing changed). The error text is kept with the message, truncated to 2000 characters.';
+CREATE OR REPLACE FUNCTION pgflow._redrive(dlq_ids bigint[]) RETURNS TABLE (dlq_id bigint, msg_id bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    d record;
+    q pgflow.queues;
+BEGIN
+    FOR d IN SELECT x.* FROM pgflow.dlq x WHERE x.dlq_id = ANY (dlq_ids) ORDER BY x.dlq_id FOR UPDATE LOOP
+        -- Shared lock before the look-up, so a queue dropped meanwhile is reported below (42704)
+        -- rather than met in _send as a sequence that is gone.
+        PERFORM pgflow._lock_queue_name(d.queue_name, false);
+        SELECT * INTO q FROM pgflow.queues WHERE queue_name = d.queue_name;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'queue "%" of dead-lettered message % no longer exists', d.queue_name, d.dlq_id
+                USING ERRCODE = '42704',
+                      HINT = 'Create the queue again with pgflow.create_queue, then retry; the message stays in the dead-letter queue.';
+        END IF;
+        PERFORM pgflow._check_unmanaged(q.queue_name, q.managed_by, 'retry_dlq_message');
+        DELETE FROM pgflow.dlq x WHERE x.dlq_id = d.dlq_id;
+        dlq_id := d.dlq_id;
+        msg_id := pgflow._send(q, d.message, clock_timestamp(), d.priority, d.headers);
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+CREATE OR REPLACE FUNCTION pgflow.retry_dlq(queue_name text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM pgflow._api_queue(retry_dlq.queue_name, 'retry_dlq');
+    SELECT count(*) INTO n FROM pgflow._redrive(ARRAY(
+        SELECT d.dlq_id FROM pgflow.dlq d WHERE d.queue_name = retry_dlq.queue_name));
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION pgflow.retry_dlq(text) IS
+'Put every dead-lettered message of a queue back on it, oldest first, as new messages; returns how many.';
+CREATE OR REPLACE FUNCTION pgflow.send_with_notify(queue_name text, message jsonb, delay integer DEFAULT 0,
+                                        priority integer DEFAULT 0, headers jsonb DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+DECLARE
+    q pgflow.queues;
+    id bigint;
+BEGIN
+    PERFORM pgflow._check_send(delay, priority, headers);
+    -- As in pgflow.send: wait out a drop_queue in progress, so the look-up sees it (42704).
+    PERFORM pgflow._lock_queue_name(queue_name, false);
+    q := pgflow._api_queue(queue_name, 'send_with_notify');
+    id := pgflow._send(q, message, clock_timestamp() + make_interval(secs => delay), priority, headers);
+    -- count 0: the trigger already counted this message; this only turns the announcement on.
+    PERFORM pgflow._on_commit_sent(q.queue_id, q.queue_name, id, id, 0, true);
+    RETURN id;
+END
+$$;
+COMMENT ON FUNCTION pgflow.send_with_notify(text, jsonb, integer, integer, jsonb) IS
+'pgflow.send, and announce the message on pgflow.queue_channel(queue_name) when the transaction commits, whatever the queue''s notify setting. Payload: {"event":"message_sent","queue","first_msg_id","last_msg_id","count"}; several sends in one transaction make one notification covering their id range. A notification is a hint: read the queue to get the messages.';
 CREATE OR REPLACE FUNCTION pgflow.create_flow(flow_slug text, max_attempts integer DEFAULT 3, base_delay integer DEFAULT 1,
                                    timeout integer DEFAULT 60)
 RETURNS pgflow.flows
@@ -142,6 +493,8 @@ BEGIN
             USING ERRCODE = '42710',
                   HINT = 'A flow delivers its tasks through a queue of its own name: choose another flow_slug, or drop that queue.';
     END IF;
+    -- From now on only the workflow functions move the queue's messages (pgflow._check_unmanaged).
+    UPDATE pgflow.queues SET managed_by = 'flow' WHERE queue_name = create_flow.flow_slug;
     INSERT INTO pgflow.flows (flow_slug, opt_max_attempts, opt_base_delay, opt_timeout)
     VALUES (create_flow.flow_slug, create_flow.max_attempts, create_flow.base_delay, create_flow.timeout)
     RETURNING * INTO f;
@@ -150,7 +503,32 @@ END
 $$;
 COMMENT ON FUNCTION pgflow.create_flow(text, integer, integer, integer) IS
 'Create a flow and the queue of the same name that delivers its tasks; returns the flow row. Slug: ASCII letters, digits, underscore, 1-48 bytes. Task options, which steps may override: max_attempts (1-100, the first attempt included), base_delay (0-86400 s; retry n waits base_delay * 2^(n-1) s, capped at 86400 s), timeout (1-86400 s before a started task may be claimed again). Creating an existing flow with the same options is a no-op; with other options it fails with 42710.';
-
+CREATE OR REPLACE FUNCTION pgflow.drop_flow(flow_slug text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM pgflow._check_name(drop_flow.flow_slug, 'flow_slug');
+    PERFORM 1 FROM pgflow.flows WHERE flow_slug = drop_flow.flow_slug FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    DELETE FROM pgflow.step_tasks t USING pgflow.runs r
+     WHERE r.flow_slug = drop_flow.flow_slug AND t.run_id = r.run_id;
+    DELETE FROM pgflow.step_states s USING pgflow.runs r
+     WHERE r.flow_slug = drop_flow.flow_slug AND s.run_id = r.run_id;
+    DELETE FROM pgflow.runs WHERE flow_slug = drop_flow.flow_slug;
+    DELETE FROM pgflow.deps WHERE flow_slug = drop_flow.flow_slug;
+    DELETE FROM pgflow.steps WHERE flow_slug = drop_flow.flow_slug;
+    DELETE FROM pgflow.flows WHERE flow_slug = drop_flow.flow_slug;
+    UPDATE pgflow.queues SET managed_by = NULL WHERE queue_name = drop_flow.flow_slug;
+    PERFORM pgflow.drop_queue(drop_flow.flow_slug);
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION pgflow.drop_flow(text) IS
+'Drop a flow with its steps, all its runs, their step states and tasks, and its queue (with the queue''s messages). Returns false if there is no such flow.';
 
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule

@@ -24,8 +24,9 @@
 use crate::errors::{check_name, raise};
 use crate::events;
 use crate::spi::{
-    advisory_xact_lock, arg, column, json_type, null_error, run, text_arg, text_to_string,
-    SpiScope, Statement, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB, REGCLASS, TEXT, TIMESTAMPTZ,
+    advisory_xact_lock, arg, column, json_type, null_error, run, text_arg, text_column,
+    text_to_string, SpiScope, Statement, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB, REGCLASS, TEXT,
+    TIMESTAMPTZ,
 };
 use crate::v1;
 use pgrx::pg_sys::{self, Datum, FunctionCallInfo, Oid};
@@ -44,6 +45,8 @@ struct QueueInfo {
     id: i64,
     seq: Oid,
     max_retries: i32,
+    /// `pgflow.queues.managed_by`: the layer whose functions alone move its messages
+    managed_by: Option<String>,
 }
 
 #[derive(Default)]
@@ -90,8 +93,11 @@ enum Stmt {
 impl Statement for Stmt {
     fn sql(self) -> (&'static str, &'static [Oid]) {
         match self {
+            // managed_by through to_jsonb: the column is new in 0.2.0, and a database still at
+            // 0.1.0 runs this library until it is updated (a cache miss, so rare)
             Stmt::LookupByName => (
-                "SELECT queue_id, msg_seq::oid, max_retries FROM pgflow.queues WHERE queue_name = $1",
+                "SELECT queue_id, msg_seq::oid, max_retries, to_jsonb(q) ->> 'managed_by'
+                   FROM pgflow.queues q WHERE queue_name = $1",
                 &[TEXT],
             ),
             Stmt::LookupById => (
@@ -335,8 +341,57 @@ pub(crate) unsafe fn check_ids(
 // Queues
 // ---------------------------------------------------------------------------------------------
 
-/// The queue named `name`, from the cache or the table; the errors of `pgflow._queue`.
-unsafe fn queue(name: Option<&str>, name_datum: Option<Datum>) -> QueueInfo {
+/// The rule that keeps a flow's queue to the workflow layer: a queue whose messages another
+/// layer manages (`pgflow.queues.managed_by = 'flow'`: the queue carrying a flow's tasks) is
+/// refused to every function of the queue API that would send, acknowledge, drop, delay, fail,
+/// reconfigure or redrive its messages (`operation`): each of those could lose a task (its run
+/// would wait for ever), start it twice, or start it with a body nobody queued. Reading stays
+/// open, since `read` followed by `start_tasks` is a worker's way to take tasks. Raised as
+/// 55000 naming the queue and its flow; the PL/pgSQL functions call it as
+/// `pgflow._check_unmanaged`.
+pub(crate) fn refuse_managed(queue_name: &str, managed_by: Option<&str>, operation: &str) {
+    if managed_by.is_none() {
+        return;
+    }
+    let hint = if operation == "drop_queue" {
+        "Drop the flow with pgflow.drop_flow(flow_slug) instead.".to_string()
+    } else {
+        format!(
+            "pgflow.{operation} does not work on a flow's queue: start runs with pgflow.start_flow, \
+             take tasks with pgflow.poll_for_tasks (or read and start_tasks), end them with \
+             complete_task or fail_task, and remove the flow with drop_flow."
+        )
+    };
+    raise(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("queue \"{queue_name}\" delivers the tasks of flow \"{queue_name}\""),
+        Some(&hint),
+    )
+}
+
+/// Internal `pgflow._check_unmanaged(queue_name, managed_by, operation)`: [`refuse_managed`]
+/// for the PL/pgSQL functions of the queue API.
+#[pg_extern(immutable, parallel_safe, name = "_check_unmanaged")]
+#[search_path(pg_catalog, pg_temp)]
+fn check_unmanaged_sql(queue_name: &str, managed_by: Option<&str>, operation: &str) {
+    refuse_managed(queue_name, managed_by, operation);
+}
+
+/// The queue named `name`, from the cache or the table; the errors of `pgflow._queue`, and
+/// for an `operation` that changes messages, those of [`refuse_managed`] (None: reading).
+unsafe fn queue(
+    name: Option<&str>,
+    name_datum: Option<Datum>,
+    operation: Option<&str>,
+) -> QueueInfo {
+    let q = lookup(name, name_datum);
+    if let (Some(op), Some(name)) = (operation, name) {
+        refuse_managed(name, q.managed_by.as_deref(), op);
+    }
+    q
+}
+
+unsafe fn lookup(name: Option<&str>, name_datum: Option<Datum>) -> QueueInfo {
     let (Some(name), Some(name_datum)) = (name, name_datum) else {
         check_name(None, "queue_name");
         unreachable!("check_name raises for NULL");
@@ -356,6 +411,7 @@ unsafe fn queue(name: Option<&str>, name_datum: Option<Datum>) -> QueueInfo {
         id: column(0, 1).map_or(0, |d| d.value() as i64),
         seq: Oid::from(column(0, 2).map_or(0, |d| d.value() as u32)),
         max_retries: column(0, 3).map_or(0, |d| d.value() as i32),
+        managed_by: text_column(0, 4),
     };
     QUEUES.with(|c| c.borrow_mut().by_name.insert(name.to_string(), q.clone()));
     q
@@ -404,7 +460,7 @@ pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
     if let Some(d) = name_datum {
         lock_queue_name(d);
     }
-    let q = queue(name.as_deref(), name_datum);
+    let q = queue(name.as_deref(), name_datum, Some("send"));
     let Some(message) = arg(fcinfo, 1) else {
         null_error("message", Some("Send '{}'::jsonb for an empty message."))
     };
@@ -504,7 +560,7 @@ pub unsafe extern "C-unwind" fn pgflow_read(fcinfo: FunctionCallInfo) -> Datum {
     let name_datum = arg(fcinfo, 0);
     let name = text_arg(fcinfo, 0);
     let _spi = SpiScope::connect();
-    let q = queue(name.as_deref(), name_datum);
+    let q = queue(name.as_deref(), name_datum, None);
     claim_into(fcinfo, &q, vt, qty);
     Datum::from(0)
 }
@@ -559,7 +615,11 @@ unsafe fn ack_one(fcinfo: FunctionCallInfo, to_archive: bool) -> Datum {
     let name_datum = arg(fcinfo, 0);
     let name = text_arg(fcinfo, 0);
     let _spi = SpiScope::connect();
-    let q = queue(name.as_deref(), name_datum);
+    let q = queue(
+        name.as_deref(),
+        name_datum,
+        Some(if to_archive { "archive" } else { "delete" }),
+    );
     Datum::from(ack_single(&q, msg_id, read_ct, to_archive) > 0)
 }
 
@@ -598,7 +658,7 @@ pub unsafe extern "C-unwind" fn pgflow_ack_and_read(fcinfo: FunctionCallInfo) ->
     let name_datum = arg(fcinfo, 0);
     let name = text_arg(fcinfo, 0);
     let _spi = SpiScope::connect();
-    let q = queue(name.as_deref(), name_datum);
+    let q = queue(name.as_deref(), name_datum, Some("ack_and_read"));
     if !ids.is_empty() {
         ack(
             &q,

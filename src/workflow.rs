@@ -54,18 +54,34 @@ enum Stmt {
     RunAndQueue,
 }
 
-/// The columns a claim returns, used by [`Stmt::ClaimTasks`] and [`Stmt::LeaseGiven`]:
-/// msg_id, read_ct, body, and the task the body names (run_id, step_slug, task_index), NULL
-/// where the body is not a well-formed task.
-macro_rules! claimed_columns {
+/// The task a claimed message's body names: run_id, step_slug and task_index, each NULL where
+/// the body does not hold a well-formed one.
+macro_rules! named_task {
     () => {
-        "m.msg_id, m.read_ct, m.message,
-         CASE WHEN m.message ->> 'run_id' ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+        "CASE WHEN m.message ->> 'run_id' ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
               THEN (m.message ->> 'run_id')::uuid END,
          CASE WHEN jsonb_typeof(m.message -> 'step_slug') = 'string' THEN m.message ->> 'step_slug' END,
          CASE WHEN jsonb_typeof(m.message -> 'task_index') = 'number'
                AND m.message ->> 'task_index' ~ '^[0-9]{1,9}$'
               THEN (m.message ->> 'task_index')::integer END"
+    };
+}
+
+/// The columns a claim returns, used by [`Stmt::ClaimTasks`] and [`Stmt::LeaseGiven`]:
+/// msg_id, read_ct, body, the task the body names ([`named_task`]), and whether this message
+/// is that task's own: the one it was queued with (`step_tasks.message_id`). Only then is it
+/// the task's delivery. Any other message naming a task (a copy, whoever put it in the queue)
+/// is a stray, and never starts it: one task, one delivery, with the body pgflow queued.
+macro_rules! claimed_columns {
+    () => {
+        concat!(
+            "m.msg_id, m.read_ct, m.message, ",
+            named_task!(),
+            ", EXISTS (SELECT 1 FROM pgflow.step_tasks t
+                        WHERE (t.run_id, t.step_slug, t.task_index) = (",
+            named_task!(),
+            ") AND t.message_id = m.msg_id)"
+        )
     };
 }
 
@@ -413,13 +429,17 @@ struct Claimed {
 /// The rows of the last claim statement, in msg_id order.
 unsafe fn claimed_rows(n: u64) -> Vec<Claimed> {
     let mut rows: Vec<Claimed> = (0..n)
-        .map(|row| Claimed {
-            msg_id: int_column(row, 1).unwrap_or(0),
-            read_ct: int_column(row, 2).unwrap_or(0) as i32,
-            body: column(row, 3).unwrap_or(Datum::from(0)),
-            run_id: column(row, 4),
-            step_slug: column(row, 5),
-            task_index: int_column(row, 6).map(|i| i as i32),
+        .map(|row| {
+            // a message that is not its task's own is handled as one naming no task
+            let its_own = int_column(row, 7) == Some(1);
+            Claimed {
+                msg_id: int_column(row, 1).unwrap_or(0),
+                read_ct: int_column(row, 2).unwrap_or(0) as i32,
+                body: column(row, 3).unwrap_or(Datum::from(0)),
+                run_id: column(row, 4).filter(|_| its_own),
+                step_slug: column(row, 5).filter(|_| its_own),
+                task_index: int_column(row, 6).filter(|_| its_own).map(|i| i as i32),
+            }
         })
         .collect();
     rows.sort_unstable_by_key(|c| c.msg_id);

@@ -40,7 +40,7 @@ BEGIN
     PERFORM pgflow._check_send(delay, priority, headers);
     -- As in pgflow.send: wait out a drop_queue in progress, so the look-up sees it (42704).
     PERFORM pgflow._lock_queue_name(queue_name, false);
-    q := pgflow._queue(queue_name);
+    q := pgflow._api_queue(queue_name, 'send_with_notify');
     id := pgflow._send(q, message, clock_timestamp() + make_interval(secs => delay), priority, headers);
     -- count 0: the trigger already counted this message; this only turns the announcement on.
     PERFORM pgflow._on_commit_sent(q.queue_id, q.queue_name, id, id, 0, true);

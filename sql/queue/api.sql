@@ -32,6 +32,22 @@ BEGIN
 END
 $$;
 
+-- The queue row for a function of the queue API that moves messages (`operation` names it):
+-- pgflow._queue's errors, and 55000 for a flow's queue, whose messages only the workflow
+-- functions move (the rule is pgflow._check_unmanaged's, in src/queue.rs).
+CREATE FUNCTION pgflow._api_queue(queue_name text, operation text) RETURNS pgflow.queues
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    q pgflow.queues;
+BEGIN
+    q := pgflow._queue(queue_name);
+    PERFORM pgflow._check_unmanaged(q.queue_name, q.managed_by, operation);
+    RETURN q;
+END
+$$;
+
 -- The lock that keeps a queue from being dropped under a caller that uses its message sequence
 -- (send, send_batch, get_queue_stats): taken shared by them, exclusive by create_queue and
 -- drop_queue, keyed by the queue's name, held to the end of the transaction. Take it in its own
@@ -223,7 +239,7 @@ AS $$
 DECLARE
     q pgflow.queues;
 BEGIN
-    q := pgflow._queue(alter_queue.queue_name);
+    q := pgflow._api_queue(alter_queue.queue_name, 'alter_queue');
     q.max_retries := coalesce(alter_queue.max_retries, q.max_retries);
     q.retry_delay_ms := coalesce(alter_queue.retry_delay_ms, q.retry_delay_ms);
     q.max_retry_delay_ms := coalesce(alter_queue.max_retry_delay_ms, q.max_retry_delay_ms);
@@ -254,13 +270,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    -- Two IFs: a query naming pgflow.flows cannot even be planned while that table is absent.
-    IF to_regclass('pgflow.flows') IS NOT NULL THEN
-        IF EXISTS (SELECT 1 FROM pgflow.flows f WHERE f.flow_slug = q.queue_name) THEN
-            RAISE EXCEPTION 'queue "%" delivers the tasks of flow "%"', q.queue_name, q.queue_name
-                USING ERRCODE = '55000', HINT = 'Drop the flow with pgflow.drop_flow(flow_slug) instead.';
-        END IF;
-    END IF;
+    PERFORM pgflow._check_unmanaged(q.queue_name, q.managed_by, 'drop_queue');
     DELETE FROM pgflow.messages WHERE queue_id = q.queue_id;
     DELETE FROM pgflow.archive WHERE queue_id = q.queue_id;
     DELETE FROM pgflow.due_wakeups WHERE queue_id = q.queue_id;
@@ -282,7 +292,7 @@ DECLARE
     q pgflow.queues;
     n bigint;
 BEGIN
-    q := pgflow._queue(purge_queue.queue_name);
+    q := pgflow._api_queue(purge_queue.queue_name, 'purge_queue');
     DELETE FROM pgflow.messages WHERE queue_id = q.queue_id;
     GET DIAGNOSTICS n = ROW_COUNT;
     DELETE FROM pgflow.due_wakeups WHERE queue_id = q.queue_id;
@@ -362,7 +372,7 @@ BEGIN
     END IF;
     PERFORM pgflow._check_send(0, priority, headers);
     PERFORM pgflow._lock_queue_name(queue_name, false);
-    RETURN pgflow._send(pgflow._queue(queue_name), message, delay, priority, headers);
+    RETURN pgflow._send(pgflow._api_queue(queue_name, 'send'), message, delay, priority, headers);
 END
 $$;
 COMMENT ON FUNCTION pgflow.send(text, jsonb, timestamptz, integer, jsonb) IS
@@ -430,7 +440,7 @@ AS $$
 BEGIN
     PERFORM pgflow._check_send(delay, priority, NULL);
     PERFORM pgflow._lock_queue_name(queue_name, false);
-    RETURN QUERY SELECT pgflow._send_batch(pgflow._queue(queue_name), messages,
+    RETURN QUERY SELECT pgflow._send_batch(pgflow._api_queue(queue_name, 'send_batch'), messages,
                         clock_timestamp() + make_interval(secs => delay), priority, headers);
 END
 $$;
@@ -451,7 +461,7 @@ BEGIN
     END IF;
     PERFORM pgflow._check_send(0, priority, NULL);
     PERFORM pgflow._lock_queue_name(queue_name, false);
-    RETURN QUERY SELECT pgflow._send_batch(pgflow._queue(queue_name), messages, delay, priority, headers);
+    RETURN QUERY SELECT pgflow._send_batch(pgflow._api_queue(queue_name, 'send_batch'), messages, delay, priority, headers);
 END
 $$;
 COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], timestamptz, integer, jsonb[]) IS
@@ -576,7 +586,7 @@ SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     PERFORM pgflow._check_lease(0, qty);
-    RETURN QUERY SELECT * FROM pgflow._claim(pgflow._queue(queue_name), 0, qty, true);
+    RETURN QUERY SELECT * FROM pgflow._claim(pgflow._api_queue(queue_name, 'pop'), 0, qty, true);
 END
 $$;
 COMMENT ON FUNCTION pgflow.pop(text, integer) IS
@@ -676,7 +686,7 @@ SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     PERFORM pgflow._check_ids(msg_ids, read_cts);
-    RETURN QUERY SELECT pgflow._ack(pgflow._queue(queue_name), msg_ids, read_cts, false);
+    RETURN QUERY SELECT pgflow._ack(pgflow._api_queue(queue_name, 'delete'), msg_ids, read_cts, false);
 END
 $$;
 COMMENT ON FUNCTION pgflow.delete(text, bigint[], integer[]) IS
@@ -696,7 +706,7 @@ SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     PERFORM pgflow._check_ids(msg_ids, read_cts);
-    RETURN QUERY SELECT pgflow._ack(pgflow._queue(queue_name), msg_ids, read_cts, true);
+    RETURN QUERY SELECT pgflow._ack(pgflow._api_queue(queue_name, 'archive'), msg_ids, read_cts, true);
 END
 $$;
 COMMENT ON FUNCTION pgflow.archive(text, bigint[], integer[]) IS
@@ -723,7 +733,7 @@ BEGIN
         RAISE EXCEPTION 'msg_id must not be null' USING ERRCODE = '22004';
     END IF;
     PERFORM pgflow._check_lease(set_vt.vt, 1);
-    q := pgflow._queue(set_vt.queue_name);
+    q := pgflow._api_queue(set_vt.queue_name, 'set_vt');
     RETURN QUERY
     UPDATE pgflow.messages m
        SET vt = clock_timestamp() + make_interval(secs => set_vt.vt)

@@ -71,7 +71,7 @@ BEGIN
     -- Shared lock first (see pgflow._lock_queue_name): a drop_queue committing meanwhile then
     -- shows as 42704 here, not as an error about the queue's vanished message sequence below.
     PERFORM pgflow._lock_queue_name(nack.queue_name, false);
-    q := pgflow._queue(nack.queue_name);
+    q := pgflow._api_queue(nack.queue_name, 'nack');
     SELECT mm.msg_id, mm.read_ct INTO m FROM pgflow.messages mm
      WHERE mm.queue_id = q.queue_id AND mm.msg_id = nack.msg_id
        FOR UPDATE;
@@ -168,6 +168,7 @@ BEGIN
                 USING ERRCODE = '42704',
                       HINT = 'Create the queue again with pgflow.create_queue, then retry; the message stays in the dead-letter queue.';
         END IF;
+        PERFORM pgflow._check_unmanaged(q.queue_name, q.managed_by, 'retry_dlq_message');
         DELETE FROM pgflow.dlq x WHERE x.dlq_id = d.dlq_id;
         dlq_id := d.dlq_id;
         msg_id := pgflow._send(q, d.message, clock_timestamp(), d.priority, d.headers);
@@ -206,7 +207,7 @@ AS $$
 DECLARE
     n bigint;
 BEGIN
-    PERFORM pgflow._queue(retry_dlq.queue_name);
+    PERFORM pgflow._api_queue(retry_dlq.queue_name, 'retry_dlq');
     SELECT count(*) INTO n FROM pgflow._redrive(ARRAY(
         SELECT d.dlq_id FROM pgflow.dlq d WHERE d.queue_name = retry_dlq.queue_name));
     RETURN n;

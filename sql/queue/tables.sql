@@ -15,6 +15,9 @@ CREATE TABLE pgflow.queues (
     retry_jitter       double precision NOT NULL DEFAULT 0,
     notify             boolean NOT NULL DEFAULT false,
     created_at         timestamptz NOT NULL DEFAULT now(),
+    -- the layer whose functions alone move this queue's messages: 'flow' for the queue that
+    -- carries a flow's tasks (set by the workflow layer); NULL for a queue of the queue API
+    managed_by         text CONSTRAINT queues_managed_by_known CHECK (managed_by = 'flow'),
     CONSTRAINT queues_name_allowed CHECK (queue_name ~ '^[A-Za-z0-9_]{1,48}$'),
     CONSTRAINT queues_max_retries_range CHECK (max_retries BETWEEN 0 AND 100),
     CONSTRAINT queues_retry_delay_range CHECK (retry_delay_ms BETWEEN 0 AND 86400000),
@@ -22,6 +25,7 @@ CREATE TABLE pgflow.queues (
     CONSTRAINT queues_jitter_range CHECK (retry_jitter >= 0 AND retry_jitter <= 1)
 );
 COMMENT ON TABLE pgflow.queues IS 'pgflow: one row per queue with its retry and notify options.';
+COMMENT ON COLUMN pgflow.queues.managed_by IS 'pgflow: ''flow'' for the queue carrying a flow''s tasks, whose messages only the workflow functions move; NULL for other queues.';
 
 -- Live messages: waiting, delayed, or leased to a consumer (vt in the future after a read).
 -- fillfactor leaves room on each page so the update a read makes (vt, read_ct) stays HOT:

@@ -101,6 +101,8 @@ BEGIN
             USING ERRCODE = '42710',
                   HINT = 'A flow delivers its tasks through a queue of its own name: choose another flow_slug, or drop that queue.';
     END IF;
+    -- From now on only the workflow functions move the queue's messages (pgflow._check_unmanaged).
+    UPDATE pgflow.queues SET managed_by = 'flow' WHERE queue_name = create_flow.flow_slug;
     INSERT INTO pgflow.flows (flow_slug, opt_max_attempts, opt_base_delay, opt_timeout)
     VALUES (create_flow.flow_slug, create_flow.max_attempts, create_flow.base_delay, create_flow.timeout)
     RETURNING * INTO f;
@@ -471,6 +473,7 @@ BEGIN
     DELETE FROM pgflow.deps WHERE flow_slug = drop_flow.flow_slug;
     DELETE FROM pgflow.steps WHERE flow_slug = drop_flow.flow_slug;
     DELETE FROM pgflow.flows WHERE flow_slug = drop_flow.flow_slug;
+    UPDATE pgflow.queues SET managed_by = NULL WHERE queue_name = drop_flow.flow_slug;
     PERFORM pgflow.drop_queue(drop_flow.flow_slug);
     RETURN true;
 END

@@ -356,7 +356,8 @@ def test_late_report_waiting_for_a_new_claim_is_stale(conn, flows, make_conn):
     run_id = start(conn, flow, {})
     w_old, w_new = uuid.uuid4(), uuid.uuid4()
     (t,) = poll(conn, flow, worker=w_old)
-    conn.execute("SELECT pgflow.set_vt(%s, %s, 0)", (flow, t[4]))    # the old lease runs out
+    conn.execute("UPDATE pgflow.messages SET vt = clock_timestamp() WHERE msg_id = %s AND queue_id = "
+                 "(SELECT queue_id FROM pgflow.queues WHERE queue_name = %s)", (t[4], flow))  # the old lease runs out
     new = make_conn(autocommit=False)
     assert [x[2] for x in poll(new, flow, worker=w_new)] == ["a"]   # claimed, not yet committed
     result = []
@@ -798,9 +799,10 @@ def test_task_path_errors_reach_the_client_as_raised(conn, flows):
 
 
 def test_stray_and_finished_messages_in_a_flow_queue(conn, flows):
-    """A flow's queue is a queue: messages that are not its tasks are dead-lettered when a
-    worker claims them, a copy of a finished task's message is dropped, and neither stops the
-    real tasks from being handed out."""
+    """Messages in a flow's queue that are not its tasks' own (the queue API refuses to send
+    them, but a direct insert, or 0.1.0's send, could put them there) are dead-lettered when a
+    worker claims them, a copy of a finished task's message too, and none stops the real tasks
+    from being handed out."""
     flow = flows(SEQ)
     run_id = start(conn, flow, {"n": 1})
     (t,) = poll(conn, flow)
@@ -816,12 +818,14 @@ def test_stray_and_finished_messages_in_a_flow_queue(conn, flows):
     ]
     finished = {"run_id": str(run_id), "step_slug": "a", "task_index": 0}
     for body in strays + [finished]:
-        conn.execute("SELECT pgflow.send(%s, %s, 0, 5)", (flow, Jsonb(body)))
+        conn.execute("""INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message)
+                        SELECT q.queue_id, nextval(q.msg_seq), clock_timestamp(), 5, %s
+                          FROM pgflow.queues q WHERE q.queue_name = %s""", (Jsonb(body), flow))
     tasks = poll(conn, flow, qty=20)
     assert [(r, s, i) for _, r, s, i, _, _ in tasks] == [(run_id, "b", 0)]
     dlq = conn.execute("SELECT message, last_error FROM pgflow.list_dlq_messages(%s)", (flow,)).fetchall()
     assert sorted(json.dumps(m, sort_keys=True) for m, _ in dlq) == \
-        sorted(json.dumps(m, sort_keys=True) for m in strays)
+        sorted(json.dumps(m, sort_keys=True) for m in strays + [finished])
     assert all(f'not a task of flow "{flow}"' in err for _, err in dlq)
     left = conn.execute("SELECT count(*) FROM pgflow.messages m JOIN pgflow.queues q USING (queue_id) "
                         "WHERE q.queue_name = %s", (flow,)).fetchone()[0]

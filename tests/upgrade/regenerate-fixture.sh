@@ -6,7 +6,8 @@
 #   tests/upgrade/regenerate-fixture.sh 0.1.0 c6fbb03 [--write]
 #
 # Builds that commit in a temporary worktree with cargo-pgrx against PostgreSQL 15 (a few
-# minutes). Needs what scripts/test.sh installs.
+# minutes; a target directory of its own, target/fixtures: sharing the main one would leave the
+# old build's library where cargo looks for the current one). Needs what scripts/test.sh installs.
 set -euo pipefail
 VERSION=${1:?usage: regenerate-fixture.sh VERSION COMMIT [--write]}
 COMMIT=${2:?usage: regenerate-fixture.sh VERSION COMMIT [--write]}
@@ -19,7 +20,7 @@ trap 'git -C "$REPO_ROOT" worktree remove --force "$work/src" >/dev/null 2>&1 ||
 git -C "$REPO_ROOT" worktree add --detach "$work/src" "$COMMIT" >/dev/null
 version=$(sed -nE 's/^version = "(.*)"/\1/p' "$work/src/Cargo.toml" | head -1)
 [ "$version" = "$VERSION" ] || { echo "commit $COMMIT is version $version, not $VERSION" >&2; exit 1; }
-(cd "$work/src" && CARGO_TARGET_DIR="$REPO_ROOT/target" cargo pgrx schema pg15 --release \
+(cd "$work/src" && CARGO_TARGET_DIR="$REPO_ROOT/target/fixtures" cargo pgrx schema pg15 --release \
     --pg-config /usr/lib/postgresql/15/bin/pg_config --out "$work/pgflow--$VERSION.sql" >/dev/null)
 
 if [ "${3:-}" = --write ]; then

@@ -530,6 +530,198 @@ $$;
 COMMENT ON FUNCTION pgflow.drop_flow(text) IS
 'Drop a flow with its steps, all its runs, their step states and tasks, and its queue (with the queue''s messages). Returns false if there is no such flow.';
 
+-- Workflow event payloads carry identifiers, never user data (any role that can connect can
+-- LISTEN): no run input in workflow_started, no error text in task_failed and workflow_failed
+-- (task_failed says why: "reason": "error" or "timeout"). With them went 0.1.0's XX000 for a
+-- deeply nested run input, which the event code parsed.
+DROP FUNCTION pgflow._event_error(text);
+CREATE OR REPLACE FUNCTION pgflow._fail_run(r pgflow.runs, queue_id bigint, failed_step text, error text) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    UPDATE pgflow.runs SET status = 'failed', failed_at = clock_timestamp() WHERE run_id = r.run_id;
+    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+        'event', 'workflow_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug,
+        'failed_step', failed_step));
+END
+$$;
+CREATE OR REPLACE FUNCTION pgflow.start_flow(flow_slug text, input jsonb, run_id uuid DEFAULT NULL)
+RETURNS pgflow.runs
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    f pgflow.flows;
+    q pgflow.queues;
+    r pgflow.runs;
+    st pgflow.steps;
+BEGIN
+    f := pgflow._flow(start_flow.flow_slug);
+    IF start_flow.input IS NULL THEN
+        RAISE EXCEPTION 'input must not be null' USING ERRCODE = '22004',
+            HINT = 'Pass ''{}''::jsonb (or JSON null, ''null''::jsonb) for a run without input.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pgflow.steps s WHERE s.flow_slug = f.flow_slug) THEN
+        RAISE EXCEPTION 'flow "%" has no steps', f.flow_slug USING ERRCODE = '55000',
+            HINT = 'Add steps with pgflow.add_step before starting runs.';
+    END IF;
+    q := pgflow._queue(f.flow_slug);
+    INSERT INTO pgflow.runs (run_id, flow_slug, input)
+    VALUES (coalesce(start_flow.run_id, pgflow._time_ordered_uuid()), f.flow_slug, start_flow.input)
+    ON CONFLICT (run_id) DO NOTHING
+    RETURNING * INTO r;
+    IF NOT FOUND THEN
+        -- An explicit run_id works as an idempotency key: starting the same run again returns it.
+        SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = start_flow.run_id;
+        IF r.flow_slug = f.flow_slug AND r.input = start_flow.input THEN
+            RETURN r;
+        END IF;
+        RAISE EXCEPTION 'run % already exists with another flow or input', start_flow.run_id
+            USING ERRCODE = '42710', HINT = 'Pass a new run_id, or NULL to have one generated.';
+    END IF;
+    PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
+        'event', 'workflow_started', 'run_id', r.run_id, 'flow_slug', f.flow_slug));
+    INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, remaining_deps)
+    SELECT f.flow_slug, r.run_id, s.step_slug, s.deps_count
+      FROM pgflow.steps s WHERE s.flow_slug = f.flow_slug AND s.deps_count > 0
+     ORDER BY s.step_index;
+    FOR st IN SELECT * FROM pgflow.steps s WHERE s.flow_slug = f.flow_slug AND s.deps_count = 0 ORDER BY s.step_index LOOP
+        EXIT WHEN NOT pgflow._start_step(r, q, st);
+    END LOOP;
+    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = r.run_id;
+    RETURN r;
+END
+$$;
+COMMENT ON FUNCTION pgflow.start_flow(text, jsonb, uuid) IS
+'Start a run of a flow with the given input (any JSON value, not SQL NULL); returns the run row. Creates the state of every step and queues the tasks of the root steps (after their start_delay). A given run_id acts as an idempotency key: starting it again with the same flow and input returns the existing run; with another flow or input fails with 42710. A root map step over an input that is not an array fails the run at once.';
+CREATE OR REPLACE FUNCTION pgflow._task_timed_out(f pgflow.flows, q pgflow.queues, st pgflow.steps, msg_id bigint,
+                                       run_id uuid, task_index integer, read_ct integer) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r pgflow.runs;
+    tstatus text;
+    err text;
+    now_ timestamptz := clock_timestamp();
+BEGIN
+    IF pgflow._lock_run(_task_timed_out.run_id, false) THEN
+        SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = _task_timed_out.run_id;
+    END IF;
+    IF r.run_id IS NULL THEN
+        UPDATE pgflow.messages m SET vt = now_ + interval '1 second'
+         WHERE m.queue_id = q.queue_id AND m.msg_id = _task_timed_out.msg_id;
+        RETURN;
+    END IF;
+    SELECT t.status INTO tstatus FROM pgflow.step_tasks t
+     WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_timed_out.task_index;
+    IF r.status <> 'started' OR tstatus IS DISTINCT FROM 'started' THEN
+        DELETE FROM pgflow.messages m WHERE m.queue_id = q.queue_id AND m.msg_id = _task_timed_out.msg_id;
+        RETURN;
+    END IF;
+    err := format('timed out: not completed within %s s on its last attempt (%s of %s)',
+                  coalesce(st.opt_timeout, f.opt_timeout), read_ct - 1, coalesce(st.opt_max_attempts, f.opt_max_attempts));
+    PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
+    UPDATE pgflow.step_states SET status = 'failed', failed_at = now_, error_message = err
+     WHERE run_id = r.run_id AND step_slug = st.step_slug;
+    UPDATE pgflow.step_tasks t SET status = 'failed', failed_at = now_, error_message = err, attempts_count = read_ct - 1
+     WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_timed_out.task_index;
+    PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
+        'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', f.flow_slug, 'step_slug', st.step_slug,
+        'task_index', task_index, 'attempt', read_ct - 1, 'will_retry', false, 'reason', 'timeout'));
+    PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
+END
+$$;
+CREATE OR REPLACE FUNCTION pgflow.fail_task(run_id uuid, step_slug text, task_index integer, error_message text,
+                                 worker_id uuid DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    r pgflow.runs;
+    t pgflow.step_tasks;
+    outcome text;
+    chk record;
+    f pgflow.flows;
+    st pgflow.steps;
+    q pgflow.queues;
+    err text := pgflow._error_text(fail_task.error_message);
+    max_att integer;
+    delay_s double precision;
+    at timestamptz;
+    now_ timestamptz;
+BEGIN
+    SELECT * INTO chk FROM pgflow._end_task_check(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
+                                                  fail_task.worker_id);
+    r := chk.r;
+    t := chk.t;
+    outcome := chk.outcome;
+    IF outcome IS NOT NULL THEN
+        RETURN outcome;
+    END IF;
+    now_ := clock_timestamp();
+    SELECT * INTO f FROM pgflow.flows x WHERE x.flow_slug = r.flow_slug;
+    SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = r.flow_slug AND s.step_slug = fail_task.step_slug;
+    SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
+    max_att := coalesce(st.opt_max_attempts, f.opt_max_attempts);
+    IF t.attempts_count < max_att THEN
+        -- retry after base_delay * 2^(attempt-1) seconds, at most one day
+        delay_s := least(coalesce(st.opt_base_delay, f.opt_base_delay) * power(2::double precision, t.attempts_count - 1),
+                         86400);
+        at := now_ + make_interval(secs => delay_s);
+        UPDATE pgflow.messages m SET vt = at
+         WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id
+           AND (fail_task.worker_id IS NULL OR m.read_ct = t.attempts_count);
+        IF NOT FOUND AND fail_task.worker_id IS NOT NULL THEN
+            RETURN pgflow._end_task_recheck(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
+                                            fail_task.worker_id, t.attempts_count);
+        END IF;
+        UPDATE pgflow.step_tasks x SET status = 'queued', error_message = err
+         WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
+        IF delay_s > 0 THEN
+            PERFORM pgflow._due_at(q.queue_id, at);
+        ELSE
+            PERFORM pgflow._on_commit_wake(q.queue_id);
+        END IF;
+        PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+            'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
+            'task_index', fail_task.task_index, 'attempt', t.attempts_count, 'will_retry', true,
+            'reason', 'error'));
+        RETURN 'retrying';
+    END IF;
+    -- Out of attempts: the task's message (only the caller's delivery, when it names its
+    -- worker_id), the run's other messages, the step state, the task; then the run fails.
+    DELETE FROM pgflow.messages m
+     WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id
+       AND (fail_task.worker_id IS NULL OR m.read_ct = t.attempts_count);
+    IF NOT FOUND AND fail_task.worker_id IS NOT NULL THEN
+        RETURN pgflow._end_task_recheck(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
+                                        fail_task.worker_id, t.attempts_count);
+    END IF;
+    PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
+    UPDATE pgflow.step_states s SET status = 'failed', failed_at = now_, error_message = err
+     WHERE s.run_id = fail_task.run_id AND s.step_slug = fail_task.step_slug;
+    UPDATE pgflow.step_tasks x SET status = 'failed', error_message = err, failed_at = now_
+     WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
+    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+        'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
+        'task_index', fail_task.task_index, 'attempt', t.attempts_count, 'will_retry', false,
+        'reason', 'error'));
+    PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, fail_task.error_message);
+    RETURN 'failed';
+END
+$$;
+COMMENT ON FUNCTION pgflow.fail_task(uuid, text, integer, text, uuid) IS
+'Report a failed attempt of a started task. Returns retrying (the task is queued again and becomes claimable after base_delay * 2^(attempt-1) seconds, capped at 86400) or failed (it was the last of max_attempts: the task, its step and its run fail, and the run''s other queued tasks are no longer handed out); or, changing nothing, the no-op outcomes of complete_task (already_completed, already_failed, not_started, run_failed, stale). The error is kept on the task, truncated to 2000 characters.';
+
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule
 -- and every upgrade script ends by applying it.

@@ -498,17 +498,22 @@ pub(crate) fn wait_for_wake(queue_id: i64, epoch: i64, timeout_ms: i32) -> bool 
 }
 
 /// Wait on this backend's latch for up to `timeout_ms`, honouring cancel and postmaster death.
+/// A cancel or statement timeout (what every graceful shutdown sends a waiting consumer) is
+/// raised as PostgreSQL raised it, without a Rust backtrace ([`crate::spi::as_raised`]).
 fn sleep_on_latch(timeout_ms: i64) {
-    unsafe {
-        pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            timeout_ms,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
-    }
-    pgrx::check_for_interrupts!();
+    crate::spi::as_raised(|| {
+        // SAFETY: MyLatch is this backend's own latch, set up before any SQL function runs.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                timeout_ms,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+    })
 }
 
 /// `pgflow.wakeups_enabled()`: whether blocking reads are woken at commit (pgflow preloaded)

@@ -82,16 +82,27 @@ pub type Param = Option<Datum>;
 /// detail and hint, without the Rust backtrace pgrx would otherwise add to its DETAIL when the
 /// server runs with RUST_BACKTRACE set.
 pub unsafe fn run(stmt: impl Statement, params: &[Param]) -> u64 {
-    let execute = std::panic::AssertUnwindSafe(|| {
-        let pinned = pin_search_path();
-        let n = execute(stmt, params);
-        // On an error the pin is left to the (sub)transaction's abort, which undoes it.
-        unpin_search_path(pinned);
-        n
-    });
     PINNED_DEPTH.with(|d| d.set(d.get() + 1));
-    PgTryBuilder::new(execute)
-        .finally(|| PINNED_DEPTH.with(|d| d.set(d.get() - 1)))
+    let n = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+        as_raised(|| {
+            let pinned = pin_search_path();
+            let n = execute(stmt, params);
+            // On an error the pin is left to the (sub)transaction's abort, which undoes it.
+            unpin_search_path(pinned);
+            n
+        })
+    }))
+    .finally(|| PINNED_DEPTH.with(|d| d.set(d.get() - 1)))
+    .execute();
+    n
+}
+
+/// Run `f`, so that an ERROR PostgreSQL raises inside it (a statement's error, a cancel or
+/// statement timeout met while waiting, a lock timeout) reaches the client and the server log
+/// as it was raised: same SQLSTATE, message, detail and hint, and no Rust backtrace, which
+/// pgrx would otherwise put in DETAIL whenever the server runs with RUST_BACKTRACE set.
+pub fn as_raised<R>(f: impl FnOnce() -> R) -> R {
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
         .catch_others(|caught| match caught {
             CaughtError::PostgresError(e) if e.level() == PgLogLevel::ERROR => {
                 let mut report =

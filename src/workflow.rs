@@ -482,7 +482,6 @@ unsafe fn start_claimed(
             continue;
         }
         let retry_after_timeout = text_column(0, 1).as_deref() == Some("started");
-        let timeout = int_column(0, 2).unwrap_or(0);
         let input = column(0, 3);
         let step = text_to_string(step_slug);
         if task_events() {
@@ -492,8 +491,7 @@ unsafe fn start_claimed(
                     &f.slug,
                     json!({"event": "task_failed", "run_id": run, "flow_slug": f.slug,
                            "step_slug": step, "task_index": task_index, "attempt": c.read_ct - 1,
-                           "will_retry": true,
-                           "error": format!("timed out: not completed within {timeout} s")}),
+                           "will_retry": true, "reason": "timeout"}),
                 );
             }
             emit(

@@ -61,16 +61,6 @@ BEGIN
 END
 $$;
 
--- Longest error text carried in an event, in characters (the task row keeps 2000).
-CREATE FUNCTION pgflow._event_error(error text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    RETURN CASE WHEN length(error) > 500 THEN left(error, 500) || '... (truncated)' ELSE error END;
-END
-$$;
-
 -- pgflow._emit(flow_slug, event) announces a workflow event on the flow's channel and on
 -- pgflow.flows as pgflow.workflow_events allows; it is in Rust (src/workflow.rs), the one place
 -- that rule lives, shared with the task path.
@@ -127,7 +117,7 @@ BEGIN
     UPDATE pgflow.runs SET status = 'failed', failed_at = clock_timestamp() WHERE run_id = r.run_id;
     PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
         'event', 'workflow_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug,
-        'error', pgflow._event_error(error), 'failed_step', failed_step));
+        'failed_step', failed_step));
 END
 $$;
 
@@ -275,11 +265,8 @@ BEGIN
         RAISE EXCEPTION 'run % already exists with another flow or input', start_flow.run_id
             USING ERRCODE = '42710', HINT = 'Pass a new run_id, or NULL to have one generated.';
     END IF;
-    -- a large input is announced by its size only
     PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
-        'event', 'workflow_started', 'run_id', r.run_id, 'flow_slug', f.flow_slug)
-        || CASE WHEN pg_column_size(r.input) <= 2000 THEN jsonb_build_object('input', r.input)
-                ELSE jsonb_build_object('input_bytes', octet_length(r.input::text)) END);
+        'event', 'workflow_started', 'run_id', r.run_id, 'flow_slug', f.flow_slug));
     INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, remaining_deps)
     SELECT f.flow_slug, r.run_id, s.step_slug, s.deps_count
       FROM pgflow.steps s WHERE s.flow_slug = f.flow_slug AND s.deps_count > 0
@@ -336,7 +323,7 @@ BEGIN
      WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_timed_out.task_index;
     PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
         'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', f.flow_slug, 'step_slug', st.step_slug,
-        'task_index', task_index, 'error', err, 'attempt', read_ct - 1, 'will_retry', false));
+        'task_index', task_index, 'attempt', read_ct - 1, 'will_retry', false, 'reason', 'timeout'));
     PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
 END
 $$;
@@ -542,8 +529,8 @@ BEGIN
         END IF;
         PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
             'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
-            'task_index', fail_task.task_index, 'error', pgflow._event_error(fail_task.error_message),
-            'attempt', t.attempts_count, 'will_retry', true));
+            'task_index', fail_task.task_index, 'attempt', t.attempts_count, 'will_retry', true,
+            'reason', 'error'));
         RETURN 'retrying';
     END IF;
     -- Out of attempts: the task's message (only the caller's delivery, when it names its
@@ -562,8 +549,8 @@ BEGIN
      WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
     PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
         'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
-        'task_index', fail_task.task_index, 'error', pgflow._event_error(fail_task.error_message),
-        'attempt', t.attempts_count, 'will_retry', false));
+        'task_index', fail_task.task_index, 'attempt', t.attempts_count, 'will_retry', false,
+        'reason', 'error'));
     PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, fail_task.error_message);
     RETURN 'failed';
 END

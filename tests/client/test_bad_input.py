@@ -9,7 +9,7 @@ pgflow.queues, pgflow.messages, pgflow.archive and pgflow.dlq, or in the leased 
 import psycopg
 import pytest
 
-from conftest import unique_name
+from conftest import error_of, unique_name
 
 LONG = "a" * 49  # one byte over the limit
 INJECTION = ["q; drop table x", "q'--", "Robert'); DROP TABLE pgflow.messages;--"]
@@ -226,3 +226,82 @@ def test_injection_shaped_names_leave_the_tables_alone(conn):
             assert e.value.sqlstate == "22023"
     assert conn.execute("SELECT to_regclass('pgflow.messages') IS NOT NULL AND to_regclass('x') IS NULL"
                         ).fetchone()[0]
+
+
+# --- no internal errors, no backtraces --------------------------------------------------------
+
+def deep_json(depth):
+    return "[" * depth + "1" + "]" * depth
+
+
+def test_deep_json_is_accepted_wherever_send_accepts_it(conn):
+    """jsonb that send accepts (nested 10,000 deep) is accepted by every function taking jsonb:
+    0.1.0's start_flow failed with XX000 (a JSON parser's recursion limit in the event code),
+    even with pgflow.workflow_events = off. No path parses user JSON to pass it on."""
+    q = unique_name()
+    flow = unique_name("f")
+    conn.execute("SELECT pgflow.create_queue(%s)", (q,))
+    conn.execute("SELECT pgflow.create_flow(%s)", (flow,))
+    conn.execute("SELECT pgflow.add_step(%s, 'a')", (flow,))
+    try:
+        for deep in (deep_json(200), deep_json(10000)):  # small enough to be announced; large
+            assert conn.execute("SELECT pgflow.send(%s, %s::jsonb)", (q, deep)).fetchone()[0] > 0
+            assert conn.execute("SELECT pgflow.send_with_notify(%s, %s::jsonb)", (q, deep)).fetchone()[0] > 0
+            assert conn.execute("SELECT count(*) FROM pgflow.send_batch(%s, ARRAY[%s::jsonb])", (q, deep)).fetchone()[0] == 1
+            for events in ("all", "runs", "off"):
+                conn.execute(f"SET pgflow.workflow_events = '{events}'")
+                run_id = conn.execute("SELECT run_id FROM pgflow.start_flow(%s, %s::jsonb)", (flow, deep)).fetchone()[0]
+                (size,) = conn.execute("SELECT octet_length(input::text) FROM pgflow.poll_for_tasks(%s, 30, 1, 0)",
+                                       (flow,)).fetchone()
+                assert size > 400
+                outcome = conn.execute("SELECT pgflow.complete_task(%s, 'a', 0, %s::jsonb)", (run_id, deep)).fetchone()[0]
+                assert outcome == "completed"
+                assert conn.execute("SELECT status, jsonb_typeof(output) FROM pgflow.runs WHERE run_id = %s",
+                                    (run_id,)).fetchone() == ("completed", "object")
+            conn.execute("RESET pgflow.workflow_events")
+    finally:
+        conn.execute("SELECT pgflow.drop_flow(%s)", (flow,))
+        conn.execute("SELECT pgflow.drop_queue(%s)", (q,))
+
+
+def no_backtrace(e):
+    """PostgreSQL's own cancel and timeout errors carry no DETAIL; a Rust backtrace would be
+    there (frames such as "0: std::thread::local::LocalKey<T>::with")."""
+    text = "\n".join(filter(None, [e.diag.message_detail, e.diag.context]))
+    return not e.diag.message_detail and "pgrx" not in text and "std::" not in text
+
+
+def test_a_cancelled_wait_reports_57014_without_a_backtrace(conn, make_conn):
+    """The test cluster runs with RUST_BACKTRACE=1: a statement timeout or a cancel of a blocked
+    read_with_poll or poll_for_tasks (what every graceful shutdown does) is 57014 as PostgreSQL
+    raises it; 0.1.0 put a 40-line Rust backtrace in DETAIL."""
+    import threading
+    import time
+    q = unique_name()
+    flow = unique_name("f")
+    conn.execute("SELECT pgflow.create_queue(%s)", (q,))
+    conn.execute("SELECT pgflow.create_flow(%s)", (flow,))
+    try:
+        c = make_conn()
+        c.execute("SET statement_timeout = '300ms'")
+        for sql, args in [("SELECT * FROM pgflow.read_with_poll(%s, 30, 1, 5, 100)", (q,)),
+                          ("SELECT * FROM pgflow.poll_for_tasks(%s, 30, 1, 5, 100)", (flow,))]:
+            e = error_of(c, sql, args)
+            assert e.sqlstate == "57014", (sql, e.sqlstate)
+            assert no_backtrace(e), e.diag.message_detail
+        c.execute("RESET statement_timeout")
+        pid = c.info.backend_pid
+        for sql, args in [("SELECT * FROM pgflow.read_with_poll(%s, 30, 1, 10, 100)", (q,)),
+                          ("SELECT * FROM pgflow.poll_for_tasks(%s, 30, 1, 10, 100)", (flow,))]:
+            timer = threading.Timer(0.5, lambda: conn.execute("SELECT pg_cancel_backend(%s)", (pid,)))
+            timer.start()
+            t = time.monotonic()
+            e = error_of(c, sql, args)
+            timer.join()
+            assert e.sqlstate == "57014" and time.monotonic() - t < 5
+            assert no_backtrace(e), e.diag.message_detail
+        # the session goes on
+        assert c.execute("SELECT count(*) FROM pgflow.read(%s, 30, 1)", (q,)).fetchone()[0] == 0
+    finally:
+        conn.execute("SELECT pgflow.drop_flow(%s)", (flow,))
+        conn.execute("SELECT pgflow.drop_queue(%s)", (q,))

@@ -619,13 +619,20 @@ def test_workflow_events_reach_listeners(conn, flows, make_conn):
     kinds = [e["event"] for e in evs]
     assert kinds == ["workflow_started", "task_started", "task_failed", "task_started", "task_completed",
                      "task_started", "task_failed", "task_started", "task_failed", "workflow_failed"]
-    assert "input" not in evs[0] and evs[0]["input_bytes"] > 20000 and evs[0]["run_id"] == str(run_id)
+    # identifiers, statuses, counts and times only: any role that can connect can LISTEN, so
+    # no run input, output or error text is ever in a payload
+    assert evs[0] == {"event": "workflow_started", "run_id": str(run_id), "flow_slug": flow}
     assert evs[1] == {"event": "task_started", "run_id": str(run_id), "flow_slug": flow, "step_slug": "a",
                       "task_index": 0, "attempt": 1}
-    assert evs[2]["will_retry"] is True and evs[2]["attempt"] == 1 and len(evs[2]["error"]) < 600
+    assert evs[2] == {"event": "task_failed", "run_id": str(run_id), "flow_slug": flow, "step_slug": "a",
+                      "task_index": 0, "attempt": 1, "will_retry": True, "reason": "error"}
     assert evs[4]["event"] == "task_completed" and evs[4]["duration_ms"] >= 0
-    assert evs[8]["will_retry"] is False and evs[8]["attempt"] == 2
-    assert evs[9]["failed_step"] == "b" and evs[9]["error"] == "final"
+    assert set(evs[4]) == {"event", "run_id", "flow_slug", "step_slug", "task_index", "duration_ms"}
+    assert evs[8]["will_retry"] is False and evs[8]["attempt"] == 2 and evs[8]["reason"] == "error"
+    assert evs[9] == {"event": "workflow_failed", "run_id": str(run_id), "flow_slug": flow, "failed_step": "b"}
+    for _, payload, _ in notes:
+        text = json.dumps(payload)
+        assert "xxxx" not in text and "EEEE" not in text and "first" not in text and "final" not in text
 
 
 def test_events_are_one_notification_per_channel_per_transaction(conn, flows, make_conn):

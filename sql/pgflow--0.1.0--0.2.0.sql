@@ -722,6 +722,116 @@ $$;
 COMMENT ON FUNCTION pgflow.fail_task(uuid, text, integer, text, uuid) IS
 'Report a failed attempt of a started task. Returns retrying (the task is queued again and becomes claimable after base_delay * 2^(attempt-1) seconds, capped at 86400) or failed (it was the last of max_attempts: the task, its step and its run fail, and the run''s other queued tasks are no longer handed out); or, changing nothing, the no-op outcomes of complete_task (already_completed, already_failed, not_started, run_failed, stale). The error is kept on the task, truncated to 2000 characters.';
 
+-- add_step's error for a step depending on itself names the argument (deps_slugs[i]).
+CREATE OR REPLACE FUNCTION pgflow.add_step(flow_slug text, step_slug text, deps_slugs text[] DEFAULT '{}',
+                                max_attempts integer DEFAULT NULL, base_delay integer DEFAULT NULL,
+                                timeout integer DEFAULT NULL, start_delay integer DEFAULT NULL,
+                                step_type text DEFAULT 'single')
+RETURNS pgflow.steps
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    f pgflow.flows;
+    s pgflow.steps;
+    old_deps text[];
+    i integer;
+    d text;
+BEGIN
+    PERFORM pgflow._check_name(add_step.flow_slug, 'flow_slug');
+    PERFORM pgflow._check_name(add_step.step_slug, 'step_slug');
+    IF add_step.step_slug = 'run' THEN
+        RAISE EXCEPTION 'step_slug "run" is reserved' USING ERRCODE = '22023',
+            HINT = 'A task''s input holds the run input under the key "run"; choose another step_slug.';
+    END IF;
+    IF add_step.deps_slugs IS NULL THEN
+        RAISE EXCEPTION 'deps_slugs must not be null' USING ERRCODE = '22004',
+            HINT = 'Pass ''{}'' for a root step.';
+    ELSIF array_ndims(add_step.deps_slugs) > 1 THEN
+        RAISE EXCEPTION 'deps_slugs must be a one-dimensional array' USING ERRCODE = '22023';
+    END IF;
+    i := 0;
+    FOREACH d IN ARRAY add_step.deps_slugs LOOP
+        i := i + 1;
+        IF d IS NULL THEN
+            RAISE EXCEPTION 'deps_slugs[%] is null', i USING ERRCODE = '22004';
+        END IF;
+        PERFORM pgflow._check_name(d, format('deps_slugs[%s]', i));
+        IF d = add_step.step_slug THEN
+            RAISE EXCEPTION 'deps_slugs[%] names step "%" itself: a step cannot depend on itself', i, d
+                USING ERRCODE = '22023';
+        END IF;
+        IF array_position(add_step.deps_slugs, d) < i THEN
+            RAISE EXCEPTION 'deps_slugs names "%" twice', d USING ERRCODE = '22023';
+        END IF;
+    END LOOP;
+    PERFORM pgflow._check_option('max_attempts', add_step.max_attempts, 1, 100, true);
+    PERFORM pgflow._check_option('base_delay', add_step.base_delay, 0, 86400, true);
+    PERFORM pgflow._check_option('timeout', add_step.timeout, 1, 86400, true);
+    PERFORM pgflow._check_option('start_delay', add_step.start_delay, 0, 31536000, true);
+    IF add_step.step_type IS NULL THEN
+        RAISE EXCEPTION 'step_type must not be null' USING ERRCODE = '22004';
+    ELSIF add_step.step_type NOT IN ('single', 'map') THEN
+        RAISE EXCEPTION 'step_type must be ''single'' or ''map'', not "%"', left(add_step.step_type, 64)
+            USING ERRCODE = '22023';
+    ELSIF add_step.step_type = 'map' AND cardinality(add_step.deps_slugs) > 1 THEN
+        RAISE EXCEPTION 'map step "%" has % dependencies; a map step has at most one', add_step.step_slug,
+            cardinality(add_step.deps_slugs) USING ERRCODE = '22023',
+            HINT = 'A map step maps over the run input (no dependency) or over the array output of its one dependency.';
+    END IF;
+
+    -- Definitions of one flow are serialised on its row.
+    SELECT * INTO f FROM pgflow.flows WHERE flow_slug = add_step.flow_slug FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'flow "%" does not exist', add_step.flow_slug
+            USING ERRCODE = '42704', HINT = 'Create it first with pgflow.create_flow(flow_slug).';
+    END IF;
+
+    SELECT * INTO s FROM pgflow.steps WHERE flow_slug = add_step.flow_slug AND step_slug = add_step.step_slug;
+    IF FOUND THEN
+        old_deps := ARRAY(SELECT dd.dep_slug FROM pgflow.deps dd
+                           WHERE dd.flow_slug = add_step.flow_slug AND dd.step_slug = add_step.step_slug
+                           ORDER BY dd.dep_index);
+        IF (s.step_type, s.opt_max_attempts, s.opt_base_delay, s.opt_timeout, s.opt_start_delay, old_deps)
+           IS DISTINCT FROM (add_step.step_type, add_step.max_attempts, add_step.base_delay, add_step.timeout,
+                             add_step.start_delay, add_step.deps_slugs) THEN
+            RAISE EXCEPTION 'step "%" of flow "%" already exists with another definition', add_step.step_slug,
+                add_step.flow_slug USING ERRCODE = '42710',
+                HINT = 'A flow''s definition does not change: drop it with pgflow.drop_flow, or use another step_slug.';
+        END IF;
+        RETURN s;
+    END IF;
+
+    FOREACH d IN ARRAY add_step.deps_slugs LOOP
+        IF NOT EXISTS (SELECT 1 FROM pgflow.steps x WHERE x.flow_slug = add_step.flow_slug AND x.step_slug = d) THEN
+            RAISE EXCEPTION 'dependency "%" of step "%" is not a step of flow "%"', d, add_step.step_slug,
+                add_step.flow_slug USING ERRCODE = '42704',
+                HINT = 'Add a step''s dependencies before the step itself.';
+        END IF;
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM pgflow.runs r WHERE r.flow_slug = add_step.flow_slug) THEN
+        RAISE EXCEPTION 'flow "%" already has runs; its steps can no longer change', add_step.flow_slug
+            USING ERRCODE = '55000',
+                  HINT = 'Create the new definition under another flow_slug, or drop the flow with its runs.';
+    END IF;
+
+    INSERT INTO pgflow.steps (flow_slug, step_slug, step_type, step_index, deps_count, opt_max_attempts,
+                              opt_base_delay, opt_timeout, opt_start_delay)
+    VALUES (add_step.flow_slug, add_step.step_slug, add_step.step_type,
+            (SELECT count(*) FROM pgflow.steps x WHERE x.flow_slug = add_step.flow_slug),
+            cardinality(add_step.deps_slugs), add_step.max_attempts, add_step.base_delay, add_step.timeout,
+            add_step.start_delay)
+    RETURNING * INTO s;
+    INSERT INTO pgflow.deps (flow_slug, dep_slug, step_slug, dep_index)
+    SELECT add_step.flow_slug, x.dep, add_step.step_slug, x.i - 1
+      FROM unnest(add_step.deps_slugs) WITH ORDINALITY AS x(dep, i);
+    RETURN s;
+END
+$$;
+COMMENT ON FUNCTION pgflow.add_step(text, text, text[], integer, integer, integer, integer, text) IS
+'Add a step to a flow; returns the step row. deps_slugs: steps of the flow, already added, that must complete first (so a flow is a DAG by construction). Options left NULL inherit the flow''s; start_delay (0-31536000 s) delays the step''s tasks after it becomes ready. step_type ''map'': one task per element of an array, the run input (no dependency) or the output of its one dependency; its output is the array of its task outputs. Adding an identical step again is a no-op; a different one fails with 42710; a flow that has runs can take no new steps (55000).';
+
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule
 -- and every upgrade script ends by applying it.

@@ -694,11 +694,34 @@ v1!(pg_finfo_pgflow_messages_inserted);
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pgflow_messages_inserted(fcinfo: FunctionCallInfo) -> Datum {
     let trigdata = trigger_data(fcinfo, "pgflow._messages_inserted()");
+    // Only as the row trigger after insert on pgflow.messages, whose first two columns are
+    // queue_id and msg_id (bigint, not null): anything else is refused, never read.
+    let event = (*trigdata).tg_event;
     let tuple = (*trigdata).tg_trigtuple;
     let tupdesc = (*(*trigdata).tg_relation).rd_att;
+    let is_row_insert = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_INSERT
+        && event & pg_sys::TRIGGER_EVENT_ROW != 0;
+    // SPI_gettypeid checks the column number, and answers InvalidOid for one out of range
+    let bigint_at = |n: i32| pg_sys::SPI_gettypeid(tupdesc, n) == INT8;
+    if !is_row_insert || tuple.is_null() || !bigint_at(1) || !bigint_at(2) {
+        raise(
+            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            "pgflow._messages_inserted() must be a row trigger after insert on pgflow.messages"
+                .into(),
+            None,
+        );
+    }
     let mut isnull = false;
     let queue_id = pg_sys::SPI_getbinval(tuple, tupdesc, 1, &mut isnull).value() as i64;
+    let queue_id_null = isnull;
     let msg_id = pg_sys::SPI_getbinval(tuple, tupdesc, 2, &mut isnull).value() as i64;
+    if queue_id_null || isnull {
+        raise(
+            PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+            "pgflow._messages_inserted(): a message row without queue_id or msg_id".into(),
+            None,
+        );
+    }
     let known = QUEUES.with(|c| c.borrow().by_id.get(&queue_id).cloned());
     let (name, notify) = match known {
         Some(k) => k,

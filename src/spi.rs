@@ -291,9 +291,26 @@ unsafe fn execute(stmt: impl Statement, params: &[Param]) -> u64 {
     pg_sys::SPI_processed
 }
 
-/// Column `col` (1-based) of result row `row` of the last statement.
+/// Column `col` (1-based) of result row `row` of the last statement. A row or column the
+/// statement did not return is an error (55000), never a read past the result: it can only
+/// mean the extension's SQL objects are not those this library was built for.
 pub unsafe fn column(row: u64, col: i32) -> Option<Datum> {
     let table = pg_sys::SPI_tuptable;
+    let (rows, cols) = if table.is_null() {
+        (0, 0)
+    } else {
+        (pg_sys::SPI_processed, (*(*table).tupdesc).natts)
+    };
+    if row >= rows || col < 1 || col > cols {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "pgflow read row {} column {col} of a result of {rows} rows and {cols} columns",
+                row + 1
+            ),
+            Some("The extension's SQL objects do not match its library: run ALTER EXTENSION pgflow UPDATE."),
+        );
+    }
     let mut isnull = false;
     let d = pg_sys::SPI_getbinval(
         *(*table).vals.add(row as usize),

@@ -148,7 +148,8 @@ BEGIN
         END IF;
         PERFORM pgflow._check_name(d, format('deps_slugs[%s]', i));
         IF d = add_step.step_slug THEN
-            RAISE EXCEPTION 'step "%" cannot depend on itself', d USING ERRCODE = '22023';
+            RAISE EXCEPTION 'deps_slugs[%] names step "%" itself: a step cannot depend on itself', i, d
+                USING ERRCODE = '22023';
         END IF;
         IF array_position(add_step.deps_slugs, d) < i THEN
             RAISE EXCEPTION 'deps_slugs names "%" twice', d USING ERRCODE = '22023';

@@ -305,3 +305,26 @@ def test_a_cancelled_wait_reports_57014_without_a_backtrace(conn, make_conn):
     finally:
         conn.execute("SELECT pgflow.drop_flow(%s)", (flow,))
         conn.execute("SELECT pgflow.drop_queue(%s)", (q,))
+
+
+def test_the_message_trigger_refuses_any_other_use(conn):
+    """pgflow._messages_inserted() reads queue_id and msg_id from the row it fires for: on any
+    other table, event or level it raises 39P01 instead of reading what is not there (a
+    statement trigger has no row: 0.1.0 read through a null pointer)."""
+    t = unique_name("t")
+    conn.execute(f"CREATE TABLE public.{t} (a text, b text)")
+    conn.execute(f"CREATE TABLE public.{t}_2 (a bigint, b bigint)")
+    try:
+        for table, timing in [(t, "AFTER INSERT ON public.{} FOR EACH ROW"),
+                              (f"{t}_2", "AFTER INSERT ON public.{} FOR EACH STATEMENT"),
+                              (f"{t}_2", "AFTER UPDATE ON public.{} FOR EACH ROW")]:
+            conn.execute(f"CREATE TRIGGER fuzz_trigger {timing.format(table)} "
+                         "EXECUTE FUNCTION pgflow._messages_inserted()")
+            e = error_of(conn, f"INSERT INTO public.{table} VALUES (NULL, NULL); "
+                               f"UPDATE public.{table} SET a = a")
+            assert e.sqlstate == "39P01", (timing, e.sqlstate, e.diag.message_primary)
+            assert "row trigger after insert on pgflow.messages" in e.diag.message_primary
+            conn.execute(f"DROP TRIGGER fuzz_trigger ON public.{table}")
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        conn.execute(f"DROP TABLE public.{t}, public.{t}_2")

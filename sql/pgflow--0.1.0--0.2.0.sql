@@ -262,7 +262,7 @@ SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     PERFORM pgflow._check_lease(0, qty);
-    RETURN QUERY SELECT * FROM pgflow._claim(pgflow._api_queue(queue_name, 'pop'), 0, qty, true);
+    RETURN QUERY SELECT * FROM pgflow._pop(pgflow._api_queue(queue_name, 'pop'), qty);
 END
 $$;
 COMMENT ON FUNCTION pgflow.pop(text, integer) IS
@@ -831,6 +831,109 @@ END
 $$;
 COMMENT ON FUNCTION pgflow.add_step(text, text, text[], integer, integer, integer, integer, text) IS
 'Add a step to a flow; returns the step row. deps_slugs: steps of the flow, already added, that must complete first (so a flow is a DAG by construction). Options left NULL inherit the flow''s; start_delay (0-31536000 s) delays the step''s tasks after it becomes ready. step_type ''map'': one task per element of an array, the run input (no dependency) or the output of its one dependency; its output is the array of its task outputs. Adding an identical step again is a no-op; a different one fails with 42710; a flow that has runs can take no new steps (55000).';
+
+-- Every attempt leaves its entry in a message's errors: a delivery whose lease ran out gets
+-- "visibility timeout expired" when the message is claimed again (the claim of src/queue.rs,
+-- which read_with_poll now uses too), and the dead-letter move adds the last attempt's entry
+-- only if that claim has not. pgflow._claim's leasing branch is gone; pop keeps its own
+-- claim, pgflow._pop.
+CREATE FUNCTION pgflow._pop(q pgflow.queues, qty integer)
+RETURNS SETOF pgflow.message_record
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    want integer := qty;
+    n_dead bigint;
+    got pgflow.message_record[];
+BEGIN
+    LOOP
+        WITH c AS (
+            SELECT m.msg_id, m.read_ct FROM pgflow.messages m
+             WHERE m.queue_id = q.queue_id AND m.vt <= clock_timestamp()
+             ORDER BY m.priority DESC, m.msg_id
+             LIMIT want
+               FOR UPDATE SKIP LOCKED
+        ), dead AS (
+            SELECT pgflow._dead_letter(q, c.msg_id, NULL) FROM c WHERE c.read_ct > q.max_retries
+        ), taken AS (
+            DELETE FROM pgflow.messages m USING c
+             WHERE m.queue_id = q.queue_id AND m.msg_id = c.msg_id AND c.read_ct <= q.max_retries
+            RETURNING m.msg_id, m.read_ct + 1 AS read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority
+        )
+        SELECT (SELECT count(*) FROM dead),
+               coalesce(array_agg(ROW(t.*)::pgflow.message_record ORDER BY t.priority DESC, t.msg_id), '{}')
+          INTO n_dead, got FROM taken t;
+        RETURN QUERY SELECT * FROM unnest(got);
+        want := want - cardinality(got);
+        EXIT WHEN n_dead = 0 OR want <= 0;
+    END LOOP;
+END
+$$;
+DROP FUNCTION pgflow._claim(pgflow.queues, integer, integer, boolean);
+CREATE OR REPLACE FUNCTION pgflow.read_with_poll(queue_name text, vt integer, qty integer DEFAULT 1,
+                                      max_poll_seconds integer DEFAULT 5, poll_interval_ms integer DEFAULT 100)
+RETURNS SETOF pgflow.message_record
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+DECLARE
+    q pgflow.queues;
+    deadline timestamptz;
+    epoch bigint;
+    left_ms integer;
+BEGIN
+    PERFORM pgflow._check_lease(vt, qty);
+    PERFORM pgflow._check_poll(max_poll_seconds, poll_interval_ms);
+    q := pgflow._queue(queue_name);
+    deadline := clock_timestamp() + make_interval(secs => max_poll_seconds);
+    LOOP
+        -- Taken before looking, so a send committing between the look and the wait wakes us.
+        epoch := pgflow._wake_epoch(q.queue_id);
+        -- the claim of pgflow.read (src/queue.rs): one home for the lease and DLQ rules
+        RETURN QUERY SELECT * FROM pgflow.read(q.queue_name, vt, qty);
+        IF FOUND THEN
+            RETURN;
+        END IF;
+        left_ms := ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000);
+        EXIT WHEN left_ms <= 0;
+        PERFORM pgflow._wait_for_wake(q.queue_id, epoch, least(left_ms, poll_interval_ms));
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgflow.read_with_poll(text, integer, integer, integer, integer) IS
+'Like pgflow.read, but waits up to max_poll_seconds for messages. With pgflow in shared_preload_libraries it wakes as soon as a send to the queue commits; otherwise it looks again every poll_interval_ms (which also bounds how late it notices expired leases and due delayed messages). Returns nothing if none came in time.';
+CREATE OR REPLACE FUNCTION pgflow._dead_letter(q pgflow.queues, msg_id bigint, error text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    id bigint;
+BEGIN
+    WITH gone AS (
+        DELETE FROM pgflow.messages m
+         WHERE m.queue_id = q.queue_id AND m.msg_id = _dead_letter.msg_id
+        RETURNING m.*
+    )
+    INSERT INTO pgflow.dlq (queue_name, msg_id, message, headers, priority, attempts, last_error, errors, enqueued_at)
+    SELECT q.queue_name, g.msg_id, g.message, g.headers, g.priority, g.read_ct,
+           coalesce(pgflow._error_text(error), 'visibility timeout expired without ack or nack'),
+           -- the last attempt's lease ran out: its entry, unless the claim that found the message
+           -- exhausted wrote it already (each earlier attempt has its own, see src/queue.rs)
+           coalesce(g.errors, '[]'::jsonb) || CASE WHEN error IS NULL AND g.read_ct > 0 AND NOT coalesce(
+               g.errors @> jsonb_build_array(jsonb_build_object('attempt', g.read_ct)), false)
+               THEN jsonb_build_array(jsonb_build_object(
+                   'attempt', g.read_ct, 'error', 'visibility timeout expired without ack or nack',
+                   'at', clock_timestamp())) ELSE '[]'::jsonb END,
+           g.enqueued_at
+      FROM gone g
+    RETURNING dlq_id INTO id;
+    RETURN id;
+END
+$$;
 
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule

@@ -117,9 +117,21 @@ impl Statement for Stmt {
             // first visible rows in delivery order, lease them by primary key. A row whose
             // read_ct comes back above max_retries + 1 had exhausted its deliveries: it is
             // dead-lettered by the caller, not delivered.
+            //
+            // Every attempt leaves its entry in errors: a nack writes its own; a delivery
+            // that is claimed again without one had its lease run out (the consumer crashed
+            // or hung), and gets "visibility timeout expired" with the time its lease ended.
+            // Only redeliveries pay for the test; errors is not indexed, so the update stays
+            // HOT. Written here, not in a function, so that a database still at 0.1.0 runs it.
             Stmt::Claim => (
                 "UPDATE pgflow.messages m
-                    SET vt = clock_timestamp() + make_interval(secs => $2), read_ct = m.read_ct + 1
+                    SET vt = clock_timestamp() + make_interval(secs => $2), read_ct = m.read_ct + 1,
+                        errors = CASE WHEN m.read_ct > 0 AND NOT coalesce(
+                                           m.errors @> jsonb_build_array(jsonb_build_object('attempt', m.read_ct)), false)
+                                      THEN coalesce(m.errors, '[]'::jsonb) || jsonb_build_array(jsonb_build_object(
+                                           'attempt', m.read_ct, 'error', 'visibility timeout expired without ack or nack',
+                                           'at', m.vt))
+                                      ELSE m.errors END
                   WHERE m.queue_id = $1 AND m.msg_id = ANY (ARRAY(
                         SELECT c.msg_id FROM pgflow.messages c
                          WHERE c.queue_id = $1 AND c.vt <= clock_timestamp()

@@ -82,19 +82,19 @@ pub type Param = Option<Datum>;
 /// detail and hint, without the Rust backtrace pgrx would otherwise add to its DETAIL when the
 /// server runs with RUST_BACKTRACE set.
 pub unsafe fn run(stmt: impl Statement, params: &[Param]) -> u64 {
+    let execute = std::panic::AssertUnwindSafe(|| {
+        let pinned = pin_search_path();
+        let n = execute(stmt, params);
+        // On an error the pin is left to the (sub)transaction's abort, which undoes it.
+        unpin_search_path(pinned);
+        n
+    });
     PINNED_DEPTH.with(|d| d.set(d.get() + 1));
-    let n = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
-        as_raised(|| {
-            let pinned = pin_search_path();
-            let n = execute(stmt, params);
-            // On an error the pin is left to the (sub)transaction's abort, which undoes it.
-            unpin_search_path(pinned);
-            n
-        })
-    }))
-    .finally(|| PINNED_DEPTH.with(|d| d.set(d.get() - 1)))
-    .execute();
-    n
+    // one try block per statement: the depth is restored and an error passed on as raised
+    PgTryBuilder::new(execute)
+        .finally(|| PINNED_DEPTH.with(|d| d.set(d.get() - 1)))
+        .catch_others(as_raised_again)
+        .execute()
 }
 
 /// Run `f`, so that an ERROR PostgreSQL raises inside it (a statement's error, a cancel or
@@ -103,22 +103,27 @@ pub unsafe fn run(stmt: impl Statement, params: &[Param]) -> u64 {
 /// pgrx would otherwise put in DETAIL whenever the server runs with RUST_BACKTRACE set.
 pub fn as_raised<R>(f: impl FnOnce() -> R) -> R {
     PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
-        .catch_others(|caught| match caught {
-            CaughtError::PostgresError(e) if e.level() == PgLogLevel::ERROR => {
-                let mut report =
-                    ErrorReport::new(e.sql_error_code(), e.message().to_string(), "pgflow");
-                if let Some(detail) = e.detail() {
-                    report = report.set_detail(detail);
-                }
-                if let Some(hint) = e.hint() {
-                    report = report.set_hint(hint);
-                }
-                report.report(PgLogLevel::ERROR);
-                unreachable!("ereport(ERROR) returned")
-            }
-            other => other.rethrow(),
-        })
+        .catch_others(as_raised_again)
         .execute()
+}
+
+/// Raise a caught PostgreSQL ERROR again as it was raised; anything else goes on unwinding.
+fn as_raised_again<R>(caught: CaughtError) -> R {
+    match caught {
+        CaughtError::PostgresError(e) if e.level() == PgLogLevel::ERROR => {
+            let mut report =
+                ErrorReport::new(e.sql_error_code(), e.message().to_string(), "pgflow");
+            if let Some(detail) = e.detail() {
+                report = report.set_detail(detail);
+            }
+            if let Some(hint) = e.hint() {
+                report = report.set_hint(hint);
+            }
+            report.report(PgLogLevel::ERROR);
+            unreachable!("ereport(ERROR) returned")
+        }
+        other => other.rethrow(),
+    }
 }
 
 /// Make pg_catalog the only schema searched (no temporary schema either), until

@@ -471,19 +471,19 @@ COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], timestamptz, integer, jsonb
 -- Reading
 ---------------------------------------------------------------------------------------------
 
--- Lease up to qty visible messages of queue q for vt seconds, in delivery order (priority
--- descending, then msg_id). A message already delivered max_retries + 1 times whose lease
--- expired without an ack is moved to the dead-letter queue instead (SQS's maxReceiveCount),
--- and another message is looked for in its place. With consume, delivered messages are
--- deleted at once (pop: at-most-once).
+-- Take up to qty visible messages of queue q for pop, in delivery order (priority descending,
+-- then msg_id), deleting them at once (at-most-once). A message already delivered
+-- max_retries + 1 times whose lease expired without an ack is moved to the dead-letter queue
+-- instead (SQS's maxReceiveCount), and another message is looked for in its place. Leasing
+-- reads (read, read_with_poll, ack_and_read) claim through the Rust statement of src/queue.rs.
 --
 -- Planned once per backend: with the limit a parameter, the plan cache's cost comparison
--- always favoured a custom plan, so the claim statement was planned again at every read
+-- always favoured a custom plan, so the claim statement was planned again at every call
 -- (about 0.2 ms, three times its execution). The generic plan is kept instead, pinned to
 -- the shape that is right at every queue depth: an ordered scan of messages_delivery_order
 -- stopping at the limit, and a nested loop over the primary key for the rows taken (no hash
 -- or merge join of the whole table, whatever it held when the plan was made).
-CREATE FUNCTION pgflow._claim(q pgflow.queues, vt integer, qty integer, consume boolean)
+CREATE FUNCTION pgflow._pop(q pgflow.queues, qty integer)
 RETURNS SETOF pgflow.message_record
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
@@ -496,43 +496,22 @@ DECLARE
     got pgflow.message_record[];
 BEGIN
     LOOP
-        IF consume THEN
-            WITH c AS (
-                SELECT m.msg_id, m.read_ct FROM pgflow.messages m
-                 WHERE m.queue_id = q.queue_id AND m.vt <= clock_timestamp()
-                 ORDER BY m.priority DESC, m.msg_id
-                 LIMIT want
-                   FOR UPDATE SKIP LOCKED
-            ), dead AS (
-                SELECT pgflow._dead_letter(q, c.msg_id, NULL) FROM c WHERE c.read_ct > q.max_retries
-            ), taken AS (
-                DELETE FROM pgflow.messages m USING c
-                 WHERE m.queue_id = q.queue_id AND m.msg_id = c.msg_id AND c.read_ct <= q.max_retries
-                RETURNING m.msg_id, m.read_ct + 1 AS read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority
-            )
-            SELECT (SELECT count(*) FROM dead),
-                   coalesce(array_agg(ROW(t.*)::pgflow.message_record ORDER BY t.priority DESC, t.msg_id), '{}')
-              INTO n_dead, got FROM taken t;
-        ELSE
-            WITH c AS (
-                SELECT m.msg_id, m.read_ct FROM pgflow.messages m
-                 WHERE m.queue_id = q.queue_id AND m.vt <= clock_timestamp()
-                 ORDER BY m.priority DESC, m.msg_id
-                 LIMIT want
-                   FOR UPDATE SKIP LOCKED
-            ), dead AS (
-                SELECT pgflow._dead_letter(q, c.msg_id, NULL) FROM c WHERE c.read_ct > q.max_retries
-            ), leased AS (
-                UPDATE pgflow.messages m
-                   SET vt = clock_timestamp() + make_interval(secs => _claim.vt), read_ct = m.read_ct + 1
-                  FROM c
-                 WHERE m.queue_id = q.queue_id AND m.msg_id = c.msg_id AND c.read_ct <= q.max_retries
-                RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority
-            )
-            SELECT (SELECT count(*) FROM dead),
-                   coalesce(array_agg(ROW(l.*)::pgflow.message_record ORDER BY l.priority DESC, l.msg_id), '{}')
-              INTO n_dead, got FROM leased l;
-        END IF;
+        WITH c AS (
+            SELECT m.msg_id, m.read_ct FROM pgflow.messages m
+             WHERE m.queue_id = q.queue_id AND m.vt <= clock_timestamp()
+             ORDER BY m.priority DESC, m.msg_id
+             LIMIT want
+               FOR UPDATE SKIP LOCKED
+        ), dead AS (
+            SELECT pgflow._dead_letter(q, c.msg_id, NULL) FROM c WHERE c.read_ct > q.max_retries
+        ), taken AS (
+            DELETE FROM pgflow.messages m USING c
+             WHERE m.queue_id = q.queue_id AND m.msg_id = c.msg_id AND c.read_ct <= q.max_retries
+            RETURNING m.msg_id, m.read_ct + 1 AS read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority
+        )
+        SELECT (SELECT count(*) FROM dead),
+               coalesce(array_agg(ROW(t.*)::pgflow.message_record ORDER BY t.priority DESC, t.msg_id), '{}')
+          INTO n_dead, got FROM taken t;
         RETURN QUERY SELECT * FROM unnest(got);
         want := want - cardinality(got);
         EXIT WHEN n_dead = 0 OR want <= 0;
@@ -566,7 +545,8 @@ BEGIN
     LOOP
         -- Taken before looking, so a send committing between the look and the wait wakes us.
         epoch := pgflow._wake_epoch(q.queue_id);
-        RETURN QUERY SELECT * FROM pgflow._claim(q, vt, qty, false);
+        -- the claim of pgflow.read (src/queue.rs): one home for the lease and DLQ rules
+        RETURN QUERY SELECT * FROM pgflow.read(q.queue_name, vt, qty);
         IF FOUND THEN
             RETURN;
         END IF;
@@ -586,7 +566,7 @@ SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     PERFORM pgflow._check_lease(0, qty);
-    RETURN QUERY SELECT * FROM pgflow._claim(pgflow._api_queue(queue_name, 'pop'), 0, qty, true);
+    RETURN QUERY SELECT * FROM pgflow._pop(pgflow._api_queue(queue_name, 'pop'), qty);
 END
 $$;
 COMMENT ON FUNCTION pgflow.pop(text, integer) IS

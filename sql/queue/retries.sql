@@ -31,9 +31,13 @@ BEGIN
     INSERT INTO pgflow.dlq (queue_name, msg_id, message, headers, priority, attempts, last_error, errors, enqueued_at)
     SELECT q.queue_name, g.msg_id, g.message, g.headers, g.priority, g.read_ct,
            coalesce(pgflow._error_text(error), 'visibility timeout expired without ack or nack'),
-           coalesce(g.errors, '[]'::jsonb) || CASE WHEN error IS NULL THEN jsonb_build_array(jsonb_build_object(
-               'attempt', g.read_ct, 'error', 'visibility timeout expired without ack or nack',
-               'at', clock_timestamp())) ELSE '[]'::jsonb END,
+           -- the last attempt's lease ran out: its entry, unless the claim that found the message
+           -- exhausted wrote it already (each earlier attempt has its own, see src/queue.rs)
+           coalesce(g.errors, '[]'::jsonb) || CASE WHEN error IS NULL AND g.read_ct > 0 AND NOT coalesce(
+               g.errors @> jsonb_build_array(jsonb_build_object('attempt', g.read_ct)), false)
+               THEN jsonb_build_array(jsonb_build_object(
+                   'attempt', g.read_ct, 'error', 'visibility timeout expired without ack or nack',
+                   'at', clock_timestamp())) ELSE '[]'::jsonb END,
            g.enqueued_at
       FROM gone g
     RETURNING dlq_id INTO id;

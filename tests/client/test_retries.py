@@ -444,3 +444,42 @@ def test_every_message_ends_in_exactly_one_place(make_queue, conn):
     stats = conn.execute("SELECT depth, archived, dead_lettered, total_sent FROM pgflow.get_queue_stats(%s)",
                          (q,)).fetchone()
     assert stats == (len(live), len(archived), len(dead), len(sent))
+
+
+def test_every_attempt_leaves_its_entry_nacked_or_expired(conn, make_queue):
+    """The error history of a message, and of its dead letter, has one entry per attempt: the
+    nack's error, or "visibility timeout expired" with the time its lease ended when the
+    consumer neither acked nor nacked (crashed). 0.1.0 recorded nacks and the last expiry
+    only."""
+    q = make_queue(max_retries=3, retry_delay_ms=0)
+    msg = conn.execute("SELECT pgflow.send(%s, '{}')", (q,)).fetchone()[0]
+    assert read1(conn, q, vt=0) == (msg, 1)               # 1: the consumer dies
+    assert read1(conn, q) == (msg, 2)                     # 2: nacked
+    assert nack(conn, q, msg, "boom 2", 2)[0] == "retrying"
+    assert read1(conn, q, vt=0) == (msg, 3)               # 3: dies again
+    assert read1(conn, q, vt=0) == (msg, 4)               # 4: and again, the last delivery
+    # while it waits for its next read, attempts 1-3 are on the message
+    errors = conn.execute("SELECT errors FROM pgflow.list_pending_messages(%s) WHERE msg_id = %s",
+                          (q, msg)).fetchone()[0]
+    assert [(e["attempt"], e["error"]) for e in errors] == [
+        (1, "visibility timeout expired without ack or nack"), (2, "boom 2"),
+        (3, "visibility timeout expired without ack or nack")]
+    assert all(e["at"] for e in errors)
+    # the next read finds it exhausted: dead-lettered with all four attempts, each once
+    assert conn.execute("SELECT count(*) FROM pgflow.read_with_poll(%s, 30, 1, 0)", (q,)).fetchone()[0] == 0
+    d = conn.execute("SELECT attempts, errors FROM pgflow.list_dlq_messages(%s)", (q,)).fetchone()
+    assert d[0] == 4
+    assert [e["attempt"] for e in d[1]] == [1, 2, 3, 4]
+    assert [e["error"] for e in d[1]] == ["visibility timeout expired without ack or nack", "boom 2",
+                                          "visibility timeout expired without ack or nack",
+                                          "visibility timeout expired without ack or nack"]
+
+
+def test_pop_dead_letters_with_the_last_expiry_entered_once(conn, make_queue):
+    q = make_queue(max_retries=1)
+    msg = conn.execute("SELECT pgflow.send(%s, '{}')", (q,)).fetchone()[0]
+    assert read1(conn, q, vt=0) == (msg, 1)
+    assert read1(conn, q, vt=0) == (msg, 2)
+    assert conn.execute("SELECT count(*) FROM pgflow.pop(%s)", (q,)).fetchone()[0] == 0
+    d = conn.execute("SELECT attempts, errors FROM pgflow.list_dlq_messages(%s)", (q,)).fetchone()
+    assert d[0] == 2 and [e["attempt"] for e in d[1]] == [1, 2]

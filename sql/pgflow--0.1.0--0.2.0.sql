@@ -464,7 +464,7 @@ BEGIN
     PERFORM pgflow._check_option('base_delay', create_flow.base_delay, 0, 86400, false);
     PERFORM pgflow._check_option('timeout', create_flow.timeout, 1, 86400, false);
     -- Concurrent definitions of one slug are serialised, so the second sees the first's flow.
-    PERFORM pgflow._lock_flow_slug(create_flow.flow_slug);
+    PERFORM pgflow._lock_flow(create_flow.flow_slug, true);
     SELECT * INTO f FROM pgflow.flows WHERE flow_slug = create_flow.flow_slug FOR UPDATE;
     IF FOUND THEN
         IF (f.opt_max_attempts, f.opt_base_delay, f.opt_timeout)
@@ -510,10 +510,17 @@ AS $$
 #variable_conflict use_column
 BEGIN
     PERFORM pgflow._check_name(drop_flow.flow_slug, 'flow_slug');
+    -- first in the lock order: waits for start_flow, complete_task and fail_task under way
+    PERFORM pgflow._lock_flow(drop_flow.flow_slug, true);
     PERFORM 1 FROM pgflow.flows WHERE flow_slug = drop_flow.flow_slug FOR UPDATE;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    -- Then its messages, before its tasks: a claim locks messages, then their tasks, so this
+    -- waits for the claims under way instead of deadlocking with them, and a claim that comes
+    -- later finds nothing to take.
+    DELETE FROM pgflow.messages m USING pgflow.queues q
+     WHERE q.queue_name = drop_flow.flow_slug AND m.queue_id = q.queue_id;
     DELETE FROM pgflow.step_tasks t USING pgflow.runs r
      WHERE r.flow_slug = drop_flow.flow_slug AND t.run_id = r.run_id;
     DELETE FROM pgflow.step_states s USING pgflow.runs r
@@ -560,6 +567,8 @@ DECLARE
     r pgflow.runs;
     st pgflow.steps;
 BEGIN
+    -- shared: a drop_flow under way finishes first, and then the flow is gone (42704)
+    PERFORM pgflow._lock_flow(start_flow.flow_slug, false);
     f := pgflow._flow(start_flow.flow_slug);
     IF start_flow.input IS NULL THEN
         RAISE EXCEPTION 'input must not be null' USING ERRCODE = '22004',
@@ -659,6 +668,8 @@ DECLARE
     at timestamptz;
     now_ timestamptz;
 BEGIN
+    -- the flow lock, shared, before the run lock (the order of complete_task in src/workflow.rs)
+    PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = fail_task.run_id;
     SELECT * INTO chk FROM pgflow._end_task_check(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
                                                   fail_task.worker_id);
     r := chk.r;
@@ -934,6 +945,60 @@ BEGIN
     RETURN id;
 END
 $$;
+
+-- drop_flow under load: the flow lock (pgflow._lock_flow, which replaces _lock_flow_slug) is
+-- taken exclusive by drop_flow and the definitions, shared by start_flow, complete_task and
+-- fail_task before the run lock; drop_flow deletes the flow's messages before its tasks.
+DROP FUNCTION pgflow._lock_flow_slug(text);
+CREATE FUNCTION pgflow._lock_flow(flow_slug text, exclusive boolean) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF exclusive THEN
+        PERFORM pg_advisory_xact_lock(1885824614, hashtext(flow_slug));
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared(1885824614, hashtext(flow_slug));
+    END IF;
+END
+$$;
+CREATE OR REPLACE FUNCTION pgflow.create_flow_from_shape(flow_slug text, shape jsonb) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    canon jsonb;
+    st jsonb;
+BEGIN
+    PERFORM pgflow._check_name(create_flow_from_shape.flow_slug, 'flow_slug');
+    canon := pgflow._canonical_shape(create_flow_from_shape.shape);
+    PERFORM pgflow._check_option('max_attempts', (canon ->> 'max_attempts')::integer, 1, 100, false);
+    PERFORM pgflow._check_option('base_delay', (canon ->> 'base_delay')::integer, 0, 86400, false);
+    PERFORM pgflow._check_option('timeout', (canon ->> 'timeout')::integer, 1, 86400, false);
+    PERFORM pgflow._lock_flow(create_flow_from_shape.flow_slug, true);
+    PERFORM 1 FROM pgflow.flows WHERE flow_slug = create_flow_from_shape.flow_slug FOR UPDATE;
+    IF FOUND THEN
+        IF pgflow.get_flow_shape(create_flow_from_shape.flow_slug) = canon THEN
+            RETURN false;
+        END IF;
+        RAISE EXCEPTION 'flow "%" already exists with another shape', create_flow_from_shape.flow_slug
+            USING ERRCODE = '42710',
+                  HINT = 'Compare with pgflow.get_flow_shape(flow_slug); drop the flow with pgflow.drop_flow, or use another flow_slug.';
+    END IF;
+    PERFORM pgflow.create_flow(create_flow_from_shape.flow_slug, (canon ->> 'max_attempts')::integer,
+                               (canon ->> 'base_delay')::integer, (canon ->> 'timeout')::integer);
+    FOR st IN SELECT value FROM jsonb_array_elements(canon -> 'steps') LOOP
+        PERFORM pgflow.add_step(create_flow_from_shape.flow_slug, st ->> 'slug',
+                                ARRAY(SELECT jsonb_array_elements_text(st -> 'deps')),
+                                (st ->> 'max_attempts')::integer, (st ->> 'base_delay')::integer,
+                                (st ->> 'timeout')::integer, (st ->> 'start_delay')::integer, st ->> 'type');
+    END LOOP;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION pgflow.create_flow_from_shape(text, jsonb) IS
+'Create a whole flow from one JSON document, in one step: {"max_attempts","base_delay","timeout" (optional, defaults 3, 1, 60), "steps":[{"slug", "type" ("single" or "map", default single), "deps" (default []), "max_attempts","base_delay","timeout","start_delay" (optional)}]}. Steps may be listed in any order that has no cycle. Returns true if created, false if the flow exists with the same shape; another shape fails with 42710. An invalid shape (unknown key, bad slug or option, duplicate step, unknown dependency, cycle) fails with 22023 naming the problem and creates nothing.';
 
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule

@@ -154,9 +154,16 @@ unsafe fn unpin_search_path(_level: std::ffi::c_int) {
 #[cfg(any(feature = "pg17", feature = "pg18"))]
 unsafe fn pin_search_path() -> std::ffi::c_int {
     let level = raw::NewGUCNestLevel();
+    set_at_nest_level(c"search_path", c"pg_catalog, pg_temp");
+    level
+}
+
+/// Set a setting for the current GUC nest level (saved, restored by `AtEOXact_GUC` or by the
+/// (sub)transaction's abort), without pgrx's error guard (see [`pinned_planner`]).
+unsafe fn set_at_nest_level(name: &CStr, value: &CStr) {
     raw::set_config_option(
-        c"search_path".as_ptr(),
-        c"pg_catalog, pg_temp".as_ptr(),
+        name.as_ptr(),
+        value.as_ptr(),
         pg_sys::GucContext::PGC_USERSET,
         pg_sys::GucSource::PGC_S_SESSION,
         pg_sys::GucAction::GUC_ACTION_SAVE,
@@ -164,7 +171,6 @@ unsafe fn pin_search_path() -> std::ffi::c_int {
         PgLogLevel::ERROR as std::ffi::c_int,
         false,
     );
-    level
 }
 
 #[cfg(any(feature = "pg17", feature = "pg18"))]
@@ -233,16 +239,7 @@ unsafe extern "C-unwind" fn pinned_planner(
     if pinned {
         level = raw::NewGUCNestLevel();
         for (name, value) in PINNED_PLANNING {
-            raw::set_config_option(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                PgLogLevel::ERROR as std::ffi::c_int,
-                false,
-            );
+            set_at_nest_level(name, value);
         }
     }
     let planner = PREVIOUS_PLANNER.unwrap_or(raw::standard_planner);

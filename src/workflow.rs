@@ -33,9 +33,14 @@ use serde_json::{json, Value};
 /// Key space of the run locks (`'pgfw'`), shared with `pgflow._lock_run`.
 const RUN_LOCK_SPACE: i32 = 1885824631;
 
+/// Key space of the flow locks, shared with `pgflow._lock_flow`: taken shared here before the
+/// run lock, exclusive by drop_flow.
+const FLOW_LOCK_SPACE: i32 = 1885824614;
+
 #[derive(Clone, Copy)]
 enum Stmt {
     FlowOf,
+    FlowOfRun,
     RaiseFlow,
     ClaimTasks,
     LeaseGiven,
@@ -104,6 +109,10 @@ impl Statement for Stmt {
                    FROM pgflow.flows f JOIN pgflow.queues q ON q.queue_name = f.flow_slug
                   WHERE f.flow_slug = $1",
                 &[TEXT],
+            ),
+            Stmt::FlowOfRun => (
+                "SELECT flow_slug FROM pgflow.runs WHERE run_id = $1",
+                &[UUID],
             ),
             // raises the specific error for a NULL, malformed or unknown flow slug
             Stmt::RaiseFlow => ("SELECT pgflow._flow($1)", &[TEXT]),
@@ -643,6 +652,13 @@ unsafe fn complete_task(fcinfo: FunctionCallInfo) -> String {
         run(Stmt::EndTaskCheck, &check_params); // raises the specific 22004
         unreachable!("_end_task_check raises for NULL arguments");
     };
+    // The flow lock, shared, then the run lock: a drop_flow under way finishes first, and the
+    // task is then looked up afresh (gone: 42704), never used with a dropped queue's sequence.
+    if run(Stmt::FlowOfRun, &[Some(run_id)]) == 1 {
+        if let Some(flow) = column(0, 1) {
+            advisory_xact_lock(FLOW_LOCK_SPACE, flow, true);
+        }
+    }
     lock_run(run_id);
     if run(
         Stmt::TaskOf,

@@ -26,14 +26,24 @@ BEGIN
 END
 $$;
 
--- Serialise definitions of one flow slug until the end of the transaction (an advisory lock:
--- the flow row may not exist yet).
-CREATE FUNCTION pgflow._lock_flow_slug(flow_slug text) RETURNS void
+-- The flow lock (key class 1885824614 and a hash of the slug, transaction-scoped): taken
+-- exclusive by what defines or drops a flow (create_flow, create_flow_from_shape, drop_flow),
+-- shared by what starts or ends its work (start_flow, complete_task, fail_task; the Rust task
+-- path takes it as this function does). It comes first in the lock order, before the run lock:
+-- a drop_flow waits for the work under way, and work that comes after it finds the flow gone
+-- (42704). Claims (poll_for_tasks, start_tasks) do not take it, since a poll may wait for
+-- minutes: drop_flow deletes the flow's messages first, which waits for the claims holding
+-- them and leaves later claims nothing to take.
+CREATE FUNCTION pgflow._lock_flow(flow_slug text, exclusive boolean) RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM pg_advisory_xact_lock(1885824614, hashtext(flow_slug));
+    IF exclusive THEN
+        PERFORM pg_advisory_xact_lock(1885824614, hashtext(flow_slug));
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared(1885824614, hashtext(flow_slug));
+    END IF;
 END
 $$;
 
@@ -72,7 +82,7 @@ BEGIN
     PERFORM pgflow._check_option('base_delay', create_flow.base_delay, 0, 86400, false);
     PERFORM pgflow._check_option('timeout', create_flow.timeout, 1, 86400, false);
     -- Concurrent definitions of one slug are serialised, so the second sees the first's flow.
-    PERFORM pgflow._lock_flow_slug(create_flow.flow_slug);
+    PERFORM pgflow._lock_flow(create_flow.flow_slug, true);
     SELECT * INTO f FROM pgflow.flows WHERE flow_slug = create_flow.flow_slug FOR UPDATE;
     IF FOUND THEN
         IF (f.opt_max_attempts, f.opt_base_delay, f.opt_timeout)
@@ -431,7 +441,7 @@ BEGIN
     PERFORM pgflow._check_option('max_attempts', (canon ->> 'max_attempts')::integer, 1, 100, false);
     PERFORM pgflow._check_option('base_delay', (canon ->> 'base_delay')::integer, 0, 86400, false);
     PERFORM pgflow._check_option('timeout', (canon ->> 'timeout')::integer, 1, 86400, false);
-    PERFORM pgflow._lock_flow_slug(create_flow_from_shape.flow_slug);
+    PERFORM pgflow._lock_flow(create_flow_from_shape.flow_slug, true);
     PERFORM 1 FROM pgflow.flows WHERE flow_slug = create_flow_from_shape.flow_slug FOR UPDATE;
     IF FOUND THEN
         IF pgflow.get_flow_shape(create_flow_from_shape.flow_slug) = canon THEN
@@ -462,10 +472,17 @@ AS $$
 #variable_conflict use_column
 BEGIN
     PERFORM pgflow._check_name(drop_flow.flow_slug, 'flow_slug');
+    -- first in the lock order: waits for start_flow, complete_task and fail_task under way
+    PERFORM pgflow._lock_flow(drop_flow.flow_slug, true);
     PERFORM 1 FROM pgflow.flows WHERE flow_slug = drop_flow.flow_slug FOR UPDATE;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    -- Then its messages, before its tasks: a claim locks messages, then their tasks, so this
+    -- waits for the claims under way instead of deadlocking with them, and a claim that comes
+    -- later finds nothing to take.
+    DELETE FROM pgflow.messages m USING pgflow.queues q
+     WHERE q.queue_name = drop_flow.flow_slug AND m.queue_id = q.queue_id;
     DELETE FROM pgflow.step_tasks t USING pgflow.runs r
      WHERE r.flow_slug = drop_flow.flow_slug AND t.run_id = r.run_id;
     DELETE FROM pgflow.step_states s USING pgflow.runs r

@@ -13,7 +13,9 @@
 -- pins the search path and the plan shape of its statements, and of the internal functions
 -- they call (its rare paths), without a SET scope at every call.
 --
--- Lock order, everywhere: the run first, then task messages (in msg_id order), then step states
+-- Lock order, everywhere: the flow lock (pgflow._lock_flow: exclusive for definitions and
+-- drop_flow, shared for start_flow, complete_task and fail_task), then the run, then task
+-- messages (in msg_id order), then step states
 -- (in step_index order), then task rows. Every function that changes a run's step states
 -- or ends a task takes the run lock before anything else. The run lock is a transaction-scoped
 -- advisory lock keyed by the run id (pgflow._lock_run): it serialises the same work a row lock
@@ -242,6 +244,8 @@ DECLARE
     r pgflow.runs;
     st pgflow.steps;
 BEGIN
+    -- shared: a drop_flow under way finishes first, and then the flow is gone (42704)
+    PERFORM pgflow._lock_flow(start_flow.flow_slug, false);
     f := pgflow._flow(start_flow.flow_slug);
     IF start_flow.input IS NULL THEN
         RAISE EXCEPTION 'input must not be null' USING ERRCODE = '22004',
@@ -495,6 +499,8 @@ DECLARE
     at timestamptz;
     now_ timestamptz;
 BEGIN
+    -- the flow lock, shared, before the run lock (the order of complete_task in src/workflow.rs)
+    PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = fail_task.run_id;
     SELECT * INTO chk FROM pgflow._end_task_check(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
                                                   fail_task.worker_id);
     r := chk.r;

@@ -7,11 +7,13 @@ hand against any database holding the extension:
         python3 -m pytest tests/client/test_queue.py -k fifo
 """
 
+import contextlib
 import os
 import uuid
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 DSN = os.environ.get("PGFLOW_TEST_DSN", "host=127.0.0.1 port=5433 user=postgres dbname=dev")
 
@@ -92,3 +94,43 @@ def error_of(conn, sql, params=None):
     except psycopg.Error as e:
         return e
     pytest.fail(f"expected an error from: {sql} {params!r}")
+
+
+@contextlib.contextmanager
+def session_as(conn, *groups):
+    """A session of a new login role that is a member of `groups` (pgflow_producer, ...); the
+    role is dropped afterwards."""
+    role = unique_name("r")
+    conn.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE {", ".join(groups)}')
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(DSN)
+        params["user"] = role
+        with psycopg.connect(**params, autocommit=True) as c:
+            yield c
+    finally:
+        conn.execute(f'DROP ROLE "{role}"')
+
+
+def make_flow(conn, steps, **opts):
+    """Create a flow from a list of step dicts (shape steps); returns its slug."""
+    slug = unique_name("f")
+    shape = dict(opts, steps=steps)
+    conn.execute("SELECT pgflow.create_flow_from_shape(%s, %s)", (slug, Jsonb(shape)))
+    return slug
+
+
+@pytest.fixture
+def flows(conn):
+    """Factory of flows, dropped at the end of the test with their dead-lettered messages."""
+    made = []
+
+    def make(steps, **opts):
+        slug = make_flow(conn, steps, **opts)
+        made.append(slug)
+        return slug
+
+    yield make
+    with connect() as c:
+        for slug in made:
+            c.execute("SELECT pgflow.drop_flow(%s)", (slug,))
+            c.execute("SELECT pgflow.purge_dlq(%s)", (slug,))

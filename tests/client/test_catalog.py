@@ -180,24 +180,17 @@ def test_no_role_can_call_an_internal_helper(conn):
 
 def test_an_admin_cannot_announce_through_emit(conn, queue):
     import psycopg
-    from conftest import DSN, unique_name
-    role = unique_name("admin")
-    conn.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE pgflow_admin')
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(DSN)
-        params["user"] = role
-        with psycopg.connect(**params, autocommit=True) as a:
-            for sql in ("SELECT pgflow._emit('f', '{\"event\": \"forged\"}')",
-                        "SELECT pgflow._on_commit_notify('pgflow.flows', '{\"forged\": true}')",
-                        "SELECT pgflow._check_name('x', 'q')"):
-                try:
-                    a.execute(sql)
-                except psycopg.errors.InsufficientPrivilege:
-                    pass
-                else:
-                    raise AssertionError(f"{sql} ran for pgflow_admin")
-            # the public API stays theirs
-            assert a.execute("SELECT pgflow.send(%s, '{}')", (queue,)).fetchone()[0] == 1
-            assert a.execute("SELECT count(*) FROM pgflow.list_queues()").fetchone()[0] >= 1
-    finally:
-        conn.execute(f'DROP ROLE "{role}"')
+    from conftest import session_as
+    with session_as(conn, "pgflow_admin") as a:
+        for sql in ("SELECT pgflow._emit('f', '{\"event\": \"forged\"}')",
+                    "SELECT pgflow._on_commit_notify('pgflow.flows', '{\"forged\": true}')",
+                    "SELECT pgflow._check_name('x', 'q')"):
+            try:
+                a.execute(sql)
+            except psycopg.errors.InsufficientPrivilege:
+                pass
+            else:
+                raise AssertionError(f"{sql} ran for pgflow_admin")
+        # the public API stays theirs
+        assert a.execute("SELECT pgflow.send(%s, '{}')", (queue,)).fetchone()[0] == 1
+        assert a.execute("SELECT count(*) FROM pgflow.list_queues()").fetchone()[0] >= 1

@@ -5,31 +5,12 @@ pop and purge_queue remove a task's message, leaving its run started for ever.""
 
 import uuid
 
-import psycopg
-import pytest
 from psycopg.types.json import Jsonb
 
-from conftest import DSN, connect, error_of, unique_name
+from conftest import error_of, session_as
 
 SEQ = [{"slug": "a"}, {"slug": "b", "deps": ["a"]}]
 MAP = [{"slug": "m", "type": "map"}]
-
-
-@pytest.fixture
-def flows(conn):
-    made = []
-
-    def make(steps, **opts):
-        slug = unique_name("f")
-        conn.execute("SELECT pgflow.create_flow_from_shape(%s, %s)", (slug, Jsonb(dict(opts, steps=steps))))
-        made.append(slug)
-        return slug
-
-    yield make
-    with connect() as c:
-        for slug in made:
-            c.execute("SELECT pgflow.drop_flow(%s)", (slug,))
-            c.execute("SELECT pgflow.purge_dlq(%s)", (slug,))
 
 
 def snapshot(conn, flow):
@@ -107,17 +88,10 @@ def test_roles_get_the_same_refusal(conn, flows):
                                             "SELECT pgflow.delete(%(f)s, %(msg)s)",
                                             "SELECT * FROM pgflow.pop(%(f)s)"]),
                         ("pgflow_admin", ["SELECT pgflow.purge_queue(%(f)s)"])]:
-        login = unique_name("r")
-        conn.execute(f'CREATE ROLE "{login}" LOGIN IN ROLE {role}')
-        try:
-            params = psycopg.conninfo.conninfo_to_dict(DSN)
-            params["user"] = login
-            with psycopg.connect(**params, autocommit=True) as c:
-                for sql in calls:
-                    e = error_of(c, sql, {"f": flow, "body": forged, "msg": msg})
-                    assert e.sqlstate == "55000", (role, sql, e.sqlstate)
-        finally:
-            conn.execute(f'DROP ROLE "{login}"')
+        with session_as(conn, role) as c:
+            for sql in calls:
+                e = error_of(c, sql, {"f": flow, "body": forged, "msg": msg})
+                assert e.sqlstate == "55000", (role, sql, e.sqlstate)
     assert snapshot(conn, flow) == before
 
 

@@ -10,36 +10,12 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from conftest import connect, error_of, sqlstate, unique_name
+from conftest import connect, error_of, make_flow, sqlstate, unique_name
 
 
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
-
-def make_flow(conn, steps, **opts):
-    """Create a flow from a list of step dicts (shape steps); returns its slug."""
-    slug = unique_name("f")
-    shape = dict(opts, steps=steps)
-    conn.execute("SELECT pgflow.create_flow_from_shape(%s, %s)", (slug, Jsonb(shape)))
-    return slug
-
-
-@pytest.fixture
-def flows(conn):
-    """Factory of flows dropped at the end of the test."""
-    made = []
-
-    def make(steps, **opts):
-        slug = make_flow(conn, steps, **opts)
-        made.append(slug)
-        return slug
-
-    yield make
-    with connect() as c:
-        for slug in made:
-            c.execute("SELECT pgflow.drop_flow(%s)", (slug,))
-
 
 def start(conn, flow, inp, run_id=None):
     row = conn.execute("SELECT run_id, status FROM pgflow.start_flow(%s, %s, %s)",

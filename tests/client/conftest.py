@@ -9,12 +9,14 @@ hand against any database holding the extension:
 
 import contextlib
 import os
+import subprocess
 import uuid
 
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DSN = os.environ.get("PGFLOW_TEST_DSN", "host=127.0.0.1 port=5433 user=postgres dbname=dev")
 
 
@@ -134,3 +136,25 @@ def flows(conn):
         for slug in made:
             c.execute("SELECT pgflow.drop_flow(%s)", (slug,))
             c.execute("SELECT pgflow.purge_dlq(%s)", (slug,))
+
+
+@contextlib.contextmanager
+def own_cluster(directory, port, dbname, conf_edits):
+    """A cluster of the test's own (scripts/common.sh start_cluster) on `port`, with database
+    `dbname`, its postgresql.conf edited by the sed expressions `conf_edits` and the server
+    restarted; stopped afterwards. Starting a cluster as the postgres user needs root."""
+    if os.geteuid() != 0:
+        pytest.skip("starting a cluster as the postgres user needs root")
+
+    def common_sh(script):
+        subprocess.run(["bash", "-c", f"source {REPO}/scripts/common.sh; {script}"], check=True,
+                       capture_output=True)
+
+    edits = "; ".join(conf_edits)
+    common_sh(f"start_cluster {directory} {port} {dbname} && "
+              f"sed -i \"{edits}\" {directory}/data/postgresql.conf && "
+              f"runuser -u postgres -- $PGBIN/pg_ctl -D {directory}/data -l {directory}/server.log -w restart")
+    try:
+        yield
+    finally:
+        common_sh(f"stop_cluster {directory}")

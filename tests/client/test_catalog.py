@@ -138,31 +138,24 @@ def test_roles_can_run_their_functions(conn):
 
 def test_a_producer_role_sends_and_cannot_administer(conn, queue):
     import psycopg
-    from conftest import DSN, unique_name
-    role = unique_name("producer")
-    conn.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE pgflow_producer')
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(DSN)
-        params["user"] = role
-        with psycopg.connect(**params, autocommit=True) as p:
-            (mid,) = p.execute("SELECT pgflow.send(%s, '{\"from\": \"producer\"}')", (queue,)).fetchone()
-            assert mid == 1
-            for sql in ("SELECT pgflow.drop_queue(%s)", "SELECT * FROM pgflow.read(%s, 30, 1)"):
-                try:
-                    p.execute(sql, (queue,))
-                except psycopg.errors.InsufficientPrivilege:
-                    pass
-                else:
-                    raise AssertionError(f"{sql} ran for a producer")
+    from conftest import session_as
+    with session_as(conn, "pgflow_producer") as p:
+        (mid,) = p.execute("SELECT pgflow.send(%s, '{\"from\": \"producer\"}')", (queue,)).fetchone()
+        assert mid == 1
+        for sql in ("SELECT pgflow.drop_queue(%s)", "SELECT * FROM pgflow.read(%s, 30, 1)"):
             try:
-                p.execute("SELECT * FROM pgflow.messages")
+                p.execute(sql, (queue,))
             except psycopg.errors.InsufficientPrivilege:
                 pass
             else:
-                raise AssertionError("a producer read the messages table directly")
-        assert conn.execute("SELECT count(*) FROM pgflow.list_pending_messages(%s)", (queue,)).fetchone()[0] == 1
-    finally:
-        conn.execute(f'DROP ROLE "{role}"')
+                raise AssertionError(f"{sql} ran for a producer")
+        try:
+            p.execute("SELECT * FROM pgflow.messages")
+        except psycopg.errors.InsufficientPrivilege:
+            pass
+        else:
+            raise AssertionError("a producer read the messages table directly")
+    assert conn.execute("SELECT count(*) FROM pgflow.list_pending_messages(%s)", (queue,)).fetchone()[0] == 1
 
 
 def test_no_role_can_call_an_internal_helper(conn):

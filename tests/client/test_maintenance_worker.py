@@ -5,20 +5,15 @@ there. 0.1.0 logged FATAL and restarted every 5 s for ever. Starts a cluster of 
 root, as the test runner has)."""
 
 import os
-import subprocess
 import time
 
 import psycopg
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import own_cluster
+
 DIR = "/tmp/pgflow-test-worker"
 PORT = int(os.environ.get("PGFLOW_TEST_PORT", "5490")) + 8
-
-
-def _sh(script):
-    subprocess.run(["bash", "-c", f"source {REPO}/scripts/common.sh; {script}"], check=True,
-                   capture_output=True)
 
 
 def log_text():
@@ -37,14 +32,9 @@ def wait_for(predicate, seconds):
 
 @pytest.fixture(scope="module")
 def cluster():
-    if os.geteuid() != 0:
-        pytest.skip("starting a cluster as the postgres user needs root")
-    _sh(f"start_cluster {DIR} {PORT} other && "
-        f"sed -i \"s/^pgflow.maintenance_database = .*/pgflow.maintenance_database = 'later'/; "
-        f"s/^log_min_messages = .*/log_min_messages = log/\" {DIR}/data/postgresql.conf && "
-        f"runuser -u postgres -- $PGBIN/pg_ctl -D {DIR}/data -l {DIR}/server.log -w restart")
-    yield
-    _sh(f"stop_cluster {DIR}")
+    with own_cluster(DIR, PORT, "other", ["s/^pgflow.maintenance_database = .*/pgflow.maintenance_database = 'later'/",
+                                          "s/^log_min_messages = .*/log_min_messages = log/"]):
+        yield
 
 
 def workers(c):

@@ -3,33 +3,23 @@ worker, yet CREATE EXTENSION works and read_with_poll still finds messages (by p
 Starts a cluster of its own (needs root, as the test runner has)."""
 
 import os
-import subprocess
 import time
 
 import psycopg
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import own_cluster
+
 DIR = "/tmp/pgflow-test-nopreload"
 PORT = int(os.environ.get("PGFLOW_TEST_PORT", "5490")) + 7
 
 
-def _sh(script):
-    subprocess.run(["bash", "-c", f"source {REPO}/scripts/common.sh; {script}"], check=True,
-                   capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def plain_conn():
-    if os.geteuid() != 0:
-        pytest.skip("starting a cluster as the postgres user needs root")
-    _sh(f"start_cluster {DIR} {PORT} plain && "
-        f"sed -i \"s/^shared_preload_libraries = .*/shared_preload_libraries = ''/\" {DIR}/data/postgresql.conf && "
-        f"runuser -u postgres -- $PGBIN/pg_ctl -D {DIR}/data -l {DIR}/server.log -w restart")
-    c = psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="plain", autocommit=True)
-    yield c
-    c.close()
-    _sh(f"stop_cluster {DIR}")
+    with own_cluster(DIR, PORT, "plain", ["s/^shared_preload_libraries = .*/shared_preload_libraries = ''/"]):
+        c = psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="plain", autocommit=True)
+        yield c
+        c.close()
 
 
 def test_extension_installs_and_polls_without_preload(plain_conn):

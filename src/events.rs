@@ -36,6 +36,7 @@ pub struct WakeBoard {
     /// For each PGPROC number: 0 when not waiting, else 1 + the bucket it waits on.
     waiting_on: [u32; MAX_WAITERS],
 }
+// SAFETY: plain integers, no pointers: valid in every process that maps the segment.
 unsafe impl PGRXSharedMemory for WakeBoard {}
 
 impl WakeBoard {
@@ -47,6 +48,7 @@ impl WakeBoard {
     }
 }
 
+// SAFETY: the name is unique to this lock, and the lock is initialised by pg_shmem_init! in init().
 static WAKE_BOARD: PgLwLock<WakeBoard> = unsafe { PgLwLock::new(c"pgflow_wake_board") };
 static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
 
@@ -55,6 +57,7 @@ static SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
 type Level = i32;
 
 fn current_level() -> Level {
+    // SAFETY: reads a backend-local counter; no preconditions.
     unsafe { pg_sys::GetCurrentTransactionNestLevel() }
 }
 
@@ -140,6 +143,9 @@ thread_local! {
 
 /// Called from `_PG_init`: request shared memory when preloading, and hook transaction end.
 pub fn init() {
+    // SAFETY: called once from _PG_init, in the postmaster while preloading (where shared memory
+    // may be requested) or in a backend loading the library; the callbacks are functions of
+    // this library, which stays loaded for the life of the process.
     unsafe {
         if pg_sys::process_shared_preload_libraries_in_progress {
             pg_shmem_init!(WAKE_BOARD = WakeBoard::new());
@@ -249,6 +255,8 @@ fn emit_notifications() {
         let payload = payload_for(&events);
         let channel = std::ffi::CString::new(channel).expect("channel names hold no NUL");
         let payload = std::ffi::CString::new(payload).expect("JSON text holds no NUL");
+        // SAFETY: at PRE_COMMIT, inside the transaction; both strings are NUL-terminated and
+        // outlive the call, which copies them; an ERROR it raises unwinds through the guard.
         unsafe {
             pg_sys::ffi::pg_guard_ffi_boundary(|| Async_Notify(channel.as_ptr(), payload.as_ptr()))
         };
@@ -374,6 +382,9 @@ fn wake(buckets: &BTreeSet<usize>) {
         }
     }
     for procno in waiting {
+        // SAFETY: every procno on the board is below MAX_WAITERS and was registered by a live
+        // backend as its own number, an index into ProcGlobal->allProcs (which has a PGPROC for
+        // every possible backend); setting a latch of a process that has since exited is harmless.
         unsafe {
             let proc_ = (*pg_sys::ProcGlobal).allProcs.add(procno);
             pg_sys::SetLatch(&raw mut (*proc_).procLatch);

@@ -74,6 +74,7 @@ pub fn init() {
     // while the library is preloaded (PostgreSQL refuses it at a later load); a backend that
     // loads pgflow later (no preload: no worker) still defines it, so that a value in
     // postgresql.conf is not rejected under the reserved prefix.
+    // SAFETY: a plain global flag of this process, read during _PG_init.
     let preloading = unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress };
     GucRegistry::define_string_guc(
         c"pgflow.maintenance_database",

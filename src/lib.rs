@@ -23,6 +23,9 @@
 //!
 //! Settings live in [`gucs`].
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use pgrx::prelude::*;
 
 pub mod errors;
@@ -83,6 +86,7 @@ pub extern "C-unwind" fn _PG_init() {
     events::init();
     queue::init();
     spi::init();
+    // SAFETY: a plain global flag of this process, read during _PG_init.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         maintenance::register();
     }

@@ -170,6 +170,8 @@ pub extern "C-unwind" fn pgflow_maintenance_main(_arg: pg_sys::Datum) {
             break;
         }
         if BackgroundWorker::sighup_received() {
+            // SAFETY: a background worker re-reading its configuration on SIGHUP, outside any
+            // transaction, as PostgreSQL's own workers do.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         if !gucs::MAINTENANCE_ENABLED.get() {

@@ -25,8 +25,8 @@ use crate::errors::{check_name, raise};
 use crate::events;
 use crate::spi::{
     advisory_xact_lock, arg, column, json_type, null_error, run, text_arg, text_column,
-    text_to_string, SpiScope, Statement, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB, REGCLASS, TEXT,
-    TIMESTAMPTZ,
+    text_to_string, CFunction, SpiScope, Statement, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB,
+    REGCLASS, TEXT, TIMESTAMPTZ,
 };
 use crate::v1;
 use pgrx::pg_sys::{self, Datum, FunctionCallInfo, Oid};
@@ -62,6 +62,8 @@ thread_local! {
 
 /// Called from `_PG_init`.
 pub fn init() {
+    // SAFETY: called once from _PG_init; the callback is a function of this library, which
+    // stays loaded for the life of the process.
     unsafe {
         pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), Datum::from(0))
     };
@@ -263,38 +265,44 @@ fn check_poll_sql(max_poll_seconds: Option<i32>, poll_interval_ms: Option<i32>) 
 
 /// The elements of a one-dimensional int8[] or int4[] argument, with their nulls.
 unsafe fn array_elements(d: Datum, int8: bool) -> (i32, Vec<Option<i64>>) {
-    let arr = pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as *mut pg_sys::ArrayType;
-    let ndim = (*arr).ndim;
-    let mut elems: *mut Datum = std::ptr::null_mut();
-    let mut nulls: *mut bool = std::ptr::null_mut();
-    let mut n: i32 = 0;
-    let (oid, len, align) = if int8 {
-        (INT8, 8, pg_sys::TYPALIGN_DOUBLE)
-    } else {
-        (INT4, 4, pg_sys::TYPALIGN_INT)
-    };
-    pg_sys::deconstruct_array(
-        arr,
-        oid,
-        len,
-        true,
-        align as std::ffi::c_char,
-        &mut elems,
-        &mut nulls,
-        &mut n,
-    );
-    let values = (0..n as usize)
-        .map(|i| {
-            if *nulls.add(i) {
-                None
-            } else if int8 {
-                Some((*elems.add(i)).value() as i64)
-            } else {
-                Some((*elems.add(i)).value() as i32 as i64)
-            }
-        })
-        .collect();
-    (ndim, values)
+    // SAFETY: the caller passes a non-null datum of an int8[] (int8 true) or int4[] argument;
+    // pg_detoast_datum returns a plain array of it, and deconstruct_array is given that array's
+    // own element type, length and alignment, so `elems` and `nulls` point to `n` entries each,
+    // read only below `n`.
+    unsafe {
+        let arr = pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as *mut pg_sys::ArrayType;
+        let ndim = (*arr).ndim;
+        let mut elems: *mut Datum = std::ptr::null_mut();
+        let mut nulls: *mut bool = std::ptr::null_mut();
+        let mut n: i32 = 0;
+        let (oid, len, align) = if int8 {
+            (INT8, 8, pg_sys::TYPALIGN_DOUBLE)
+        } else {
+            (INT4, 4, pg_sys::TYPALIGN_INT)
+        };
+        pg_sys::deconstruct_array(
+            arr,
+            oid,
+            len,
+            true,
+            align as std::ffi::c_char,
+            &mut elems,
+            &mut nulls,
+            &mut n,
+        );
+        let values = (0..n as usize)
+            .map(|i| {
+                if *nulls.add(i) {
+                    None
+                } else if int8 {
+                    Some((*elems.add(i)).value() as i64)
+                } else {
+                    Some((*elems.add(i)).value() as i32 as i64)
+                }
+            })
+            .collect();
+        (ndim, values)
+    }
 }
 
 /// The checks of `pgflow._check_ids`; returns the ids and read_cts.
@@ -304,49 +312,53 @@ pub(crate) unsafe fn check_ids(
     ids_arg: &str,
     cts_arg: &str,
 ) -> (Vec<i64>, Option<Vec<Option<i64>>>) {
-    let Some(ids) = ids else {
-        null_error(ids_arg, None)
-    };
-    let (ndim, ids) = array_elements(ids, true);
-    if ndim > 1 {
-        raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("{ids_arg} must be a one-dimensional array"),
-            None,
-        );
-    }
-    if let Some(pos) = ids.iter().position(Option::is_none) {
-        raise(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            format!("{ids_arg}[{}] is null", pos + 1),
-            None,
-        );
-    }
-    let ids: Vec<i64> = ids.into_iter().flatten().collect();
-    let cts = cts.map(|c| array_elements(c, false));
-    if let Some((ndim, cts)) = &cts {
-        if *ndim > 1 {
+    // SAFETY: `ids` and `cts` are the non-null datums of arguments declared bigint[] and integer[]
+    // (the caller's contract), which is what array_elements reads.
+    unsafe {
+        let Some(ids) = ids else {
+            null_error(ids_arg, None)
+        };
+        let (ndim, ids) = array_elements(ids, true);
+        if ndim > 1 {
             raise(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("{cts_arg} must be a one-dimensional array"),
+                format!("{ids_arg} must be a one-dimensional array"),
                 None,
             );
         }
-        if cts.len() != ids.len() {
+        if let Some(pos) = ids.iter().position(Option::is_none) {
             raise(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!(
-                    "{cts_arg} has {} elements but {ids_arg} has {}",
-                    cts.len(),
-                    ids.len()
-                ),
-                Some(&format!(
-                    "Give one {cts_arg} element per {ids_arg} element, or none."
-                )),
+                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                format!("{ids_arg}[{}] is null", pos + 1),
+                None,
             );
         }
+        let ids: Vec<i64> = ids.into_iter().flatten().collect();
+        let cts = cts.map(|c| array_elements(c, false));
+        if let Some((ndim, cts)) = &cts {
+            if *ndim > 1 {
+                raise(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("{cts_arg} must be a one-dimensional array"),
+                    None,
+                );
+            }
+            if cts.len() != ids.len() {
+                raise(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!(
+                        "{cts_arg} has {} elements but {ids_arg} has {}",
+                        cts.len(),
+                        ids.len()
+                    ),
+                    Some(&format!(
+                        "Give one {cts_arg} element per {ids_arg} element, or none."
+                    )),
+                );
+            }
+        }
+        (ids, cts.map(|(_, c)| c))
     }
-    (ids, cts.map(|(_, c)| c))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -396,167 +408,234 @@ unsafe fn queue(
     name_datum: Option<Datum>,
     operation: Option<&str>,
 ) -> QueueInfo {
-    let q = lookup(name, name_datum);
-    if let (Some(op), Some(name)) = (operation, name) {
-        refuse_managed(name, q.managed_by.as_deref(), op);
+    // SAFETY: the caller passes the text datum of the argument `name` was read from; lookup needs
+    // nothing else.
+    unsafe {
+        let q = lookup(name, name_datum);
+        if let (Some(op), Some(name)) = (operation, name) {
+            refuse_managed(name, q.managed_by.as_deref(), op);
+        }
+        q
     }
-    q
 }
 
 unsafe fn lookup(name: Option<&str>, name_datum: Option<Datum>) -> QueueInfo {
-    let (Some(name), Some(name_datum)) = (name, name_datum) else {
-        check_name(None, "queue_name");
-        unreachable!("check_name raises for NULL");
-    };
-    if let Some(q) = QUEUES.with(|c| c.borrow().by_name.get(name).cloned()) {
-        return q;
+    // SAFETY: `name_datum` is the text datum `name` was read from (the caller's contract) and is
+    // only passed as a parameter declared text; called inside an SPI connection, as run requires.
+    unsafe {
+        let (Some(name), Some(name_datum)) = (name, name_datum) else {
+            check_name(None, "queue_name");
+            unreachable!("check_name raises for NULL");
+        };
+        if let Some(q) = QUEUES.with(|c| c.borrow().by_name.get(name).cloned()) {
+            return q;
+        }
+        if run(Stmt::LookupByName, &[Some(name_datum)]) == 0 {
+            check_name(Some(name), "queue_name");
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("queue \"{name}\" does not exist"),
+                Some("Create it with pgflow.create_queue(queue_name)."),
+            );
+        }
+        let q = QueueInfo {
+            id: column(0, 1).map_or(0, |d| d.value() as i64),
+            seq: Oid::from(column(0, 2).map_or(0, |d| d.value() as u32)),
+            max_retries: column(0, 3).map_or(0, |d| d.value() as i32),
+            managed_by: text_column(0, 4),
+        };
+        QUEUES.with(|c| c.borrow_mut().by_name.insert(name.to_string(), q.clone()));
+        q
     }
-    if run(Stmt::LookupByName, &[Some(name_datum)]) == 0 {
-        check_name(Some(name), "queue_name");
-        raise(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            format!("queue \"{name}\" does not exist"),
-            Some("Create it with pgflow.create_queue(queue_name)."),
-        );
-    }
-    let q = QueueInfo {
-        id: column(0, 1).map_or(0, |d| d.value() as i64),
-        seq: Oid::from(column(0, 2).map_or(0, |d| d.value() as u32)),
-        max_retries: column(0, 3).map_or(0, |d| d.value() as i32),
-        managed_by: text_column(0, 4),
-    };
-    QUEUES.with(|c| c.borrow_mut().by_name.insert(name.to_string(), q.clone()));
-    q
 }
 
 /// Take the queue-name lock shared (as `pgflow._lock_queue_name(name, false)`), then process
 /// pending invalidations, so that a drop_queue that committed while we waited is seen.
 unsafe fn lock_queue_name(name_datum: Datum) {
-    advisory_xact_lock(QUEUE_LOCK_SPACE, name_datum, true);
+    // SAFETY: `name_datum` is a text datum (the caller's contract), as advisory_xact_lock
+    // requires; called inside a transaction.
+    unsafe {
+        advisory_xact_lock(QUEUE_LOCK_SPACE, name_datum, true);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The functions
 // ---------------------------------------------------------------------------------------------
 
+/// The raw entry points below, as `sql/queue/api.sql` and `sql/queue/tables.sql` declare them.
+#[cfg_attr(not(any(test, feature = "pg_test")), allow(dead_code))]
+pub(crate) const C_FUNCTIONS: &[CFunction] = &[
+    CFunction {
+        symbol: "pgflow_send",
+        signature: "pgflow.send(text,jsonb,integer,integer,jsonb)",
+        result: "bigint",
+    },
+    CFunction {
+        symbol: "pgflow_read",
+        signature: "pgflow.read(text,integer,integer)",
+        result: "SETOF pgflow.message_record",
+    },
+    CFunction {
+        symbol: "pgflow_archive_one",
+        signature: "pgflow.archive(text,bigint,integer)",
+        result: "boolean",
+    },
+    CFunction {
+        symbol: "pgflow_delete_one",
+        signature: "pgflow.delete(text,bigint,integer)",
+        result: "boolean",
+    },
+    CFunction {
+        symbol: "pgflow_ack_and_read",
+        signature: "pgflow.ack_and_read(text,bigint[],integer,integer,boolean,integer[])",
+        result: "SETOF pgflow.message_record",
+    },
+    CFunction {
+        symbol: "pgflow_messages_inserted",
+        signature: "pgflow._messages_inserted()",
+        result: "trigger",
+    },
+    CFunction {
+        symbol: "pgflow_queues_changed",
+        signature: "pgflow._queues_changed()",
+        result: "trigger",
+    },
+];
+
 v1!(pg_finfo_pgflow_send);
 /// `pgflow.send(queue_name, message, delay int, priority, headers) -> bigint`
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
-    let delay = check_seconds(
-        arg(fcinfo, 2).map(|d| d.value() as i32),
-        "delay",
-        Some("Pass 0 to send without delay."),
-    );
-    let Some(priority) = arg(fcinfo, 3) else {
-        null_error(
-            "priority",
-            Some("Pass 0 for normal priority; higher values are served first."),
-        )
-    };
-    let headers = arg(fcinfo, 4);
-    if let Some(h) = headers {
-        let kind = json_type(h);
-        if kind != "object" {
-            raise(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("headers must be a JSON object or null, not a JSON {kind}"),
-                None,
-            );
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for pgflow.send as
+    // C_FUNCTIONS lists it (checked against pg_proc by a test), so the argument positions and
+    // types read here are those; every SPI statement runs inside the SpiScope.
+    unsafe {
+        let delay = check_seconds(
+            arg(fcinfo, 2).map(|d| d.value() as i32),
+            "delay",
+            Some("Pass 0 to send without delay."),
+        );
+        let Some(priority) = arg(fcinfo, 3) else {
+            null_error(
+                "priority",
+                Some("Pass 0 for normal priority; higher values are served first."),
+            )
+        };
+        let headers = arg(fcinfo, 4);
+        if let Some(h) = headers {
+            let kind = json_type(h);
+            if kind != "object" {
+                raise(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("headers must be a JSON object or null, not a JSON {kind}"),
+                    None,
+                );
+            }
         }
+        let name_datum = arg(fcinfo, 0);
+        let name = text_arg(fcinfo, 0);
+        let _spi = SpiScope::connect();
+        if let Some(d) = name_datum {
+            lock_queue_name(d);
+        }
+        let q = queue(name.as_deref(), name_datum, Some("send"));
+        let Some(message) = arg(fcinfo, 1) else {
+            null_error("message", Some("Send '{}'::jsonb for an empty message."))
+        };
+        run(
+            Stmt::Send,
+            &[
+                Some(Datum::from(q.id)),
+                Some(Datum::from(q.seq)),
+                Some(Datum::from(delay)),
+                Some(priority),
+                Some(message),
+                headers,
+            ],
+        );
+        let msg_id = column(0, 1).unwrap_or(Datum::from(0));
+        if delay > 0 {
+            let visible_at = column(0, 2);
+            run(Stmt::DueAt, &[Some(Datum::from(q.id)), visible_at]);
+        }
+        msg_id
     }
-    let name_datum = arg(fcinfo, 0);
-    let name = text_arg(fcinfo, 0);
-    let _spi = SpiScope::connect();
-    if let Some(d) = name_datum {
-        lock_queue_name(d);
-    }
-    let q = queue(name.as_deref(), name_datum, Some("send"));
-    let Some(message) = arg(fcinfo, 1) else {
-        null_error("message", Some("Send '{}'::jsonb for an empty message."))
-    };
-    run(
-        Stmt::Send,
-        &[
-            Some(Datum::from(q.id)),
-            Some(Datum::from(q.seq)),
-            Some(Datum::from(delay)),
-            Some(priority),
-            Some(message),
-            headers,
-        ],
-    );
-    let msg_id = column(0, 1).unwrap_or(Datum::from(0));
-    if delay > 0 {
-        let visible_at = column(0, 2);
-        run(Stmt::DueAt, &[Some(Datum::from(q.id)), visible_at]);
-    }
-    msg_id
 }
 
 /// Lease up to `qty` messages of `q` for `vt` seconds into the function's result set, in
 /// delivery order (as `pgflow._claim` without consume): exhausted messages met on the way are
 /// dead-lettered and others looked for in their place.
 unsafe fn claim_into(fcinfo: FunctionCallInfo, q: &QueueInfo, vt: i32, qty: i32) {
-    let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
-    let mut want = qty;
-    loop {
-        let n = run(
-            Stmt::Claim,
-            &[
-                Some(Datum::from(q.id)),
-                Some(Datum::from(vt)),
-                Some(Datum::from(want)),
-            ],
-        );
-        // (priority, msg_id, row) of the delivered rows, to return them in delivery order.
-        let mut delivered: Vec<(i32, i64, u64)> = Vec::with_capacity(n as usize);
-        let mut exhausted: Vec<i64> = Vec::new();
-        for row in 0..n {
-            let msg_id = column(row, 1).map_or(0, |d| d.value() as i64);
-            let read_ct = column(row, 2).map_or(0, |d| d.value() as i32);
-            if read_ct > q.max_retries + 1 {
-                exhausted.push(msg_id);
-            } else {
-                delivered.push((column(row, 7).map_or(0, |d| d.value() as i32), msg_id, row));
-            }
-        }
-        delivered.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        for &(_, _, row) in &delivered {
-            let mut values = [Datum::from(0); 7];
-            let mut nulls = [false; 7];
-            for col in 0..7 {
-                match column(row, col as i32 + 1) {
-                    Some(d) => values[col] = d,
-                    None => nulls[col] = true,
+    // SAFETY: fcinfo is the call information of a set-returning function on which
+    // InitMaterializedSRF has been called (the caller's contract), so resultinfo is a
+    // ReturnSetInfo with a tuple store and descriptor of message_record; the statement runs inside
+    // the caller's SPI connection and its rows are read with bounds-checked accessors.
+    unsafe {
+        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+        let mut want = qty;
+        loop {
+            let n = run(
+                Stmt::Claim,
+                &[
+                    Some(Datum::from(q.id)),
+                    Some(Datum::from(vt)),
+                    Some(Datum::from(want)),
+                ],
+            );
+            // (priority, msg_id, row) of the delivered rows, to return them in delivery order.
+            let mut delivered: Vec<(i32, i64, u64)> = Vec::with_capacity(n as usize);
+            let mut exhausted: Vec<i64> = Vec::new();
+            for row in 0..n {
+                let msg_id = column(row, 1).map_or(0, |d| d.value() as i64);
+                let read_ct = column(row, 2).map_or(0, |d| d.value() as i32);
+                if read_ct > q.max_retries + 1 {
+                    exhausted.push(msg_id);
+                } else {
+                    delivered.push((column(row, 7).map_or(0, |d| d.value() as i32), msg_id, row));
                 }
             }
-            pg_sys::tuplestore_putvalues(
-                (*rsinfo).setResult,
-                (*rsinfo).setDesc,
-                values.as_mut_ptr(),
-                nulls.as_mut_ptr(),
-            );
-        }
-        want -= delivered.len() as i32;
-        if exhausted.is_empty() || want <= 0 {
-            if !exhausted.is_empty() {
-                dead_letter(q, &exhausted);
+            delivered.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            for &(_, _, row) in &delivered {
+                let mut values = [Datum::from(0); 7];
+                let mut nulls = [false; 7];
+                for col in 0..7 {
+                    match column(row, col as i32 + 1) {
+                        Some(d) => values[col] = d,
+                        None => nulls[col] = true,
+                    }
+                }
+                pg_sys::tuplestore_putvalues(
+                    (*rsinfo).setResult,
+                    (*rsinfo).setDesc,
+                    values.as_mut_ptr(),
+                    nulls.as_mut_ptr(),
+                );
             }
-            break;
+            want -= delivered.len() as i32;
+            if exhausted.is_empty() || want <= 0 {
+                if !exhausted.is_empty() {
+                    dead_letter(q, &exhausted);
+                }
+                break;
+            }
+            dead_letter(q, &exhausted);
         }
-        dead_letter(q, &exhausted);
     }
 }
 
 /// Dead-letter the exhausted messages `ids` of `q` (see Stmt::DeadLetterExhausted).
 unsafe fn dead_letter(q: &QueueInfo, ids: &[i64]) {
-    let ids = pgrx::IntoDatum::into_datum(ids.to_vec()).expect("an array is never NULL");
-    run(
-        Stmt::DeadLetterExhausted,
-        &[Some(Datum::from(q.id)), Some(ids)],
-    );
+    // SAFETY: called inside an SPI connection (the caller's contract); the parameters are a
+    // by-value bigint and an int8[] datum built here, matching the statement's declared types.
+    unsafe {
+        let ids = pgrx::IntoDatum::into_datum(ids.to_vec()).expect("an array is never NULL");
+        run(
+            Stmt::DeadLetterExhausted,
+            &[Some(Datum::from(q.id)), Some(ids)],
+        );
+    }
 }
 
 v1!(pg_finfo_pgflow_read);
@@ -564,17 +643,22 @@ v1!(pg_finfo_pgflow_read);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pgflow_read(fcinfo: FunctionCallInfo) -> Datum {
-    let (vt, qty) = check_lease(
-        arg(fcinfo, 1).map(|d| d.value() as i32),
-        arg(fcinfo, 2).map(|d| d.value() as i32),
-    );
-    pg_sys::InitMaterializedSRF(fcinfo, 0);
-    let name_datum = arg(fcinfo, 0);
-    let name = text_arg(fcinfo, 0);
-    let _spi = SpiScope::connect();
-    let q = queue(name.as_deref(), name_datum, None);
-    claim_into(fcinfo, &q, vt, qty);
-    Datum::from(0)
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for pgflow.read as
+    // C_FUNCTIONS lists it (checked against pg_proc by a test), so the argument positions and
+    // types read here are those; every SPI statement runs inside the SpiScope.
+    unsafe {
+        let (vt, qty) = check_lease(
+            arg(fcinfo, 1).map(|d| d.value() as i32),
+            arg(fcinfo, 2).map(|d| d.value() as i32),
+        );
+        pg_sys::InitMaterializedSRF(fcinfo, 0);
+        let name_datum = arg(fcinfo, 0);
+        let name = text_arg(fcinfo, 0);
+        let _spi = SpiScope::connect();
+        let q = queue(name.as_deref(), name_datum, None);
+        claim_into(fcinfo, &q, vt, qty);
+        Datum::from(0)
+    }
 }
 
 /// Acknowledge `ids` (with `cts`) of queue `q` by archiving or deleting them.
@@ -586,19 +670,24 @@ unsafe fn ack(
     cts_datum: Option<Datum>,
     to_archive: bool,
 ) -> u64 {
-    if ids.len() == 1 {
-        let ct = cts
-            .as_ref()
-            .and_then(|c| c[0])
-            .map(|c| Datum::from(c as i32));
-        ack_single(q, Datum::from(ids[0]), ct, to_archive)
-    } else {
-        let stmt = if to_archive {
-            Stmt::ArchiveMany
+    // SAFETY: called inside an SPI connection (the caller's contract); `ids_datum` and `cts_datum`
+    // are the int8[] and int4[] datums `ids` and `cts` were read from, passed as parameters of
+    // those declared types.
+    unsafe {
+        if ids.len() == 1 {
+            let ct = cts
+                .as_ref()
+                .and_then(|c| c[0])
+                .map(|c| Datum::from(c as i32));
+            ack_single(q, Datum::from(ids[0]), ct, to_archive)
         } else {
-            Stmt::DeleteMany
-        };
-        run(stmt, &[Some(Datum::from(q.id)), Some(ids_datum), cts_datum])
+            let stmt = if to_archive {
+                Stmt::ArchiveMany
+            } else {
+                Stmt::DeleteMany
+            };
+            run(stmt, &[Some(Datum::from(q.id)), Some(ids_datum), cts_datum])
+        }
     }
 }
 
@@ -610,29 +699,38 @@ unsafe fn ack_single(
     read_ct: Option<Datum>,
     to_archive: bool,
 ) -> u64 {
-    let stmt = if to_archive {
-        Stmt::ArchiveOne
-    } else {
-        Stmt::DeleteOne
-    };
-    run(stmt, &[Some(Datum::from(q.id)), Some(msg_id), read_ct])
+    // SAFETY: called inside an SPI connection (the caller's contract); the parameters are by-value
+    // bigint and integer datums matching the statement's declared types.
+    unsafe {
+        let stmt = if to_archive {
+            Stmt::ArchiveOne
+        } else {
+            Stmt::DeleteOne
+        };
+        run(stmt, &[Some(Datum::from(q.id)), Some(msg_id), read_ct])
+    }
 }
 
 /// `pgflow.archive(queue_name, msg_id, read_ct)` and `pgflow.delete(...)`: one message.
 unsafe fn ack_one(fcinfo: FunctionCallInfo, to_archive: bool) -> Datum {
-    let Some(msg_id) = arg(fcinfo, 1) else {
-        null_error("msg_id", None)
-    };
-    let read_ct = arg(fcinfo, 2);
-    let name_datum = arg(fcinfo, 0);
-    let name = text_arg(fcinfo, 0);
-    let _spi = SpiScope::connect();
-    let q = queue(
-        name.as_deref(),
-        name_datum,
-        Some(if to_archive { "archive" } else { "delete" }),
-    );
-    Datum::from(ack_single(&q, msg_id, read_ct, to_archive) > 0)
+    // SAFETY: fcinfo is the valid call information of pgflow.archive or pgflow.delete (text,
+    // bigint, integer) (the caller's contract), read at those positions and types; every SPI
+    // statement runs inside the SpiScope.
+    unsafe {
+        let Some(msg_id) = arg(fcinfo, 1) else {
+            null_error("msg_id", None)
+        };
+        let read_ct = arg(fcinfo, 2);
+        let name_datum = arg(fcinfo, 0);
+        let name = text_arg(fcinfo, 0);
+        let _spi = SpiScope::connect();
+        let q = queue(
+            name.as_deref(),
+            name_datum,
+            Some(if to_archive { "archive" } else { "delete" }),
+        );
+        Datum::from(ack_single(&q, msg_id, read_ct, to_archive) > 0)
+    }
 }
 
 v1!(pg_finfo_pgflow_archive_one);
@@ -640,7 +738,9 @@ v1!(pg_finfo_pgflow_archive_one);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pgflow_archive_one(fcinfo: FunctionCallInfo) -> Datum {
-    ack_one(fcinfo, true)
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for
+    // pgflow.archive(text, bigint, integer), which is what ack_one reads.
+    unsafe { ack_one(fcinfo, true) }
 }
 
 v1!(pg_finfo_pgflow_delete_one);
@@ -648,7 +748,9 @@ v1!(pg_finfo_pgflow_delete_one);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pgflow_delete_one(fcinfo: FunctionCallInfo) -> Datum {
-    ack_one(fcinfo, false)
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for
+    // pgflow.delete(text, bigint, integer), which is what ack_one reads.
+    unsafe { ack_one(fcinfo, false) }
 }
 
 v1!(pg_finfo_pgflow_ack_and_read);
@@ -656,46 +758,56 @@ v1!(pg_finfo_pgflow_ack_and_read);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pgflow_ack_and_read(fcinfo: FunctionCallInfo) -> Datum {
-    let ids_datum = arg(fcinfo, 1);
-    let cts_datum = arg(fcinfo, 5);
-    let (ids, cts) = check_ids(ids_datum, cts_datum, "ack_msg_ids", "ack_read_cts");
-    let (vt, qty) = check_lease(
-        arg(fcinfo, 2).map(|d| d.value() as i32),
-        arg(fcinfo, 3).map(|d| d.value() as i32),
-    );
-    let Some(to_archive) = arg(fcinfo, 4) else {
-        null_error("archive", None)
-    };
-    pg_sys::InitMaterializedSRF(fcinfo, 0);
-    let name_datum = arg(fcinfo, 0);
-    let name = text_arg(fcinfo, 0);
-    let _spi = SpiScope::connect();
-    let q = queue(name.as_deref(), name_datum, Some("ack_and_read"));
-    if !ids.is_empty() {
-        ack(
-            &q,
-            &ids,
-            ids_datum.unwrap_or(Datum::from(0)),
-            &cts,
-            cts_datum,
-            to_archive.value() != 0,
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for
+    // pgflow.ack_and_read as C_FUNCTIONS lists it (checked against pg_proc by a test), so the
+    // argument positions and types read here are those; every SPI statement runs inside the
+    // SpiScope.
+    unsafe {
+        let ids_datum = arg(fcinfo, 1);
+        let cts_datum = arg(fcinfo, 5);
+        let (ids, cts) = check_ids(ids_datum, cts_datum, "ack_msg_ids", "ack_read_cts");
+        let (vt, qty) = check_lease(
+            arg(fcinfo, 2).map(|d| d.value() as i32),
+            arg(fcinfo, 3).map(|d| d.value() as i32),
         );
+        let Some(to_archive) = arg(fcinfo, 4) else {
+            null_error("archive", None)
+        };
+        pg_sys::InitMaterializedSRF(fcinfo, 0);
+        let name_datum = arg(fcinfo, 0);
+        let name = text_arg(fcinfo, 0);
+        let _spi = SpiScope::connect();
+        let q = queue(name.as_deref(), name_datum, Some("ack_and_read"));
+        if !ids.is_empty() {
+            ack(
+                &q,
+                &ids,
+                ids_datum.unwrap_or(Datum::from(0)),
+                &cts,
+                cts_datum,
+                to_archive.value() != 0,
+            );
+        }
+        claim_into(fcinfo, &q, vt, qty);
+        Datum::from(0)
     }
-    claim_into(fcinfo, &q, vt, qty);
-    Datum::from(0)
 }
 
 /// The TriggerData of a call, or the error for a trigger function called any other way.
 unsafe fn trigger_data(fcinfo: FunctionCallInfo, function: &str) -> *mut pg_sys::TriggerData {
-    let trigdata = (*fcinfo).context as *mut pg_sys::TriggerData;
-    if trigdata.is_null() || (*trigdata).type_ != pg_sys::NodeTag::T_TriggerData {
-        raise(
-            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-            format!("{function} must be called as a trigger"),
-            None,
-        );
+    // SAFETY: fcinfo is the valid call information PostgreSQL passed (the caller's contract); its
+    // context is dereferenced only after checking it is a non-null TriggerData node.
+    unsafe {
+        let trigdata = (*fcinfo).context as *mut pg_sys::TriggerData;
+        if trigdata.is_null() || (*trigdata).type_ != pg_sys::NodeTag::T_TriggerData {
+            raise(
+                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                format!("{function} must be called as a trigger"),
+                None,
+            );
+        }
+        trigdata
     }
-    trigdata
 }
 
 v1!(pg_finfo_pgflow_messages_inserted);
@@ -705,56 +817,61 @@ v1!(pg_finfo_pgflow_messages_inserted);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pgflow_messages_inserted(fcinfo: FunctionCallInfo) -> Datum {
-    let trigdata = trigger_data(fcinfo, "pgflow._messages_inserted()");
-    // Only as the row trigger after insert on pgflow.messages, whose first two columns are
-    // queue_id and msg_id (bigint, not null): anything else is refused, never read.
-    let event = (*trigdata).tg_event;
-    let tuple = (*trigdata).tg_trigtuple;
-    let tupdesc = (*(*trigdata).tg_relation).rd_att;
-    let is_row_insert = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_INSERT
-        && event & pg_sys::TRIGGER_EVENT_ROW != 0;
-    // SPI_gettypeid checks the column number, and answers InvalidOid for one out of range
-    let bigint_at = |n: i32| pg_sys::SPI_gettypeid(tupdesc, n) == INT8;
-    if !is_row_insert || tuple.is_null() || !bigint_at(1) || !bigint_at(2) {
-        raise(
-            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-            "pgflow._messages_inserted() must be a row trigger after insert on pgflow.messages"
-                .into(),
-            None,
-        );
-    }
-    let mut isnull = false;
-    let queue_id = pg_sys::SPI_getbinval(tuple, tupdesc, 1, &mut isnull).value() as i64;
-    let queue_id_null = isnull;
-    let msg_id = pg_sys::SPI_getbinval(tuple, tupdesc, 2, &mut isnull).value() as i64;
-    if queue_id_null || isnull {
-        raise(
-            PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
-            "pgflow._messages_inserted(): a message row without queue_id or msg_id".into(),
-            None,
-        );
-    }
-    let known = QUEUES.with(|c| c.borrow().by_id.get(&queue_id).cloned());
-    let (name, notify) = match known {
-        Some(k) => k,
-        None => {
-            let _spi = SpiScope::connect();
-            if run(Stmt::LookupById, &[Some(Datum::from(queue_id))]) == 0 {
-                return Datum::from(0); // the queue is being dropped in this transaction
-            }
-            let name = text_to_string(column(0, 1).unwrap_or(Datum::from(0)));
-            let notify = column(0, 2).is_some_and(|d| d.value() != 0);
-            QUEUES.with(|cache| {
-                cache
-                    .borrow_mut()
-                    .by_id
-                    .insert(queue_id, (name.clone(), notify))
-            });
-            (name, notify)
+    // SAFETY: trigger_data returned a checked TriggerData, whose relation, descriptor and tuple
+    // PostgreSQL keeps valid for the call; the event, table and columns are checked (row insert,
+    // pgflow.messages, two bigint columns) before heap_getattr reads the tuple.
+    unsafe {
+        let trigdata = trigger_data(fcinfo, "pgflow._messages_inserted()");
+        // Only as the row trigger after insert on pgflow.messages, whose first two columns are
+        // queue_id and msg_id (bigint, not null): anything else is refused, never read.
+        let event = (*trigdata).tg_event;
+        let tuple = (*trigdata).tg_trigtuple;
+        let tupdesc = (*(*trigdata).tg_relation).rd_att;
+        let is_row_insert = event & pg_sys::TRIGGER_EVENT_OPMASK == pg_sys::TRIGGER_EVENT_INSERT
+            && event & pg_sys::TRIGGER_EVENT_ROW != 0;
+        // SPI_gettypeid checks the column number, and answers InvalidOid for one out of range
+        let bigint_at = |n: i32| pg_sys::SPI_gettypeid(tupdesc, n) == INT8;
+        if !is_row_insert || tuple.is_null() || !bigint_at(1) || !bigint_at(2) {
+            raise(
+                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                "pgflow._messages_inserted() must be a row trigger after insert on pgflow.messages"
+                    .into(),
+                None,
+            );
         }
-    };
-    events::add_sent(queue_id, &name, msg_id, msg_id, 1, notify);
-    Datum::from(0)
+        let mut isnull = false;
+        let queue_id = pg_sys::SPI_getbinval(tuple, tupdesc, 1, &mut isnull).value() as i64;
+        let queue_id_null = isnull;
+        let msg_id = pg_sys::SPI_getbinval(tuple, tupdesc, 2, &mut isnull).value() as i64;
+        if queue_id_null || isnull {
+            raise(
+                PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+                "pgflow._messages_inserted(): a message row without queue_id or msg_id".into(),
+                None,
+            );
+        }
+        let known = QUEUES.with(|c| c.borrow().by_id.get(&queue_id).cloned());
+        let (name, notify) = match known {
+            Some(k) => k,
+            None => {
+                let _spi = SpiScope::connect();
+                if run(Stmt::LookupById, &[Some(Datum::from(queue_id))]) == 0 {
+                    return Datum::from(0); // the queue is being dropped in this transaction
+                }
+                let name = text_to_string(column(0, 1).unwrap_or(Datum::from(0)));
+                let notify = column(0, 2).is_some_and(|d| d.value() != 0);
+                QUEUES.with(|cache| {
+                    cache
+                        .borrow_mut()
+                        .by_id
+                        .insert(queue_id, (name.clone(), notify))
+                });
+                (name, notify)
+            }
+        };
+        events::add_sent(queue_id, &name, msg_id, msg_id, 1, notify);
+        Datum::from(0)
+    }
 }
 
 v1!(pg_finfo_pgflow_queues_changed);
@@ -763,7 +880,11 @@ v1!(pg_finfo_pgflow_queues_changed);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pgflow_queues_changed(fcinfo: FunctionCallInfo) -> Datum {
-    let trigdata = trigger_data(fcinfo, "pgflow._queues_changed()");
-    pg_sys::CacheInvalidateRelcacheByRelid((*(*trigdata).tg_relation).rd_id);
-    Datum::from(0)
+    // SAFETY: trigger_data returned a checked TriggerData, whose relation PostgreSQL keeps open
+    // for the call; invalidating its relcache entry has no other precondition.
+    unsafe {
+        let trigdata = trigger_data(fcinfo, "pgflow._queues_changed()");
+        pg_sys::CacheInvalidateRelcacheByRelid((*(*trigdata).tg_relation).rd_id);
+        Datum::from(0)
+    }
 }

@@ -48,28 +48,33 @@ thread_local! {
 
 /// The kept plan of `stmt`, prepared on first use in this backend. Call inside SPI.
 unsafe fn plan(stmt: impl Statement) -> pg_sys::SPIPlanPtr {
-    let (sql, types) = stmt.sql();
-    let key = sql.as_ptr() as usize;
-    if let Some(kept) = PLANS.with(|p| p.borrow().get(&key).copied()) {
-        return kept;
-    }
-    let text = CString::new(sql).expect("statement text holds no NUL");
-    let mut types = types.to_vec();
-    let prepared = pg_sys::SPI_prepare_cursor(
-        text.as_ptr(),
-        types.len() as i32,
-        types.as_mut_ptr(),
-        pg_sys::CURSOR_OPT_GENERIC_PLAN as i32,
-    );
-    if prepared.is_null() || pg_sys::SPI_keepplan(prepared) != 0 {
-        raise(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            "pgflow could not prepare a statement".into(),
-            None,
+    // SAFETY: called inside an SPI connection (the caller's contract); the text is a NUL-free
+    // static string and `types` a local vector as long as the count passed, both outliving the
+    // call; the prepared plan is kept (SPI_keepplan) before it is stored for later calls.
+    unsafe {
+        let (sql, types) = stmt.sql();
+        let key = sql.as_ptr() as usize;
+        if let Some(kept) = PLANS.with(|p| p.borrow().get(&key).copied()) {
+            return kept;
+        }
+        let text = CString::new(sql).expect("statement text holds no NUL");
+        let mut types = types.to_vec();
+        let prepared = pg_sys::SPI_prepare_cursor(
+            text.as_ptr(),
+            types.len() as i32,
+            types.as_mut_ptr(),
+            pg_sys::CURSOR_OPT_GENERIC_PLAN as i32,
         );
+        if prepared.is_null() || pg_sys::SPI_keepplan(prepared) != 0 {
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                "pgflow could not prepare a statement".into(),
+                None,
+            );
+        }
+        PLANS.with(|p| p.borrow_mut().insert(key, prepared));
+        prepared
     }
-    PLANS.with(|p| p.borrow_mut().insert(key, prepared));
-    prepared
 }
 
 /// A parameter: its value, or None for SQL NULL.
@@ -82,19 +87,25 @@ pub type Param = Option<Datum>;
 /// detail and hint, without the Rust backtrace pgrx would otherwise add to its DETAIL when the
 /// server runs with RUST_BACKTRACE set.
 pub unsafe fn run(stmt: impl Statement, params: &[Param]) -> u64 {
-    let execute = std::panic::AssertUnwindSafe(|| {
-        let pinned = pin_search_path();
-        let n = execute(stmt, params);
-        // On an error the pin is left to the (sub)transaction's abort, which undoes it.
-        unpin_search_path(pinned);
-        n
-    });
-    PINNED_DEPTH.with(|d| d.set(d.get() + 1));
-    // one try block per statement: the depth is restored and an error passed on as raised
-    PgTryBuilder::new(execute)
-        .finally(|| PINNED_DEPTH.with(|d| d.set(d.get() - 1)))
-        .catch_others(as_raised_again)
-        .execute()
+    // SAFETY: called inside an SPI connection with `params` matching the statement's parameter
+    // types (the caller's contract, checked by the statement table's types); the search path is
+    // pinned and unpinned on this backend's own namespace stack, and an error unwinds through
+    // PgTryBuilder, which restores the depth counter.
+    unsafe {
+        let execute = std::panic::AssertUnwindSafe(|| {
+            let pinned = pin_search_path();
+            let n = execute(stmt, params);
+            // On an error the pin is left to the (sub)transaction's abort, which undoes it.
+            unpin_search_path(pinned);
+            n
+        });
+        PINNED_DEPTH.with(|d| d.set(d.get() + 1));
+        // one try block per statement: the depth is restored and an error passed on as raised
+        PgTryBuilder::new(execute)
+            .finally(|| PINNED_DEPTH.with(|d| d.set(d.get() - 1)))
+            .catch_others(as_raised_again)
+            .execute()
+    }
 }
 
 /// Run `f`, so that an ERROR PostgreSQL raises inside it (a statement's error, a cancel or
@@ -130,19 +141,27 @@ fn as_raised_again<R>(caught: CaughtError) -> R {
 /// [`unpin_search_path`]: an override pushed on the namespace stack, which costs a list copy.
 #[cfg(any(feature = "pg15", feature = "pg16"))]
 unsafe fn pin_search_path() -> std::ffi::c_int {
-    let mut path = pg_sys::OverrideSearchPath {
-        schemas: std::ptr::null_mut(),
-        addCatalog: true,
-        addTemp: false,
-        generation: 0,
-    };
-    pg_sys::PushOverrideSearchPath(&mut path);
-    0
+    // SAFETY: the override is a local struct copied by PushOverrideSearchPath (into the current
+    // memory context) before it returns; inside a transaction, as every SQL function call is.
+    unsafe {
+        let mut path = pg_sys::OverrideSearchPath {
+            schemas: std::ptr::null_mut(),
+            addCatalog: true,
+            addTemp: false,
+            generation: 0,
+        };
+        pg_sys::PushOverrideSearchPath(&mut path);
+        0
+    }
 }
 
 #[cfg(any(feature = "pg15", feature = "pg16"))]
 unsafe fn unpin_search_path(_level: std::ffi::c_int) {
-    pg_sys::PopOverrideSearchPath();
+    // SAFETY: pops the override pushed by the matching pin_search_path of the same statement (run
+    // pairs them), so the namespace stack is left as it was found.
+    unsafe {
+        pg_sys::PopOverrideSearchPath();
+    }
 }
 
 /// PostgreSQL 17 removed the override stack. There the path is set as PostgreSQL's own
@@ -153,29 +172,41 @@ unsafe fn unpin_search_path(_level: std::ffi::c_int) {
 /// search path it computes, so setting one the backend has seen costs a hash look-up.
 #[cfg(any(feature = "pg17", feature = "pg18"))]
 unsafe fn pin_search_path() -> std::ffi::c_int {
-    let level = raw::NewGUCNestLevel();
-    set_at_nest_level(c"search_path", c"pg_catalog, pg_temp");
-    level
+    // SAFETY: the override is a local struct copied by PushOverrideSearchPath (into the current
+    // memory context) before it returns; inside a transaction, as every SQL function call is.
+    unsafe {
+        let level = raw::NewGUCNestLevel();
+        set_at_nest_level(c"search_path", c"pg_catalog, pg_temp");
+        level
+    }
 }
 
 /// Set a setting for the current GUC nest level (saved, restored by `AtEOXact_GUC` or by the
 /// (sub)transaction's abort), without pgrx's error guard (see [`pinned_planner`]).
 unsafe fn set_at_nest_level(name: &CStr, value: &CStr) {
-    raw::set_config_option(
-        name.as_ptr(),
-        value.as_ptr(),
-        pg_sys::GucContext::PGC_USERSET,
-        pg_sys::GucSource::PGC_S_SESSION,
-        pg_sys::GucAction::GUC_ACTION_SAVE,
-        true,
-        PgLogLevel::ERROR as std::ffi::c_int,
-        false,
-    );
+    // SAFETY: both strings are NUL-terminated CStrs that outlive the call; called inside a
+    // transaction at a GUC nest level opened by the caller, which undoes the setting.
+    unsafe {
+        raw::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            PgLogLevel::ERROR as std::ffi::c_int,
+            false,
+        );
+    }
 }
 
 #[cfg(any(feature = "pg17", feature = "pg18"))]
 unsafe fn unpin_search_path(level: std::ffi::c_int) {
-    raw::AtEOXact_GUC(true, level);
+    // SAFETY: pops the override pushed by the matching pin_search_path of the same statement (run
+    // pairs them), so the namespace stack is left as it was found.
+    unsafe {
+        raw::AtEOXact_GUC(true, level);
+    }
 }
 
 /// This backend's number among PostgreSQL's processes (an index into `ProcGlobal->allProcs`):
@@ -212,6 +243,8 @@ static mut PREVIOUS_PLANNER: pg_sys::planner_hook_type = None;
 
 /// Install the planner hook. Called from `_PG_init`, before any statement of ours is prepared.
 pub fn init() {
+    // SAFETY: called once from _PG_init, before any query of this process is planned, so no
+    // one reads the hook while it is chained.
     unsafe {
         PREVIOUS_PLANNER = pg_sys::planner_hook;
         pg_sys::planner_hook = Some(pinned_planner);
@@ -234,20 +267,25 @@ unsafe extern "C-unwind" fn pinned_planner(
     cursor_options: std::ffi::c_int,
     bound_params: pg_sys::ParamListInfo,
 ) -> *mut pg_sys::PlannedStmt {
-    let pinned = PINNED_DEPTH.with(|d| d.get()) > 0;
-    let mut level = 0;
-    if pinned {
-        level = raw::NewGUCNestLevel();
-        for (name, value) in PINNED_PLANNING {
-            set_at_nest_level(name, value);
+    // SAFETY: installed as planner_hook in _PG_init, so PostgreSQL calls it with the planner's own
+    // valid arguments, passed on unchanged; it opens and closes its own GUC nest level around the
+    // previous planner and holds nothing that needs dropping if that planner raises.
+    unsafe {
+        let pinned = PINNED_DEPTH.with(|d| d.get()) > 0;
+        let mut level = 0;
+        if pinned {
+            level = raw::NewGUCNestLevel();
+            for (name, value) in PINNED_PLANNING {
+                set_at_nest_level(name, value);
+            }
         }
+        let planner = PREVIOUS_PLANNER.unwrap_or(raw::standard_planner);
+        let planned = planner(parse, query_string, cursor_options, bound_params);
+        if pinned {
+            raw::AtEOXact_GUC(true, level);
+        }
+        planned
     }
-    let planner = PREVIOUS_PLANNER.unwrap_or(raw::standard_planner);
-    let planned = planner(parse, query_string, cursor_options, bound_params);
-    if pinned {
-        raw::AtEOXact_GUC(true, level);
-    }
-    planned
 }
 
 /// PostgreSQL functions called without pgrx's error guard (see [`pinned_planner`]).
@@ -277,34 +315,43 @@ mod raw {
 }
 
 unsafe fn execute(stmt: impl Statement, params: &[Param]) -> u64 {
-    let mut values: Vec<Datum> = params.iter().map(|p| p.unwrap_or(Datum::from(0))).collect();
-    let nulls: Vec<std::ffi::c_char> = params
-        .iter()
-        .map(|p| if p.is_some() { b' ' } else { b'n' } as std::ffi::c_char)
-        .collect();
-    let rc = pg_sys::SPI_execute_plan(plan(stmt), values.as_mut_ptr(), nulls.as_ptr(), false, 0);
-    if rc < 0 {
-        raise(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            format!("pgflow statement failed: SPI code {rc}"),
-            None,
-        );
+    // SAFETY: called inside an SPI connection by run; `values` and `nulls` are local vectors of
+    // the statement's parameter count that outlive SPI_execute_plan, and the plan comes from
+    // plan() for the same statement.
+    unsafe {
+        let mut values: Vec<Datum> = params.iter().map(|p| p.unwrap_or(Datum::from(0))).collect();
+        let nulls: Vec<std::ffi::c_char> = params
+            .iter()
+            .map(|p| if p.is_some() { b' ' } else { b'n' } as std::ffi::c_char)
+            .collect();
+        let rc =
+            pg_sys::SPI_execute_plan(plan(stmt), values.as_mut_ptr(), nulls.as_ptr(), false, 0);
+        if rc < 0 {
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                format!("pgflow statement failed: SPI code {rc}"),
+                None,
+            );
+        }
+        pg_sys::SPI_processed
     }
-    pg_sys::SPI_processed
 }
 
 /// Column `col` (1-based) of result row `row` of the last statement. A row or column the
 /// statement did not return is an error (55000), never a read past the result: it can only
 /// mean the extension's SQL objects are not those this library was built for.
 pub unsafe fn column(row: u64, col: i32) -> Option<Datum> {
-    let table = pg_sys::SPI_tuptable;
-    let (rows, cols) = if table.is_null() {
-        (0, 0)
-    } else {
-        (pg_sys::SPI_processed, (*(*table).tupdesc).natts)
-    };
-    if row >= rows || col < 1 || col > cols {
-        raise(
+    // SAFETY: the row and column are checked against SPI_processed and the result's natts before
+    // SPI_getbinval reads them, and SPI_tuptable is only dereferenced when not null.
+    unsafe {
+        let table = pg_sys::SPI_tuptable;
+        let (rows, cols) = if table.is_null() {
+            (0, 0)
+        } else {
+            (pg_sys::SPI_processed, (*(*table).tupdesc).natts)
+        };
+        if row >= rows || col < 1 || col > cols {
+            raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!(
                 "pgflow read row {} column {col} of a result of {rows} rows and {cols} columns",
@@ -312,25 +359,30 @@ pub unsafe fn column(row: u64, col: i32) -> Option<Datum> {
             ),
             Some("The extension's SQL objects do not match its library: run ALTER EXTENSION pgflow UPDATE."),
         );
+        }
+        let mut isnull = false;
+        let d = pg_sys::SPI_getbinval(
+            *(*table).vals.add(row as usize),
+            (*table).tupdesc,
+            col,
+            &mut isnull,
+        );
+        (!isnull).then_some(d)
     }
-    let mut isnull = false;
-    let d = pg_sys::SPI_getbinval(
-        *(*table).vals.add(row as usize),
-        (*table).tupdesc,
-        col,
-        &mut isnull,
-    );
-    (!isnull).then_some(d)
 }
 
 /// Column `col` of row `row` as a Rust string (None for NULL).
 pub unsafe fn text_column(row: u64, col: i32) -> Option<String> {
-    column(row, col).map(|d| text_to_string(d))
+    // SAFETY: column() checks the bounds; the caller's contract is that the column is of type
+    // text, which text_to_string needs.
+    unsafe { column(row, col).map(|d| text_to_string(d)) }
 }
 
 /// Column `col` of row `row`, a by-value datum copied out of SPI memory (int, bool, ...).
 pub unsafe fn int_column(row: u64, col: i32) -> Option<i64> {
-    column(row, col).map(|d| d.value() as i64)
+    // SAFETY: column() checks the bounds; the caller's contract is that the column is a by-value
+    // integer type, whose datum is the value itself.
+    unsafe { column(row, col).map(|d| d.value() as i64) }
 }
 
 /// An SPI connection, finished when dropped.
@@ -338,49 +390,69 @@ pub struct SpiScope;
 
 impl SpiScope {
     pub unsafe fn connect() -> SpiScope {
-        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            raise(
-                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                "SPI_connect failed".into(),
-                None,
-            );
+        // SAFETY: SPI_connect has no preconditions beyond running in a backend inside a
+        // transaction, which every SQL function call is; a failure is raised as an ERROR.
+        unsafe {
+            if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+                raise(
+                    PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                    "SPI_connect failed".into(),
+                    None,
+                );
+            }
+            SpiScope
         }
-        SpiScope
     }
 }
 
 impl Drop for SpiScope {
     fn drop(&mut self) {
         // Not reached when an ERROR unwinds: the transaction's abort cleans SPI up then.
+        // SAFETY: a SpiScope exists only after a successful SPI_connect, finished here once.
         unsafe { pg_sys::SPI_finish() };
     }
 }
 
 /// Argument `i` of a V1 call, None for SQL NULL.
 pub unsafe fn arg(fcinfo: FunctionCallInfo, i: usize) -> Option<Datum> {
-    let a = (*fcinfo).args.as_slice((*fcinfo).nargs as usize)[i];
-    (!a.isnull).then_some(a.value)
+    // SAFETY: fcinfo is the valid call information PostgreSQL passed to a V1 function (the
+    // caller's contract); the slice is built from its own nargs and indexing it is bounds-checked.
+    unsafe {
+        let a = (*fcinfo).args.as_slice((*fcinfo).nargs as usize)[i];
+        (!a.isnull).then_some(a.value)
+    }
 }
 
 /// A text datum as a Rust string.
 pub unsafe fn text_to_string(d: Datum) -> String {
-    let c = pg_sys::text_to_cstring(d.cast_mut_ptr());
-    let s = CStr::from_ptr(c).to_string_lossy().into_owned();
-    pg_sys::pfree(c.cast());
-    s
+    // SAFETY: the caller passes a non-null text datum (a varlena, possibly toasted, which
+    // text_to_cstring detoasts); the C string it returns is palloc'd, copied into a Rust String,
+    // then freed.
+    unsafe {
+        let c = pg_sys::text_to_cstring(d.cast_mut_ptr());
+        let s = CStr::from_ptr(c).to_string_lossy().into_owned();
+        pg_sys::pfree(c.cast());
+        s
+    }
 }
 
 /// A text argument as a Rust string.
 pub unsafe fn text_arg(fcinfo: FunctionCallInfo, i: usize) -> Option<String> {
-    arg(fcinfo, i).map(|d| text_to_string(d))
+    // SAFETY: arg() reads the argument within bounds; the caller's contract is that argument `i`
+    // is declared text.
+    unsafe { arg(fcinfo, i).map(|d| text_to_string(d)) }
 }
 
 /// A Rust string as a text datum, in the current memory context.
 pub unsafe fn text_datum(s: &str) -> Datum {
-    Datum::from(pg_sys::cstring_to_text_with_len(
-        s.as_ptr().cast(),
-        s.len() as i32,
-    ))
+    // SAFETY: the pointer and length describe `s`, a valid UTF-8 slice that outlives the call; the
+    // text is copied into the current memory context.
+    unsafe {
+        Datum::from(pg_sys::cstring_to_text_with_len(
+            s.as_ptr().cast(),
+            s.len() as i32,
+        ))
+    }
 }
 
 /// The null-argument error: 22004 naming the argument.
@@ -409,24 +481,47 @@ unsafe extern "C-unwind" {
 /// as `pg_advisory_xact_lock(space, hashtext(key))` does, then process pending invalidations
 /// so that what committed while we waited is seen.
 pub unsafe fn advisory_xact_lock(space: i32, key: Datum, shared: bool) {
-    let hash =
-        pg_sys::DirectFunctionCall1Coll(Some(builtin_hashtext), pg_sys::DEFAULT_COLLATION_OID, key);
-    let f = if shared {
-        builtin_advisory_xact_lock_shared_int4
-    } else {
-        builtin_advisory_xact_lock_int4
-    };
-    pg_sys::DirectFunctionCall2Coll(Some(f), pg_sys::InvalidOid, Datum::from(space), hash);
-    pg_sys::AcceptInvalidationMessages();
+    // SAFETY: `key` is a text datum (the caller's contract) passed to hashtext, and the int4 and
+    // its hash are by-value datums passed to the built-in advisory lock functions, as their SQL
+    // callers pass them; inside a transaction, which releases the lock.
+    unsafe {
+        let hash = pg_sys::DirectFunctionCall1Coll(
+            Some(builtin_hashtext),
+            pg_sys::DEFAULT_COLLATION_OID,
+            key,
+        );
+        let f = if shared {
+            builtin_advisory_xact_lock_shared_int4
+        } else {
+            builtin_advisory_xact_lock_int4
+        };
+        pg_sys::DirectFunctionCall2Coll(Some(f), pg_sys::InvalidOid, Datum::from(space), hash);
+        pg_sys::AcceptInvalidationMessages();
+    }
 }
 
 /// `jsonb_typeof` of a jsonb datum.
 pub unsafe fn json_type(d: Datum) -> String {
-    text_to_string(pg_sys::DirectFunctionCall1Coll(
-        Some(builtin_jsonb_typeof),
-        pg_sys::InvalidOid,
-        d,
-    ))
+    // SAFETY: the caller passes a non-null jsonb datum, which is what jsonb_typeof reads; its text
+    // result is read by text_to_string.
+    unsafe {
+        text_to_string(pg_sys::DirectFunctionCall1Coll(
+            Some(builtin_jsonb_typeof),
+            pg_sys::InvalidOid,
+            d,
+        ))
+    }
+}
+
+/// A raw V1 function as its SQL declaration must read: the C symbol, the `regprocedure` text and
+/// the result (`pg_get_function_result`). The entry points read their arguments by position,
+/// so each module lists its own next to the functions, and `every_c_function_is_declared_as_its_rust_reads_it`
+/// compares the lists with `pg_proc`.
+#[cfg_attr(not(any(test, feature = "pg_test")), allow(dead_code))]
+pub struct CFunction {
+    pub symbol: &'static str,
+    pub signature: &'static str,
+    pub result: &'static str,
 }
 
 /// Declares the `pg_finfo_<name>` record that marks a raw function as V1 calling convention.
@@ -440,4 +535,44 @@ macro_rules! v1 {
             &V1
         }
     };
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// Every C function of the extension that is not a pgrx wrapper is one of the modules'
+    /// raw entry points, declared with the argument types and result its Rust reads.
+    #[pg_test]
+    fn every_c_function_is_declared_as_its_rust_reads_it() {
+        let mut expected: Vec<(String, String, String)> = crate::queue::C_FUNCTIONS
+            .iter()
+            .chain(crate::workflow::C_FUNCTIONS)
+            .map(|f| (f.symbol.into(), f.signature.into(), f.result.into()))
+            .collect();
+        expected.sort();
+        let declared: Vec<(String, String, String)> = Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT p.prosrc, p.oid::regprocedure::text, pg_get_function_result(p.oid)
+                       FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+                      WHERE l.lanname = 'c' AND p.pronamespace = 'pgflow'::regnamespace
+                        AND p.prosrc NOT LIKE '%\\_wrapper'
+                      ORDER BY 1, 2, 3",
+                    None,
+                    &[],
+                )
+                .unwrap()
+                .map(|row| {
+                    (
+                        row.get::<String>(1).unwrap().unwrap(),
+                        row.get::<String>(2).unwrap().unwrap(),
+                        row.get::<String>(3).unwrap().unwrap(),
+                    )
+                })
+                .collect()
+        });
+        assert_eq!(declared, expected);
+    }
 }

@@ -22,7 +22,8 @@ use crate::gucs::{WorkflowEvents, WORKFLOW_EVENTS};
 use crate::queue::{check_ids, check_lease, check_poll};
 use crate::spi::{
     advisory_xact_lock, arg, column, int_column, null_error, run, text_column, text_datum,
-    text_to_string, SpiScope, Statement, BOOL, INT4, INT8, INT8ARRAY, JSONB, REGCLASS, TEXT, UUID,
+    text_to_string, CFunction, SpiScope, Statement, BOOL, INT4, INT8, INT8ARRAY, JSONB, REGCLASS,
+    TEXT, UUID,
 };
 use crate::v1;
 use pgrx::pg_sys::{self, Datum, FunctionCallInfo, Oid};
@@ -341,27 +342,38 @@ impl Statement for Stmt {
 
 /// A uuid datum in its text form (8-4-4-4-12 lower-case hex).
 unsafe fn uuid_string(d: Datum) -> String {
-    let b = std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), 16);
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    // SAFETY: the caller passes a non-null uuid datum, a pointer to its 16 bytes (pg_uuid_t), read
+    // as such and not beyond.
+    unsafe {
+        let b = std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), 16);
+        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        format!(
+            "{}-{}-{}-{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        )
+    }
 }
 
 unsafe fn uuids_equal(a: Datum, b: Datum) -> bool {
-    std::slice::from_raw_parts(a.cast_mut_ptr::<u8>(), 16)
-        == std::slice::from_raw_parts(b.cast_mut_ptr::<u8>(), 16)
+    // SAFETY: the caller passes two non-null uuid datums, each a pointer to 16 bytes (pg_uuid_t).
+    unsafe {
+        std::slice::from_raw_parts(a.cast_mut_ptr::<u8>(), 16)
+            == std::slice::from_raw_parts(b.cast_mut_ptr::<u8>(), 16)
+    }
 }
 
 /// Take the run lock (as `pgflow._lock_run(run_id, true)`).
 unsafe fn lock_run(run_id: Datum) {
-    let key = text_datum(&uuid_string(run_id));
-    advisory_xact_lock(RUN_LOCK_SPACE, key, false);
+    // SAFETY: `run_id` is a non-null uuid datum (the caller's contract), read by uuid_string; the
+    // key is a text datum built here, as advisory_xact_lock requires.
+    unsafe {
+        let key = text_datum(&uuid_string(run_id));
+        advisory_xact_lock(RUN_LOCK_SPACE, key, false);
+    }
 }
 
 /// Announce a workflow event as `pgflow._emit` does, as the setting pgflow.workflow_events
@@ -402,23 +414,28 @@ struct Flow {
 }
 
 unsafe fn flow(slug: Option<Datum>) -> Flow {
-    if let Some(d) = slug {
-        if run(Stmt::FlowOf, &[Some(d)]) == 1 {
-            return Flow {
-                slug: text_to_string(d),
-                slug_datum: d,
-                timeout: int_column(0, 1).unwrap_or(0) as i32,
-                max_attempts: int_column(0, 2).unwrap_or(0) as i32,
-                queue_id: int_column(0, 3).unwrap_or(0),
-            };
+    // SAFETY: called inside an SPI connection (the caller's contract); `slug` is a text datum,
+    // passed as the statement's text parameter and read by text_to_string, and the result columns
+    // are read with bounds-checked accessors.
+    unsafe {
+        if let Some(d) = slug {
+            if run(Stmt::FlowOf, &[Some(d)]) == 1 {
+                return Flow {
+                    slug: text_to_string(d),
+                    slug_datum: d,
+                    timeout: int_column(0, 1).unwrap_or(0) as i32,
+                    max_attempts: int_column(0, 2).unwrap_or(0) as i32,
+                    queue_id: int_column(0, 3).unwrap_or(0),
+                };
+            }
         }
+        run(Stmt::RaiseFlow, &[slug]);
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            "flow without its queue".into(),
+            None,
+        )
     }
-    run(Stmt::RaiseFlow, &[slug]);
-    raise(
-        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-        "flow without its queue".into(),
-        None,
-    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -437,22 +454,27 @@ struct Claimed {
 
 /// The rows of the last claim statement, in msg_id order.
 unsafe fn claimed_rows(n: u64) -> Vec<Claimed> {
-    let mut rows: Vec<Claimed> = (0..n)
-        .map(|row| {
-            // a message that is not its task's own is handled as one naming no task
-            let its_own = int_column(row, 7) == Some(1);
-            Claimed {
-                msg_id: int_column(row, 1).unwrap_or(0),
-                read_ct: int_column(row, 2).unwrap_or(0) as i32,
-                body: column(row, 3).unwrap_or(Datum::from(0)),
-                run_id: column(row, 4).filter(|_| its_own),
-                step_slug: column(row, 5).filter(|_| its_own),
-                task_index: int_column(row, 6).filter(|_| its_own).map(|i| i as i32),
-            }
-        })
-        .collect();
-    rows.sort_unstable_by_key(|c| c.msg_id);
-    rows
+    // SAFETY: called inside an SPI connection right after a claim statement (the caller's
+    // contract), whose result columns are read by position with bounds-checked accessors; uuid and
+    // text columns are copied before the next statement.
+    unsafe {
+        let mut rows: Vec<Claimed> = (0..n)
+            .map(|row| {
+                // a message that is not its task's own is handled as one naming no task
+                let its_own = int_column(row, 7) == Some(1);
+                Claimed {
+                    msg_id: int_column(row, 1).unwrap_or(0),
+                    read_ct: int_column(row, 2).unwrap_or(0) as i32,
+                    body: column(row, 3).unwrap_or(Datum::from(0)),
+                    run_id: column(row, 4).filter(|_| its_own),
+                    step_slug: column(row, 5).filter(|_| its_own),
+                    task_index: int_column(row, 6).filter(|_| its_own).map(|i| i as i32),
+                }
+            })
+            .collect();
+        rows.sort_unstable_by_key(|c| c.msg_id);
+        rows
+    }
 }
 
 /// Start the tasks of messages just leased by this transaction, in msg_id order, adding each
@@ -463,127 +485,169 @@ unsafe fn start_claimed(
     claimed: &[Claimed],
     worker_id: Option<Datum>,
 ) -> usize {
-    let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
-    let mut started = 0;
-    for c in claimed {
-        let (Some(run_id), Some(step_slug), Some(task_index)) =
-            (c.run_id, c.step_slug, c.task_index)
-        else {
-            not_startable(f, c);
-            continue;
-        };
-        let n = run(
-            Stmt::StartTask,
-            &[
-                Some(run_id),
-                Some(step_slug),
-                Some(Datum::from(task_index)),
-                Some(Datum::from(c.read_ct)),
-                worker_id,
-                Some(f.slug_datum),
-                Some(Datum::from(f.max_attempts)),
-                Some(c.body),
-                Some(Datum::from(f.timeout)),
-            ],
-        );
-        if n == 0 || int_column(0, 4) != Some(1) {
-            not_startable(f, c);
-            continue;
-        }
-        let retry_after_timeout = text_column(0, 1).as_deref() == Some("started");
-        let input = column(0, 3);
-        let step = text_to_string(step_slug);
-        if task_events() {
-            let run = uuid_string(run_id);
-            if retry_after_timeout {
-                emit(
-                    &f.slug,
-                    json!({"event": "task_failed", "run_id": run, "flow_slug": f.slug,
+    // SAFETY: fcinfo is the call information of a set-returning function on which
+    // InitMaterializedSRF has been called (the caller's contract), so resultinfo is a
+    // ReturnSetInfo with a tuple store and descriptor of step_task_record; statements run inside
+    // the caller's SPI connection with datums of their declared types.
+    unsafe {
+        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+        let mut started = 0;
+        for c in claimed {
+            let (Some(run_id), Some(step_slug), Some(task_index)) =
+                (c.run_id, c.step_slug, c.task_index)
+            else {
+                not_startable(f, c);
+                continue;
+            };
+            let n = run(
+                Stmt::StartTask,
+                &[
+                    Some(run_id),
+                    Some(step_slug),
+                    Some(Datum::from(task_index)),
+                    Some(Datum::from(c.read_ct)),
+                    worker_id,
+                    Some(f.slug_datum),
+                    Some(Datum::from(f.max_attempts)),
+                    Some(c.body),
+                    Some(Datum::from(f.timeout)),
+                ],
+            );
+            if n == 0 || int_column(0, 4) != Some(1) {
+                not_startable(f, c);
+                continue;
+            }
+            let retry_after_timeout = text_column(0, 1).as_deref() == Some("started");
+            let input = column(0, 3);
+            let step = text_to_string(step_slug);
+            if task_events() {
+                let run = uuid_string(run_id);
+                if retry_after_timeout {
+                    emit(
+                        &f.slug,
+                        json!({"event": "task_failed", "run_id": run, "flow_slug": f.slug,
                            "step_slug": step, "task_index": task_index, "attempt": c.read_ct - 1,
                            "will_retry": true, "reason": "timeout"}),
+                    );
+                }
+                emit(
+                    &f.slug,
+                    json!({"event": "task_started", "run_id": run, "flow_slug": f.slug,
+                       "step_slug": step, "task_index": task_index, "attempt": c.read_ct}),
                 );
             }
-            emit(
-                &f.slug,
-                json!({"event": "task_started", "run_id": run, "flow_slug": f.slug,
-                       "step_slug": step, "task_index": task_index, "attempt": c.read_ct}),
+            let mut values = [
+                f.slug_datum,
+                run_id,
+                step_slug,
+                Datum::from(task_index),
+                Datum::from(c.msg_id),
+                input.unwrap_or(Datum::from(0)),
+            ];
+            let mut nulls = [false, false, false, false, false, input.is_none()];
+            pg_sys::tuplestore_putvalues(
+                (*rsinfo).setResult,
+                (*rsinfo).setDesc,
+                values.as_mut_ptr(),
+                nulls.as_mut_ptr(),
             );
+            started += 1;
         }
-        let mut values = [
-            f.slug_datum,
-            run_id,
-            step_slug,
-            Datum::from(task_index),
-            Datum::from(c.msg_id),
-            input.unwrap_or(Datum::from(0)),
-        ];
-        let mut nulls = [false, false, false, false, false, input.is_none()];
-        pg_sys::tuplestore_putvalues(
-            (*rsinfo).setResult,
-            (*rsinfo).setDesc,
-            values.as_mut_ptr(),
-            nulls.as_mut_ptr(),
-        );
-        started += 1;
+        started
     }
-    started
 }
 
 /// A claimed message whose task cannot start: dead-lettered, dropped or failed in PL/pgSQL.
 unsafe fn not_startable(f: &Flow, c: &Claimed) {
-    run(
-        Stmt::NotStartable,
-        &[
-            Some(f.slug_datum),
-            Some(Datum::from(f.queue_id)),
-            Some(Datum::from(c.msg_id)),
-            Some(Datum::from(c.read_ct)),
-            c.run_id,
-            c.step_slug,
-            c.task_index.map(Datum::from),
-        ],
-    );
+    // SAFETY: called inside an SPI connection (the caller's contract); the parameters are the
+    // flow's text datum and by-value bigint and integer datums, or uuid and text datums copied
+    // from the claim, matching the statement's declared types.
+    unsafe {
+        run(
+            Stmt::NotStartable,
+            &[
+                Some(f.slug_datum),
+                Some(Datum::from(f.queue_id)),
+                Some(Datum::from(c.msg_id)),
+                Some(Datum::from(c.read_ct)),
+                c.run_id,
+                c.step_slug,
+                c.task_index.map(Datum::from),
+            ],
+        );
+    }
 }
+
+/// The raw entry points below, as `sql/workflow/runtime.sql` declares them.
+#[cfg_attr(not(any(test, feature = "pg_test")), allow(dead_code))]
+pub(crate) const C_FUNCTIONS: &[CFunction] = &[
+    CFunction {
+        symbol: "pgflow_poll_for_tasks",
+        signature: "pgflow.poll_for_tasks(text,integer,integer,integer,integer,uuid)",
+        result: "SETOF pgflow.step_task_record",
+    },
+    CFunction {
+        symbol: "pgflow_start_tasks",
+        signature: "pgflow.start_tasks(text,bigint[],uuid)",
+        result: "SETOF pgflow.step_task_record",
+    },
+    CFunction {
+        symbol: "pgflow_complete_task",
+        signature: "pgflow.complete_task(uuid,text,integer,jsonb,uuid)",
+        result: "text",
+    },
+    CFunction {
+        symbol: "pgflow_step_completed",
+        signature: "pgflow._step_completed(uuid,bigint,text)",
+        result: "boolean",
+    },
+];
 
 v1!(pg_finfo_pgflow_poll_for_tasks);
 /// `pgflow.poll_for_tasks(flow_slug, vt, qty, max_poll_seconds, poll_interval_ms, worker_id)`
 #[pgrx::pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pgflow_poll_for_tasks(fcinfo: FunctionCallInfo) -> Datum {
-    let int = |i| arg(fcinfo, i).map(|d: Datum| d.value() as i32);
-    let worker_id = arg(fcinfo, 5);
-    pg_sys::InitMaterializedSRF(fcinfo, 0);
-    let _spi = SpiScope::connect();
-    let f = flow(arg(fcinfo, 0));
-    let (vt, qty) = check_lease(int(1), int(2));
-    let (max_poll_seconds, poll_interval_ms) = check_poll(int(3), int(4));
-    let deadline =
-        std::time::Instant::now() + std::time::Duration::from_secs(max_poll_seconds as u64);
-    loop {
-        // Taken before looking, so tasks queued by a commit between the look and the wait
-        // wake us.
-        let epoch = events::wake_epoch(f.queue_id);
-        let n = run(
-            Stmt::ClaimTasks,
-            &[
-                Some(Datum::from(f.queue_id)),
-                Some(Datum::from(vt)),
-                Some(Datum::from(qty)),
-                Some(f.slug_datum),
-                Some(Datum::from(f.timeout)),
-            ],
-        );
-        if n > 0 && start_claimed(fcinfo, &f, &claimed_rows(n), worker_id) > 0 {
-            break;
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for
+    // pgflow.poll_for_tasks as C_FUNCTIONS lists it (checked against pg_proc by a test), so the
+    // argument positions and types read here are those; every SPI statement runs inside the
+    // SpiScope.
+    unsafe {
+        let int = |i| arg(fcinfo, i).map(|d: Datum| d.value() as i32);
+        let worker_id = arg(fcinfo, 5);
+        pg_sys::InitMaterializedSRF(fcinfo, 0);
+        let _spi = SpiScope::connect();
+        let f = flow(arg(fcinfo, 0));
+        let (vt, qty) = check_lease(int(1), int(2));
+        let (max_poll_seconds, poll_interval_ms) = check_poll(int(3), int(4));
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_secs(max_poll_seconds as u64);
+        loop {
+            // Taken before looking, so tasks queued by a commit between the look and the wait
+            // wake us.
+            let epoch = events::wake_epoch(f.queue_id);
+            let n = run(
+                Stmt::ClaimTasks,
+                &[
+                    Some(Datum::from(f.queue_id)),
+                    Some(Datum::from(vt)),
+                    Some(Datum::from(qty)),
+                    Some(f.slug_datum),
+                    Some(Datum::from(f.timeout)),
+                ],
+            );
+            if n > 0 && start_claimed(fcinfo, &f, &claimed_rows(n), worker_id) > 0 {
+                break;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let wait_ms = (left.as_millis() as i64).clamp(1, poll_interval_ms as i64);
+            events::wait_for_wake(f.queue_id, epoch, wait_ms as i32);
         }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        let wait_ms = (left.as_millis() as i64).clamp(1, poll_interval_ms as i64);
-        events::wait_for_wake(f.queue_id, epoch, wait_ms as i32);
+        Datum::from(0)
     }
-    Datum::from(0)
 }
 
 v1!(pg_finfo_pgflow_start_tasks);
@@ -591,31 +655,36 @@ v1!(pg_finfo_pgflow_start_tasks);
 #[pgrx::pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pgflow_start_tasks(fcinfo: FunctionCallInfo) -> Datum {
-    pg_sys::InitMaterializedSRF(fcinfo, 0);
-    let _spi = SpiScope::connect();
-    let f = flow(arg(fcinfo, 0));
-    let ids = arg(fcinfo, 1);
-    check_ids(ids, None, "msg_ids", "read_cts");
-    let Some(worker_id) = arg(fcinfo, 2) else {
-        null_error(
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for pgflow.start_tasks
+    // as C_FUNCTIONS lists it (checked against pg_proc by a test), so the argument positions and
+    // types read here are those; every SPI statement runs inside the SpiScope.
+    unsafe {
+        pg_sys::InitMaterializedSRF(fcinfo, 0);
+        let _spi = SpiScope::connect();
+        let f = flow(arg(fcinfo, 0));
+        let ids = arg(fcinfo, 1);
+        check_ids(ids, None, "msg_ids", "read_cts");
+        let Some(worker_id) = arg(fcinfo, 2) else {
+            null_error(
             "worker_id",
             Some("Each worker passes a uuid of its own; complete_task and fail_task can check it."),
         )
-    };
-    let n = run(
-        Stmt::LeaseGiven,
-        &[
-            Some(Datum::from(f.queue_id)),
-            Some(Datum::from(f.timeout)),
-            ids,
-            Some(f.slug_datum),
-            Some(Datum::from(f.timeout)),
-        ],
-    );
-    if n > 0 {
-        start_claimed(fcinfo, &f, &claimed_rows(n), Some(worker_id));
+        };
+        let n = run(
+            Stmt::LeaseGiven,
+            &[
+                Some(Datum::from(f.queue_id)),
+                Some(Datum::from(f.timeout)),
+                ids,
+                Some(f.slug_datum),
+                Some(Datum::from(f.timeout)),
+            ],
+        );
+        if n > 0 {
+            start_claimed(fcinfo, &f, &claimed_rows(n), Some(worker_id));
+        }
+        Datum::from(0)
     }
-    Datum::from(0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -627,122 +696,134 @@ v1!(pg_finfo_pgflow_complete_task);
 #[pgrx::pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pgflow_complete_task(fcinfo: FunctionCallInfo) -> Datum {
-    let outcome = {
-        let _spi = SpiScope::connect();
-        complete_task(fcinfo)
-    };
-    text_datum(&outcome)
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for
+    // pgflow.complete_task as C_FUNCTIONS lists it (checked against pg_proc by a test), which is
+    // what complete_task reads; its SPI statements run inside the SpiScope and the outcome is
+    // copied into a text datum after it ends.
+    unsafe {
+        let outcome = {
+            let _spi = SpiScope::connect();
+            complete_task(fcinfo)
+        };
+        text_datum(&outcome)
+    }
 }
 
 unsafe fn complete_task(fcinfo: FunctionCallInfo) -> String {
-    let (run_id, step_slug, task_index, worker_id) = (
-        arg(fcinfo, 0),
-        arg(fcinfo, 1),
-        arg(fcinfo, 2),
-        arg(fcinfo, 4),
-    );
-    let Some(output) = arg(fcinfo, 3) else {
-        null_error(
-            "output",
-            Some("Pass JSON null ('null'::jsonb) for a task without output."),
-        )
-    };
-    let check_params = [run_id, step_slug, task_index, worker_id];
-    let (Some(run_id), Some(step_slug), Some(task_index)) = (run_id, step_slug, task_index) else {
-        run(Stmt::EndTaskCheck, &check_params); // raises the specific 22004
-        unreachable!("_end_task_check raises for NULL arguments");
-    };
-    // The flow lock, shared, then the run lock: a drop_flow under way finishes first, and the
-    // task is then looked up afresh (gone: 42704), never used with a dropped queue's sequence.
-    if run(Stmt::FlowOfRun, &[Some(run_id)]) == 1 {
-        if let Some(flow) = column(0, 1) {
-            advisory_xact_lock(FLOW_LOCK_SPACE, flow, true);
-        }
-    }
-    lock_run(run_id);
-    if run(
-        Stmt::TaskOf,
-        &[Some(run_id), Some(step_slug), Some(task_index)],
-    ) == 0
-    {
-        run(Stmt::EndTaskCheck, &check_params); // raises the specific 42704
-        raise(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            "task not found".into(),
-            None,
+    // SAFETY: fcinfo is the valid call information of pgflow.complete_task (the caller's
+    // contract), whose arguments are read at their declared positions and types; called inside an
+    // SPI connection.
+    unsafe {
+        let (run_id, step_slug, task_index, worker_id) = (
+            arg(fcinfo, 0),
+            arg(fcinfo, 1),
+            arg(fcinfo, 2),
+            arg(fcinfo, 4),
         );
-    }
-    let run_status = text_column(0, 1).unwrap_or_default();
-    let flow_slug = text_column(0, 2).unwrap_or_default();
-    let task_status = text_column(0, 3).unwrap_or_default();
-    let last_worker = column(0, 4);
-    let attempt = int_column(0, 5).unwrap_or(0) as i32;
-    let message_id = int_column(0, 6).unwrap_or(0);
-    let single = text_column(0, 7).as_deref() == Some("single");
-    let queue_id = int_column(0, 8).unwrap_or(0);
-    let seq = Oid::from(int_column(0, 9).unwrap_or(0) as u32);
-    let stale = match (worker_id, last_worker) {
-        (None, _) => false,
-        (Some(w), Some(l)) => !uuids_equal(w, l),
-        (Some(_), None) => true,
-    };
-    let outcome = match (run_status.as_str(), task_status.as_str()) {
-        ("failed", _) => Some("run_failed"),
-        (_, "completed") => Some("already_completed"),
-        (_, "failed") => Some("already_failed"),
-        (_, "queued") => Some("not_started"),
-        _ if stale => Some("stale"),
-        _ => None,
-    };
-    if let Some(outcome) = outcome {
-        return outcome.to_string();
-    }
-    run(
-        Stmt::FinishTask,
-        &[
-            Some(Datum::from(queue_id)),
-            Some(Datum::from(message_id)),
-            worker_id,
-            Some(Datum::from(attempt)),
-            Some(run_id),
-            Some(step_slug),
-            Some(task_index),
-            Some(output),
-            Some(Datum::from(single)),
-        ],
-    );
-    let deleted = int_column(0, 1).unwrap_or(0);
-    let left_tasks = int_column(0, 2);
-    let duration_ms = int_column(0, 3);
-    if deleted == 0 && worker_id.is_some() {
+        let Some(output) = arg(fcinfo, 3) else {
+            null_error(
+                "output",
+                Some("Pass JSON null ('null'::jsonb) for a task without output."),
+            )
+        };
+        let check_params = [run_id, step_slug, task_index, worker_id];
+        let (Some(run_id), Some(step_slug), Some(task_index)) = (run_id, step_slug, task_index)
+        else {
+            run(Stmt::EndTaskCheck, &check_params); // raises the specific 22004
+            unreachable!("_end_task_check raises for NULL arguments");
+        };
+        // The flow lock, shared, then the run lock: a drop_flow under way finishes first, and the
+        // task is then looked up afresh (gone: 42704), never used with a dropped queue's sequence.
+        if run(Stmt::FlowOfRun, &[Some(run_id)]) == 1 {
+            if let Some(flow) = column(0, 1) {
+                advisory_xact_lock(FLOW_LOCK_SPACE, flow, true);
+            }
+        }
+        lock_run(run_id);
+        if run(
+            Stmt::TaskOf,
+            &[Some(run_id), Some(step_slug), Some(task_index)],
+        ) == 0
+        {
+            run(Stmt::EndTaskCheck, &check_params); // raises the specific 42704
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                "task not found".into(),
+                None,
+            );
+        }
+        let run_status = text_column(0, 1).unwrap_or_default();
+        let flow_slug = text_column(0, 2).unwrap_or_default();
+        let task_status = text_column(0, 3).unwrap_or_default();
+        let last_worker = column(0, 4);
+        let attempt = int_column(0, 5).unwrap_or(0) as i32;
+        let message_id = int_column(0, 6).unwrap_or(0);
+        let single = text_column(0, 7).as_deref() == Some("single");
+        let queue_id = int_column(0, 8).unwrap_or(0);
+        let seq = Oid::from(int_column(0, 9).unwrap_or(0) as u32);
+        let stale = match (worker_id, last_worker) {
+            (None, _) => false,
+            (Some(w), Some(l)) => !uuids_equal(w, l),
+            (Some(_), None) => true,
+        };
+        let outcome = match (run_status.as_str(), task_status.as_str()) {
+            ("failed", _) => Some("run_failed"),
+            (_, "completed") => Some("already_completed"),
+            (_, "failed") => Some("already_failed"),
+            (_, "queued") => Some("not_started"),
+            _ if stale => Some("stale"),
+            _ => None,
+        };
+        if let Some(outcome) = outcome {
+            return outcome.to_string();
+        }
         run(
-            Stmt::EndTaskRecheck,
+            Stmt::FinishTask,
             &[
+                Some(Datum::from(queue_id)),
+                Some(Datum::from(message_id)),
+                worker_id,
+                Some(Datum::from(attempt)),
                 Some(run_id),
                 Some(step_slug),
                 Some(task_index),
-                worker_id,
-                Some(Datum::from(attempt)),
+                Some(output),
+                Some(Datum::from(single)),
             ],
         );
-        return text_column(0, 1).unwrap_or_else(|| "stale".into());
-    }
-    let step = text_to_string(step_slug);
-    if task_events() {
-        emit(
-            &flow_slug,
-            json!({"event": "task_completed", "run_id": uuid_string(run_id), "flow_slug": flow_slug,
+        let deleted = int_column(0, 1).unwrap_or(0);
+        let left_tasks = int_column(0, 2);
+        let duration_ms = int_column(0, 3);
+        if deleted == 0 && worker_id.is_some() {
+            run(
+                Stmt::EndTaskRecheck,
+                &[
+                    Some(run_id),
+                    Some(step_slug),
+                    Some(task_index),
+                    worker_id,
+                    Some(Datum::from(attempt)),
+                ],
+            );
+            return text_column(0, 1).unwrap_or_else(|| "stale".into());
+        }
+        let step = text_to_string(step_slug);
+        if task_events() {
+            emit(
+                &flow_slug,
+                json!({"event": "task_completed", "run_id": uuid_string(run_id), "flow_slug": flow_slug,
                    "step_slug": step, "task_index": task_index.value() as i32,
                    "duration_ms": duration_ms}),
-        );
-    }
-    if left_tasks == Some(0) {
-        if !single {
-            run(Stmt::MapStepOutput, &[Some(run_id), Some(step_slug)]);
+            );
         }
-        step_completed(run_id, &flow_slug, queue_id, seq, step_slug);
+        if left_tasks == Some(0) {
+            if !single {
+                run(Stmt::MapStepOutput, &[Some(run_id), Some(step_slug)]);
+            }
+            step_completed(run_id, &flow_slug, queue_id, seq, step_slug);
+        }
+        "completed".to_string()
     }
-    "completed".to_string()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -760,58 +841,63 @@ unsafe fn step_completed(
     seq: Oid,
     step_slug: Datum,
 ) -> bool {
-    let flow_datum = text_datum(flow_slug);
-    let n = run(
-        Stmt::Dependents,
-        &[Some(flow_datum), Some(step_slug), Some(run_id)],
-    );
-    // (step_slug, single without start delay, step_index, remaining_deps)
-    let dependents: Vec<(Datum, bool, i32, i64)> = (0..n)
-        .map(|row| {
-            let single = text_column(row, 2).as_deref() == Some("single");
-            let no_delay = int_column(row, 4) == Some(0);
-            (
-                column(row, 1).unwrap_or(Datum::from(0)),
-                single && no_delay,
-                int_column(row, 3).unwrap_or(0) as i32,
-                int_column(row, 5).unwrap_or(0),
-            )
-        })
-        .collect();
-    for &(dep, fast, step_index, remaining_deps) in &dependents {
-        if remaining_deps != 1 {
-            run(Stmt::DecrementDeps, &[Some(run_id), Some(dep)]);
-        } else if fast {
-            run(
-                Stmt::StartSingleStep,
-                &[
-                    Some(run_id),
-                    Some(dep),
-                    Some(flow_datum),
-                    Some(Datum::from(queue_id)),
-                    Some(Datum::from(seq)),
-                    Some(Datum::from(step_index)),
-                ],
-            );
-        } else {
-            run(
-                Stmt::StartStep,
-                &[Some(run_id), Some(Datum::from(queue_id)), Some(dep)],
-            );
-            if column(0, 1).is_some_and(|ok| ok.value() == 0) {
-                return false;
+    // SAFETY: called inside an SPI connection (the caller's contract); `run_id` is a uuid datum,
+    // `step_slug` a text datum, and the statements get parameters of their declared types; `seq`
+    // is the flow queue's sequence, read with nextval's own function.
+    unsafe {
+        let flow_datum = text_datum(flow_slug);
+        let n = run(
+            Stmt::Dependents,
+            &[Some(flow_datum), Some(step_slug), Some(run_id)],
+        );
+        // (step_slug, single without start delay, step_index, remaining_deps)
+        let dependents: Vec<(Datum, bool, i32, i64)> = (0..n)
+            .map(|row| {
+                let single = text_column(row, 2).as_deref() == Some("single");
+                let no_delay = int_column(row, 4) == Some(0);
+                (
+                    column(row, 1).unwrap_or(Datum::from(0)),
+                    single && no_delay,
+                    int_column(row, 3).unwrap_or(0) as i32,
+                    int_column(row, 5).unwrap_or(0),
+                )
+            })
+            .collect();
+        for &(dep, fast, step_index, remaining_deps) in &dependents {
+            if remaining_deps != 1 {
+                run(Stmt::DecrementDeps, &[Some(run_id), Some(dep)]);
+            } else if fast {
+                run(
+                    Stmt::StartSingleStep,
+                    &[
+                        Some(run_id),
+                        Some(dep),
+                        Some(flow_datum),
+                        Some(Datum::from(queue_id)),
+                        Some(Datum::from(seq)),
+                        Some(Datum::from(step_index)),
+                    ],
+                );
+            } else {
+                run(
+                    Stmt::StartStep,
+                    &[Some(run_id), Some(Datum::from(queue_id)), Some(dep)],
+                );
+                if column(0, 1).is_some_and(|ok| ok.value() == 0) {
+                    return false;
+                }
             }
         }
-    }
-    if dependents.is_empty() && run(Stmt::CompleteRun, &[Some(run_id)]) == 1 {
-        let duration_ms = int_column(0, 2);
-        emit(
-            flow_slug,
-            json!({"event": "workflow_completed", "run_id": uuid_string(run_id),
+        if dependents.is_empty() && run(Stmt::CompleteRun, &[Some(run_id)]) == 1 {
+            let duration_ms = int_column(0, 2);
+            emit(
+                flow_slug,
+                json!({"event": "workflow_completed", "run_id": uuid_string(run_id),
                    "flow_slug": flow_slug, "duration_ms": duration_ms}),
-        );
+            );
+        }
+        true
     }
-    true
 }
 
 v1!(pg_finfo_pgflow_step_completed);
@@ -820,26 +906,32 @@ v1!(pg_finfo_pgflow_step_completed);
 #[pgrx::pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pgflow_step_completed(fcinfo: FunctionCallInfo) -> Datum {
-    let (Some(run_id), Some(queue_id), Some(step_slug)) =
-        (arg(fcinfo, 0), arg(fcinfo, 1), arg(fcinfo, 2))
-    else {
-        null_error("run_id, queue_id and step_slug", None)
-    };
-    let _spi = SpiScope::connect();
-    if run(Stmt::RunAndQueue, &[Some(run_id), Some(queue_id)]) == 0 {
-        raise(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            format!("run {} does not exist", uuid_string(run_id)),
-            None,
-        );
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for
+    // pgflow._step_completed as C_FUNCTIONS lists it (checked against pg_proc by a test), so the
+    // argument positions and types read here are those; every SPI statement runs inside the
+    // SpiScope.
+    unsafe {
+        let (Some(run_id), Some(queue_id), Some(step_slug)) =
+            (arg(fcinfo, 0), arg(fcinfo, 1), arg(fcinfo, 2))
+        else {
+            null_error("run_id, queue_id and step_slug", None)
+        };
+        let _spi = SpiScope::connect();
+        if run(Stmt::RunAndQueue, &[Some(run_id), Some(queue_id)]) == 0 {
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("run {} does not exist", uuid_string(run_id)),
+                None,
+            );
+        }
+        let flow_slug = text_column(0, 1).unwrap_or_default();
+        let seq = Oid::from(int_column(0, 2).unwrap_or(0) as u32);
+        Datum::from(step_completed(
+            run_id,
+            &flow_slug,
+            queue_id.value() as i64,
+            seq,
+            step_slug,
+        ))
     }
-    let flow_slug = text_column(0, 1).unwrap_or_default();
-    let seq = Oid::from(int_column(0, 2).unwrap_or(0) as u32);
-    Datum::from(step_completed(
-        run_id,
-        &flow_slug,
-        queue_id.value() as i64,
-        seq,
-        step_slug,
-    ))
 }

@@ -13,6 +13,7 @@
 //!   interval. Shared memory exists only when pgflow is in `shared_preload_libraries`; without
 //!   it readers fall back to sleeping for the poll interval, which is still correct.
 
+use crate::announcer::{Outboxes, OUTBOX};
 use crate::errors::{check_name, raise};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock, PgSqlErrorCode};
@@ -91,12 +92,18 @@ struct PendingEvents {
     notifications: Vec<(Level, String, Value)>,
     /// (level, wake-up bucket).
     wake_buckets: BTreeSet<(Level, usize)>,
+    /// Set just before commit when the events go to the database's announcer: the outbox
+    /// reserved for them and the records to write there once the commit is done.
+    deferred: Option<(usize, Vec<u8>)>,
 }
 
 impl PendingEvents {
     /// Nothing collected: most transactions (reads, acks, anything not sending) end here.
     fn is_empty(&self) -> bool {
-        self.sent.is_empty() && self.notifications.is_empty() && self.wake_buckets.is_empty()
+        self.sent.is_empty()
+            && self.notifications.is_empty()
+            && self.wake_buckets.is_empty()
+            && self.deferred.is_none()
     }
 
     /// A savepoint at `level` rolled back: forget what it and its children collected.
@@ -149,6 +156,7 @@ pub fn init() {
     unsafe {
         if pg_sys::process_shared_preload_libraries_in_progress {
             pg_shmem_init!(WAKE_BOARD = WakeBoard::new());
+            pg_shmem_init!(OUTBOX = Outboxes::new());
             SHARED_MEMORY.store(true, Ordering::Relaxed);
         }
         pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
@@ -178,6 +186,9 @@ unsafe extern "C-unwind" fn on_xact_event(
         XACT_EVENT_PRE_COMMIT => emit_notifications(),
         XACT_EVENT_COMMIT => {
             let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+            if let Some((outbox, records)) = &pending.deferred {
+                crate::announcer::deliver(*outbox, records);
+            }
             let buckets: BTreeSet<usize> =
                 pending.wake_buckets.into_iter().map(|(_, b)| b).collect();
             if !buckets.is_empty() {
@@ -187,7 +198,11 @@ unsafe extern "C-unwind" fn on_xact_event(
         // Aborted or handed to two-phase commit: announce nothing (a prepared transaction may
         // not NOTIFY); readers of a prepared send find it by polling once it is committed.
         XACT_EVENT_ABORT | XACT_EVENT_PRE_PREPARE | XACT_EVENT_PARALLEL_ABORT => {
-            PENDING.with(|p| *p.borrow_mut() = PendingEvents::default());
+            let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+            // aborted after the room for its events was reserved: give it back
+            if let Some((outbox, records)) = &pending.deferred {
+                crate::announcer::release(*outbox, records.len());
+            }
         }
         _ => {}
     }
@@ -251,16 +266,29 @@ fn emit_notifications() {
     for (_, channel, event) in collected {
         notifications.entry(channel).or_default().push(event);
     }
-    for (channel, events) in notifications {
-        let payload = payload_for(&events);
-        let channel = std::ffi::CString::new(channel).expect("channel names hold no NUL");
-        let payload = std::ffi::CString::new(payload).expect("JSON text holds no NUL");
-        // SAFETY: at PRE_COMMIT, inside the transaction; both strings are NUL-terminated and
-        // outlive the call, which copies them; an ERROR it raises unwinds through the guard.
-        unsafe {
-            pg_sys::ffi::pg_guard_ffi_boundary(|| Async_Notify(channel.as_ptr(), payload.as_ptr()))
-        };
+    if notifications.is_empty() {
+        return;
     }
+    // Handed to the database's announcer after commit, if it has room; else notified here.
+    let records = crate::announcer::encode(&notifications);
+    if let Some(outbox) = crate::announcer::reserve(records.len()) {
+        PENDING.with(|p| p.borrow_mut().deferred = Some((outbox, records)));
+        return;
+    }
+    for (channel, events) in notifications {
+        notify(&channel, &payload_for(&events));
+    }
+}
+
+/// NOTIFY `channel` with `payload` when the current transaction commits.
+pub(crate) fn notify(channel: &str, payload: &str) {
+    let channel = std::ffi::CString::new(channel).expect("channel names hold no NUL");
+    let payload = std::ffi::CString::new(payload).expect("JSON text holds no NUL");
+    // SAFETY: inside a transaction; both strings are NUL-terminated and outlive the call,
+    // which copies them; an ERROR it raises unwinds through the guard.
+    unsafe {
+        pg_sys::ffi::pg_guard_ffi_boundary(|| Async_Notify(channel.as_ptr(), payload.as_ptr()))
+    };
 }
 
 /// One payload for all events of a channel in a transaction, always under MAX_PAYLOAD_BYTES:

@@ -28,6 +28,7 @@
 
 use pgrx::prelude::*;
 
+pub mod announcer;
 pub mod errors;
 pub mod events;
 pub mod gucs;

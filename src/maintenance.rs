@@ -6,7 +6,8 @@
 //!   the database named by `pgflow.maintenance_database` exists (saying so once in the log, at
 //!   LOG level, instead of failing and restarting every few seconds), then starts the worker
 //!   there and watches it; when the worker stops (its database dropped, an error), it starts
-//!   it again after a pause, or waits again for the database;
+//!   it again after a pause, or waits again for the database. It also starts the
+//!   **announcers** ([`crate::announcer`]) that databases ask for;
 //! - the **worker**, connected to that database: every `pgflow.maintenance_interval_ms` it runs
 //!   `pgflow.run_maintenance()` in a short transaction of its own, which announces delayed
 //!   messages and retries that came due (waking blocked readers and notifying listeners) and
@@ -21,7 +22,8 @@
 use crate::gucs;
 use crate::spi::as_raised;
 use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, SignalWakeFlags,
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker,
+    SignalWakeFlags,
 };
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
@@ -93,63 +95,91 @@ fn database_exists(name: &str) -> bool {
 pub extern "C-unwind" fn pgflow_maintenance_launcher(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);
+    crate::announcer::register_launcher();
     let database = maintenance_database();
     let mut said_waiting = false;
+    let mut maintenance: Option<DynamicBackgroundWorker> = None;
+    let mut next_try = Instant::now();
+    let mut announcers: Vec<(usize, DynamicBackgroundWorker)> = Vec::new();
     loop {
-        if database_exists(&database) {
-            said_waiting = false;
-            let started = BackgroundWorkerBuilder::new("pgflow maintenance")
-                .set_type("pgflow maintenance")
-                .set_function("pgflow_maintenance_main")
-                .set_library("pgflow")
-                .enable_spi_access()
-                .set_restart_time(None)
-                // SAFETY: a plain global of this process, set at its start.
-                .set_notify_pid(unsafe { pg_sys::MyProcPid })
-                .load_dynamic();
-            match started {
-                Ok(worker) => loop {
-                    if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
-                        // SIGTERM or postmaster death: the worker gets its own SIGTERM
-                        let _ = worker.terminate();
-                        return;
-                    }
-                    match worker.pid() {
-                        Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted) => continue,
-                        Err(BackgroundWorkerStatus::PostmasterDied) => return,
-                        Err(_) => break,
-                    }
-                },
-                Err(_) => warning!(
-                    "pgflow maintenance: could not start the worker (max_worker_processes reached?); trying again in {} s",
-                    LAUNCHER_PAUSE.as_secs()
-                ),
+        // the maintenance worker: started when its database exists, again after it stopped
+        if let Some(worker) = &maintenance {
+            match worker.pid() {
+                Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted) => {}
+                Err(BackgroundWorkerStatus::PostmasterDied) => return,
+                Err(_) => {
+                    maintenance = None;
+                    next_try = Instant::now() + LAUNCHER_PAUSE;
+                }
             }
-        } else if !said_waiting {
-            log!(
-                "pgflow maintenance: waiting for database \"{database}\" (pgflow.maintenance_database) to be created"
-            );
-            said_waiting = true;
         }
-        if !pause(LAUNCHER_PAUSE) {
+        if maintenance.is_none() && Instant::now() >= next_try {
+            next_try = Instant::now() + LAUNCHER_PAUSE;
+            if database_exists(&database) {
+                said_waiting = false;
+                match start("pgflow maintenance", "pgflow_maintenance_main", None) {
+                    Ok(worker) => maintenance = Some(worker),
+                    Err(_) => warning!(
+                        "pgflow maintenance: could not start the worker (max_worker_processes reached?); trying again in {} s",
+                        LAUNCHER_PAUSE.as_secs()
+                    ),
+                }
+            } else if !said_waiting {
+                log!(
+                    "pgflow maintenance: waiting for database \"{database}\" (pgflow.maintenance_database) to be created"
+                );
+                said_waiting = true;
+            }
+        }
+        // announcers: started when a database asks for one, forgotten when they stop
+        announcers.retain(|(outbox, worker)| match worker.pid() {
+            Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted) => true,
+            Err(_) => {
+                crate::announcer::announcer_gone(*outbox);
+                false
+            }
+        });
+        for (outbox, _database) in crate::announcer::take_requests() {
+            match start(
+                "pgflow announcer",
+                "pgflow_announcer_main",
+                Some(pg_sys::Datum::from(outbox)),
+            ) {
+                Ok(worker) => announcers.push((outbox, worker)),
+                Err(_) => {
+                    crate::announcer::announcer_gone(outbox);
+                    warning!(
+                        "pgflow: could not start an announcer (max_worker_processes reached?); sessions notify at their own commit meanwhile"
+                    );
+                }
+            }
+        }
+        if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+            // SIGTERM or postmaster death: the workers get their own SIGTERM
+            if let Some(worker) = maintenance {
+                let _ = worker.terminate();
+            }
             return;
         }
     }
 }
 
-/// Wait `d` whatever sets the latch meanwhile (the postmaster sets it when the worker stops);
-/// false on SIGTERM or postmaster death.
-fn pause(d: Duration) -> bool {
-    let until = Instant::now() + d;
-    loop {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return true;
-        }
-        if !BackgroundWorker::wait_latch(Some(left)) {
-            return false;
-        }
-    }
+/// Start a dynamic worker of this library; the launcher's latch is set when it stops.
+fn start(
+    name: &str,
+    function: &str,
+    argument: Option<pg_sys::Datum>,
+) -> Result<DynamicBackgroundWorker, pgrx::bgworkers::DynamicBackgroundWorkerLoadError> {
+    BackgroundWorkerBuilder::new(name)
+        .set_type(name)
+        .set_function(function)
+        .set_library("pgflow")
+        .enable_spi_access()
+        .set_restart_time(None)
+        .set_argument(argument)
+        // SAFETY: a plain global of this process, set at its start.
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .load_dynamic()
 }
 
 /// The worker, started by the launcher in the maintenance database.

@@ -39,6 +39,23 @@ def wait_for(c, timeout, count=1):
     return out
 
 
+def sent_until(c, total, timeout=5):
+    """The message_sent events arriving until their counts add up to total, batch envelopes
+    opened, with the notifications that carried them. Several transactions' sends to a queue may
+    arrive merged in one event (the announcer merges what it finds at once)."""
+    events, notes = [], []
+    deadline = time.monotonic() + timeout
+    while sum(e["count"] for e in events) < total:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        for n in c.notifies(timeout=left, stop_after=1):
+            notes.append(n)
+            p = json.loads(n.payload)
+            events += [e for e in (p["events"] if p["event"] == "batch" else [p]) if e["event"] == "message_sent"]
+    return events, notes
+
+
 # --- who notifies ---------------------------------------------------------------------------
 
 
@@ -62,11 +79,12 @@ def test_notify_queue_announces_every_send(conn, make_conn, make_queue):
     listen(lis, q)
     a = conn.execute("SELECT pgflow.send(%s, '{}')", (q,)).fetchone()[0]
     ids = [r[0] for r in conn.execute("SELECT pgflow.send_batch(%s, %s)", (q, [Jsonb({})] * 5)).fetchall()]
-    got = wait_for(lis, 5, count=2)
-    assert [p for _, p, _ in got] == [
-        {"event": "message_sent", "queue": q, "first_msg_id": a, "last_msg_id": a, "count": 1},
-        {"event": "message_sent", "queue": q, "first_msg_id": ids[0], "last_msg_id": ids[-1], "count": 5},
-    ]
+    events, _ = sent_until(lis, 6)
+    # two transactions: two events, or one if the announcer found both at once
+    assert sum(e["count"] for e in events) == 6
+    assert min(e["first_msg_id"] for e in events) == a
+    assert max(e["last_msg_id"] for e in events) == ids[-1]
+    assert all(e["queue"] == q for e in events) and len(events) in (1, 2)
     conn.execute("SELECT pgflow.alter_queue(%s, notify => false)", (q,))
     conn.execute("SELECT pgflow.send(%s, '{}')", (q,))
     assert drain(lis, 0.3) == []
@@ -157,13 +175,14 @@ def test_payload_bounded_for_longest_name(make_conn, make_queue):
     tx = make_conn(autocommit=False)
     tx.execute("SELECT pgflow.send_batch(%s, %s)", (q, [Jsonb({"pad": "p" * 100})] * 10_000))
     tx.commit()
+    got = wait_for(lis, 5)
     # several events on one channel in one transaction: a retry due at once plus a send
     m, rc = tx.execute("SELECT msg_id, read_ct FROM pgflow.read(%s, 30, 1)", (q,)).fetchone()
     tx.commit()
     tx.execute("SELECT pgflow.nack(%s, %s, 'x', %s)", (q, m, rc))
     tx.execute("SELECT pgflow.send(%s, '{}')", (q,))
     tx.commit()
-    got = drain(lis, 1.0)
+    got += drain(lis, 1.0)
     assert len(got) == 2
     for _, payload, raw in got:
         assert len(raw.encode()) < 8000
@@ -352,3 +371,112 @@ def test_many_waiting_readers_each_get_one(conn, make_queue):
         t.join(15)
     assert sorted(r[2][0][0] for r in result) == ids
     assert max(r[1] for r in result) < 3.0
+
+
+# --- off the commit path: the announcer -----------------------------------------------------
+
+
+def announcers(c, dbname=None):
+    return c.execute("""SELECT pid FROM pg_stat_activity WHERE backend_type = 'pgflow announcer'
+                         AND datname = coalesce(%s, current_database())""", (dbname,)).fetchall()
+
+
+def test_notifications_are_sent_by_the_announcer_not_the_committing_session(conn, make_conn, make_queue):
+    # The committing session takes no notify lock: its events go to the database's announcer,
+    # which notifies after the commit. The first commit of an idle database starts the
+    # announcer and notifies by itself meanwhile.
+    q = make_queue(notify=True)
+    lis = make_conn()
+    listen(lis, q)
+    sender = make_conn()
+    deadline = time.monotonic() + 10
+    while True:
+        mid = sender.execute("SELECT pgflow.send(%s, '{}')", (q,)).fetchone()[0]
+        (n,) = list(lis.notifies(timeout=5, stop_after=1))
+        if n.pid != sender.info.backend_pid or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert n.pid != sender.info.backend_pid
+    assert (n.pid,) in announcers(conn)
+    assert json.loads(n.payload)["last_msg_id"] == mid
+    assert conn.execute("SELECT backend_type FROM pg_stat_activity WHERE pid = %s",
+                        (n.pid,)).fetchone() == ("pgflow announcer",)
+
+
+def test_announcements_cover_exactly_the_committed_sends_of_many_transactions(conn, make_conn, make_queue):
+    # 4 sessions x 100 transactions, every third rolled back and a savepoint rolled back in
+    # each: the notifications (merged across transactions as the announcer finds them) count
+    # exactly the committed messages, and their ranges bound them.
+    q = make_queue(notify=True)
+    lis = make_conn()
+    listen(lis, q)
+    committed, errors = [], []
+
+    def producer(k):
+        try:
+            c = connect(autocommit=False)
+            for i in range(100):
+                c.execute("SAVEPOINT s")
+                c.execute("SELECT pgflow.send(%s, '{}')", (q,))
+                c.execute("ROLLBACK TO SAVEPOINT s")
+                ids = [r[0] for r in c.execute("SELECT pgflow.send_batch(%s, %s)", (q, [Jsonb({})] * (1 + i % 3)))]
+                if i % 3 == k % 3:
+                    c.rollback()
+                else:
+                    c.commit()
+                    committed.extend(ids)
+            c.close()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=producer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    events, notes = sent_until(lis, len(committed), timeout=10)
+    assert sum(e["count"] for e in events) == len(committed)
+    assert drain(lis, 0.5) == []  # nothing more: no rolled-back send was announced
+    assert min(e["first_msg_id"] for e in events) <= min(committed)
+    assert max(e["last_msg_id"] for e in events) >= max(committed)
+    assert all(len(n.payload.encode()) < 8000 for n in notes)
+
+
+def test_a_transaction_too_large_for_the_outbox_notifies_by_itself(conn, make_conn, make_queue):
+    # Events of one transaction beyond a quarter of the outbox (16 kB): notified at its own
+    # commit, as without an announcer, and nothing is lost.
+    queues = [make_queue(name=("big" + unique_name("q") * 8)[:48], notify=True) for _ in range(110)]
+    lis = make_conn()
+    for q in queues:
+        listen(lis, q)
+    sender = make_conn(autocommit=False)
+    # start the announcer first, so that only the size decides
+    sender.execute("SELECT pgflow.send(%s, '{}')", (queues[0],))
+    sender.commit()
+    drain(lis, 0.5)
+    for q in queues:
+        sender.execute("SELECT pgflow.send(%s, '{}')", (q,))
+    sender.commit()
+    got = list(lis.notifies(timeout=5, stop_after=len(queues)))
+    assert sorted(n.channel for n in got) == sorted(f"pgflow.queue.{q}" for q in queues)
+    assert {n.pid for n in got} == {sender.info.backend_pid}
+
+
+def test_an_idle_announcer_stops_and_its_database_can_be_dropped(conn, make_conn):
+    db = unique_name("annc")
+    conn.execute(f"CREATE DATABASE {db}")
+    try:
+        c = connect(dbname=db)
+        c.execute("CREATE EXTENSION pgflow")
+        c.execute("SELECT pgflow.create_queue('q', notify => true)")
+        deadline = time.monotonic() + 10
+        while not announcers(conn, db) and time.monotonic() < deadline:
+            c.execute("SELECT pgflow.send('q', '{}')")
+            time.sleep(0.1)
+        assert announcers(conn, db) != []
+        c.close()
+    finally:
+        # the announcer leaves within 2 s of its last work; DROP DATABASE waits up to 5 s
+        conn.execute(f"DROP DATABASE {db}")
+    assert announcers(conn, db) == []

@@ -10,8 +10,8 @@
 #   package   the Debian package built, installed without cargo and tested, scripts/package.sh
 #   crash     kill -9 mid-load and soak, tests/crash/ (short tier; tests/long.sh is the long one)
 # Installs what is missing first. Prints one line per tier and a closing "N passed, N failed".
-# PGFLOW_TEST_ONLY="client upgrade" runs only those tiers; PGFLOW_CLIENT_ARGS="-k notify" passes
-# pytest arguments to the client tier.
+# PGFLOW_TEST_ONLY="client upgrade" runs only those tiers; PGFLOW_CLIENT_TESTS="tests/client/test_notify.py"
+# runs only those files (or pytest node ids) in the client tier.
 set -uo pipefail
 asked_version=${PGFLOW_PG:-}
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -106,7 +106,7 @@ fi
 if wants client; then
     say "client: pytest over real connections"
     # shellcheck disable=SC2086 # word splitting wanted: several pytest arguments
-    pytest_tier client tests/client ${PGFLOW_CLIENT_ARGS:-}
+    pytest_tier client ${PGFLOW_CLIENT_TESTS:-tests/client}
 fi
 
 if wants isolation; then

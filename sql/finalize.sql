@@ -49,7 +49,7 @@ DECLARE
     f record;
     roles text[];
 BEGIN
-    REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgflow FROM PUBLIC;
+    REVOKE ALL ON ALL ROUTINES IN SCHEMA pgflow FROM PUBLIC;
     GRANT USAGE ON SCHEMA pgflow TO pgflow_producer, pgflow_consumer, pgflow_admin;
     GRANT pgflow_producer, pgflow_consumer TO pgflow_admin;
     GRANT SELECT ON ALL TABLES IN SCHEMA pgflow TO pgflow_admin;
@@ -58,20 +58,20 @@ BEGIN
           FROM pg_catalog.pg_proc p
          WHERE p.pronamespace = 'pgflow'::regnamespace
     LOOP
-        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM pgflow_producer, pgflow_consumer, pgflow_admin', f.sig);
+        EXECUTE format('REVOKE ALL ON ROUTINE %s FROM pgflow_producer, pgflow_consumer, pgflow_admin', f.sig);
         CONTINUE WHEN f.name LIKE '\_%';
         roles := ARRAY['pgflow_admin'];
         IF f.name IN ('send', 'send_batch', 'send_with_notify', 'queue_channel', 'flow_channel',
                       'start_flow', 'get_queue_stats', 'wakeups_enabled') THEN
             roles := roles || 'pgflow_producer'::text;
         END IF;
-        IF f.name IN ('read', 'read_with_poll', 'pop', 'delete', 'archive', 'set_vt', 'nack',
+        IF f.name IN ('read', 'read_with_poll', 'wait_for_messages', 'pop', 'delete', 'archive', 'set_vt', 'nack',
                       'ack_and_read', 'queue_channel', 'flow_channel', 'get_queue_stats',
                       'wakeups_enabled', 'start_tasks', 'poll_for_tasks', 'complete_task',
                       'fail_task', 'get_run_with_states') THEN
             roles := roles || 'pgflow_consumer'::text;
         END IF;
-        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f.sig, array_to_string(roles, ', '));
+        EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %s', f.sig, array_to_string(roles, ', '));
     END LOOP;
 END
 $$;

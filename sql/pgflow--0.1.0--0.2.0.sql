@@ -1000,6 +1000,15 @@ $$;
 COMMENT ON FUNCTION pgflow.create_flow_from_shape(text, jsonb) IS
 'Create a whole flow from one JSON document, in one step: {"max_attempts","base_delay","timeout" (optional, defaults 3, 1, 60), "steps":[{"slug", "type" ("single" or "map", default single), "deps" (default []), "max_attempts","base_delay","timeout","start_delay" (optional)}]}. Steps may be listed in any order that has no cycle. Returns true if created, false if the flow exists with the same shape; another shape fails with 42710. An invalid shape (unknown key, bad slug or option, duplicate step, unknown dependency, cycle) fails with 22023 naming the problem and creates nothing.';
 
+-- Waiting without a snapshot: a procedure that commits between its looks.
+CREATE PROCEDURE pgflow.wait_for_messages(queue_name text, max_poll_seconds integer DEFAULT 5,
+                                          poll_interval_ms integer DEFAULT 100)
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'pgflow_wait_for_messages';
+COMMENT ON PROCEDURE pgflow.wait_for_messages(text, integer, integer) IS
+'Wait up to max_poll_seconds until the queue (or a flow''s queue, named by its flow slug) has a message to read, holding no snapshot while waiting, so VACUUM goes on; then call pgflow.read or pgflow.poll_for_tasks. CALL it outside a transaction block (it commits between its looks). Wakes at the commit of a send with pgflow preloaded, else looks every poll_interval_ms.';
+
+
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule
 -- and every upgrade script ends by applying it.
@@ -1016,7 +1025,7 @@ DECLARE
     f record;
     roles text[];
 BEGIN
-    REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgflow FROM PUBLIC;
+    REVOKE ALL ON ALL ROUTINES IN SCHEMA pgflow FROM PUBLIC;
     GRANT USAGE ON SCHEMA pgflow TO pgflow_producer, pgflow_consumer, pgflow_admin;
     GRANT pgflow_producer, pgflow_consumer TO pgflow_admin;
     GRANT SELECT ON ALL TABLES IN SCHEMA pgflow TO pgflow_admin;
@@ -1025,20 +1034,20 @@ BEGIN
           FROM pg_catalog.pg_proc p
          WHERE p.pronamespace = 'pgflow'::regnamespace
     LOOP
-        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM pgflow_producer, pgflow_consumer, pgflow_admin', f.sig);
+        EXECUTE format('REVOKE ALL ON ROUTINE %s FROM pgflow_producer, pgflow_consumer, pgflow_admin', f.sig);
         CONTINUE WHEN f.name LIKE '\_%';
         roles := ARRAY['pgflow_admin'];
         IF f.name IN ('send', 'send_batch', 'send_with_notify', 'queue_channel', 'flow_channel',
                       'start_flow', 'get_queue_stats', 'wakeups_enabled') THEN
             roles := roles || 'pgflow_producer'::text;
         END IF;
-        IF f.name IN ('read', 'read_with_poll', 'pop', 'delete', 'archive', 'set_vt', 'nack',
+        IF f.name IN ('read', 'read_with_poll', 'wait_for_messages', 'pop', 'delete', 'archive', 'set_vt', 'nack',
                       'ack_and_read', 'queue_channel', 'flow_channel', 'get_queue_stats',
                       'wakeups_enabled', 'start_tasks', 'poll_for_tasks', 'complete_task',
                       'fail_task', 'get_run_with_states') THEN
             roles := roles || 'pgflow_consumer'::text;
         END IF;
-        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f.sig, array_to_string(roles, ', '));
+        EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %s', f.sig, array_to_string(roles, ', '));
     END LOOP;
 END
 $$;

@@ -171,7 +171,10 @@ fn decode(mut bytes: &[u8]) -> Vec<(String, String)> {
 /// outbox, or None when the transaction must notify by itself (no announcer running, no room,
 /// too much); asks the launcher for an announcer when the database has none.
 pub fn reserve(len: usize) -> Option<usize> {
-    if len > MAX_DEFERRED_BYTES || !crate::events::wakeups_available() {
+    if len > MAX_DEFERRED_BYTES
+        || !crate::events::wakeups_available()
+        || !crate::gucs::NOTIFY_VIA_ANNOUNCER.get()
+    {
         return None;
     }
     let database = my_database();

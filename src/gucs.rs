@@ -41,12 +41,24 @@ pub enum WorkflowEvents {
 pub static WORKFLOW_EVENTS: GucSetting<WorkflowEvents> =
     GucSetting::<WorkflowEvents>::new(WorkflowEvents::All);
 
+/// Whether a transaction's notifications are handed to its database's announcer after commit
+/// (on) or sent by the transaction itself at commit (off), see [`crate::announcer`].
+pub static NOTIFY_VIA_ANNOUNCER: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 pub fn init() {
     GucRegistry::define_enum_guc(
         c"pgflow.workflow_events",
         c"Which workflow events pgflow announces with NOTIFY: all, runs or off.",
-        c"A committing transaction that notifies holds a cluster-wide lock until its commit is flushed, so per-task events bound task throughput; 'runs' keeps only the workflow_* events.",
+        c"'runs' keeps only the workflow_* events, 'off' announces none.",
         &WORKFLOW_EVENTS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pgflow.notify_via_announcer",
+        c"Whether pgflow's notifications are sent after commit by the database's announcer process.",
+        c"On (with pgflow preloaded), committing transactions never take PostgreSQL's cluster-wide notify lock; off, each notifies at its own commit.",
+        &NOTIFY_VIA_ANNOUNCER,
         GucContext::Userset,
         GucFlags::default(),
     );

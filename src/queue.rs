@@ -24,9 +24,9 @@
 use crate::errors::{check_name, raise};
 use crate::events;
 use crate::spi::{
-    advisory_xact_lock, arg, column, json_type, null_error, run, text_arg, text_column,
-    text_to_string, CFunction, SpiScope, Statement, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB,
-    REGCLASS, TEXT, TIMESTAMPTZ,
+    advisory_xact_lock, arg, as_user, column, int_column, json_type, null_error, run, text_arg,
+    text_column, text_to_string, CFunction, SpiScope, Statement, INT4, INT4ARRAY, INT8, INT8ARRAY,
+    JSONB, OID, REGCLASS, TEXT, TIMESTAMPTZ,
 };
 use crate::v1;
 use pgrx::pg_sys::{self, Datum, FunctionCallInfo, Oid};
@@ -90,6 +90,16 @@ enum Stmt {
     DeleteOne,
     ArchiveMany,
     DeleteMany,
+    AnyVisible,
+    ProcOwner,
+}
+
+/// The visibility rule of a queue's messages, for the row alias `$t`: in queue `$1` and not
+/// leased, delayed or waiting out a retry. One text for the claim and the wait.
+macro_rules! visible {
+    ($t:literal) => {
+        concat!($t, ".queue_id = $1 AND ", $t, ".vt <= clock_timestamp()")
+    };
 }
 
 impl Statement for Stmt {
@@ -126,7 +136,8 @@ impl Statement for Stmt {
             // Only redeliveries pay for the test; errors is not indexed, so the update stays
             // HOT. Written here, not in a function, so that a database still at 0.1.0 runs it.
             Stmt::Claim => (
-                "UPDATE pgflow.messages m
+                concat!(
+                    "UPDATE pgflow.messages m
                     SET vt = clock_timestamp() + make_interval(secs => $2), read_ct = m.read_ct + 1,
                         errors = CASE WHEN m.read_ct > 0 AND NOT coalesce(
                                            m.errors @> jsonb_build_array(jsonb_build_object('attempt', m.read_ct)), false)
@@ -136,11 +147,14 @@ impl Statement for Stmt {
                                       ELSE m.errors END
                   WHERE m.queue_id = $1 AND m.msg_id = ANY (ARRAY(
                         SELECT c.msg_id FROM pgflow.messages c
-                         WHERE c.queue_id = $1 AND c.vt <= clock_timestamp()
+                         WHERE ",
+                    visible!("c"),
+                    "
                          ORDER BY c.priority DESC, c.msg_id
                          LIMIT $3
                            FOR UPDATE SKIP LOCKED))
-                 RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority",
+                 RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority"
+                ),
                 &[INT8, INT4, INT4],
             ),
             // $1 queue_id, $2 msg_ids whose lease expired after their last delivery: take back
@@ -192,6 +206,20 @@ impl Statement for Stmt {
                   WHERE m.queue_id = $1 AND m.msg_id = w.id AND (w.rc IS NULL OR m.read_ct = w.rc)
                  RETURNING m.msg_id",
                 &[INT8, INT8ARRAY, INT4ARRAY],
+            ),
+            // $1 queue_id: whether a message could be claimed now
+            Stmt::AnyVisible => (
+                concat!(
+                    "SELECT 1 FROM pgflow.messages c WHERE ",
+                    visible!("c"),
+                    " LIMIT 1"
+                ),
+                &[INT8],
+            ),
+            // $1 a function's oid: its owner, whose rights a procedure's statements run with
+            Stmt::ProcOwner => (
+                "SELECT proowner FROM pg_catalog.pg_proc WHERE oid = $1",
+                &[OID],
             ),
         }
     }
@@ -497,6 +525,11 @@ pub(crate) const C_FUNCTIONS: &[CFunction] = &[
         result: "trigger",
     },
     CFunction {
+        symbol: "pgflow_wait_for_messages",
+        signature: "pgflow.wait_for_messages(text,integer,integer)",
+        result: "(procedure)",
+    },
+    CFunction {
         symbol: "pgflow_queues_changed",
         signature: "pgflow._queues_changed()",
         result: "trigger",
@@ -790,6 +823,74 @@ pub unsafe extern "C-unwind" fn pgflow_ack_and_read(fcinfo: FunctionCallInfo) ->
         }
         claim_into(fcinfo, &q, vt, qty);
         Datum::from(0)
+    }
+}
+
+v1!(pg_finfo_pgflow_wait_for_messages);
+/// `CALL pgflow.wait_for_messages(queue_name, max_poll_seconds, poll_interval_ms)`: wait until
+/// the queue (or the flow's queue) has a message to read, up to `max_poll_seconds`, holding no
+/// snapshot while it waits, so VACUUM and HOT pruning go on. A procedure: between its looks it
+/// commits, which releases the snapshot of the look (and that of the CALL). Then `read` or
+/// `poll_for_tasks` takes the work. Its statements run with the rights of its owner (the
+/// extension's), as a SECURITY DEFINER function's would; a procedure that commits cannot be
+/// SECURITY DEFINER itself. Who may call it is decided by EXECUTE on it.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_wait_for_messages(fcinfo: FunctionCallInfo) -> Datum {
+    // SAFETY: PostgreSQL calls this V1 procedure with valid call information for
+    // pgflow.wait_for_messages as C_FUNCTIONS lists it (checked against pg_proc by a test), so
+    // the argument positions and types read here are those; its context is dereferenced only
+    // once checked to be a CallContext; every SPI statement runs inside the non-atomic SPI
+    // connection, which SPI_commit keeps across the commits.
+    unsafe {
+        let (max_poll_seconds, poll_interval_ms) = check_poll(
+            arg(fcinfo, 1).map(|d| d.value() as i32),
+            arg(fcinfo, 2).map(|d| d.value() as i32),
+        );
+        let context = (*fcinfo).context;
+        let nonatomic = !context.is_null()
+            && (*context).type_ == pg_sys::NodeTag::T_CallContext
+            && !(*(context as *mut pg_sys::CallContext)).atomic;
+        if !nonatomic {
+            raise(
+                PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_TERMINATION,
+                "pgflow.wait_for_messages must be called with CALL outside a transaction block"
+                    .into(),
+                Some(
+                    "It commits while it waits. Inside a transaction, use pgflow.read_with_poll or pgflow.poll_for_tasks, which hold a snapshot while they wait.",
+                ),
+            );
+        }
+        let name_datum = arg(fcinfo, 0);
+        let name = text_arg(fcinfo, 0);
+        let fn_oid = (*(*fcinfo).flinfo).fn_oid;
+        let _spi = SpiScope::connect_nonatomic();
+        run(Stmt::ProcOwner, &[Some(Datum::from(fn_oid))]);
+        let owner = Oid::from(int_column(0, 1).unwrap_or(0) as u32);
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_secs(max_poll_seconds as u64);
+        loop {
+            // The epoch is taken before the look, so a send committing between the look and
+            // the wait still wakes it; the queue is looked up again after every commit, so a
+            // queue dropped meanwhile is a 42704.
+            let (queue_id, epoch, ready) = as_user(owner, || {
+                let q = queue(name.as_deref(), name_datum, None);
+                let epoch = events::wake_epoch(q.id);
+                (
+                    q.id,
+                    epoch,
+                    run(Stmt::AnyVisible, &[Some(Datum::from(q.id))]) > 0,
+                )
+            });
+            // ends the look's transaction: no snapshot is held from here on
+            pg_sys::SPI_commit();
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if ready || left.is_zero() {
+                return Datum::from(0);
+            }
+            let wait = left.as_millis().min(poll_interval_ms as u128).max(1) as i32;
+            events::wait_for_wake(queue_id, epoch, wait);
+        }
     }
 }
 

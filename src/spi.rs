@@ -33,6 +33,7 @@ pub const UUID: Oid = pg_sys::UUIDOID;
 pub const BOOL: Oid = pg_sys::BOOLOID;
 pub const REGCLASS: Oid = pg_sys::REGCLASSOID;
 pub const TIMESTAMPTZ: Oid = pg_sys::TIMESTAMPTZOID;
+pub const OID: Oid = pg_sys::OIDOID;
 pub const INT4ARRAY: Oid = pg_sys::INT4ARRAYOID;
 pub const INT8ARRAY: Oid = pg_sys::INT8ARRAYOID;
 
@@ -390,10 +391,22 @@ pub struct SpiScope;
 
 impl SpiScope {
     pub unsafe fn connect() -> SpiScope {
-        // SAFETY: SPI_connect has no preconditions beyond running in a backend inside a
+        // SAFETY: the caller's contract is SPI_connect's: a backend inside a transaction.
+        unsafe { Self::connect_with(0) }
+    }
+
+    /// A connection that may commit (`SPI_commit`): for a procedure called by CALL in a
+    /// non-atomic context, which the caller has checked.
+    pub unsafe fn connect_nonatomic() -> SpiScope {
+        // SAFETY: the caller's contract: a procedure's non-atomic call.
+        unsafe { Self::connect_with(pg_sys::SPI_OPT_NONATOMIC as i32) }
+    }
+
+    unsafe fn connect_with(options: i32) -> SpiScope {
+        // SAFETY: SPI_connect_ext has no preconditions beyond running in a backend inside a
         // transaction, which every SQL function call is; a failure is raised as an ERROR.
         unsafe {
-            if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            if pg_sys::SPI_connect_ext(options) != pg_sys::SPI_OK_CONNECT as i32 {
                 raise(
                     PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
                     "SPI_connect failed".into(),
@@ -403,6 +416,28 @@ impl SpiScope {
             SpiScope
         }
     }
+}
+
+/// Run `f` with the rights of `user`, as a SECURITY DEFINER function runs its body: the user
+/// id is switched with `SECURITY_LOCAL_USERID_CHANGE` (so `SET ROLE` and the like are refused
+/// meanwhile) and switched back after. An ERROR inside ends the (sub)transaction, whose abort
+/// restores the user id it started with.
+pub fn as_user<R>(user: Oid, f: impl FnOnce() -> R) -> R {
+    let mut caller = pg_sys::InvalidOid;
+    let mut context: std::ffi::c_int = 0;
+    // SAFETY: both read and set this backend's own user id and security context, with a valid
+    // pointer to locals and an existing role's oid (the caller's contract).
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut caller, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            user,
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as std::ffi::c_int,
+        );
+    }
+    let r = f();
+    // SAFETY: as above, back to what it was.
+    unsafe { pg_sys::SetUserIdAndSecContext(caller, context) };
+    r
 }
 
 impl Drop for SpiScope {
@@ -555,7 +590,8 @@ mod tests {
         let declared: Vec<(String, String, String)> = Spi::connect(|client| {
             client
                 .select(
-                    "SELECT p.prosrc, p.oid::regprocedure::text, pg_get_function_result(p.oid)
+                    "SELECT p.prosrc, p.oid::regprocedure::text,
+                            coalesce(pg_get_function_result(p.oid), '(procedure)')
                        FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
                       WHERE l.lanname = 'c' AND p.pronamespace = 'pgflow'::regnamespace
                         AND p.prosrc NOT LIKE '%\\_wrapper'

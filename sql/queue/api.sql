@@ -559,6 +559,13 @@ $$;
 COMMENT ON FUNCTION pgflow.read_with_poll(text, integer, integer, integer, integer) IS
 'Like pgflow.read, but waits up to max_poll_seconds for messages. With pgflow in shared_preload_libraries it wakes as soon as a send to the queue commits; otherwise it looks again every poll_interval_ms (which also bounds how late it notices expired leases and due delayed messages). Returns nothing if none came in time.';
 
+CREATE PROCEDURE pgflow.wait_for_messages(queue_name text, max_poll_seconds integer DEFAULT 5,
+                                          poll_interval_ms integer DEFAULT 100)
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'pgflow_wait_for_messages';
+COMMENT ON PROCEDURE pgflow.wait_for_messages(text, integer, integer) IS
+'Wait up to max_poll_seconds until the queue (or a flow''s queue, named by its flow slug) has a message to read, holding no snapshot while waiting, so VACUUM goes on; then call pgflow.read or pgflow.poll_for_tasks. CALL it outside a transaction block (it commits between its looks). Wakes at the commit of a send with pgflow preloaded, else looks every poll_interval_ms.';
+
 CREATE FUNCTION pgflow.pop(queue_name text, qty integer DEFAULT 1)
 RETURNS SETOF pgflow.message_record
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER

@@ -96,7 +96,7 @@ def functions(c):
     return c.execute("""
         SELECT p.proname, p.oid::regprocedure::text,
                ARRAY(SELECT format_type(t, NULL) FROM unnest(p.proargtypes::oid[]) WITH ORDINALITY u(t, i) ORDER BY i),
-               coalesce(p.proargnames[1:p.pronargs], '{}'), p.proretset
+               coalesce(p.proargnames[1:p.pronargs], '{}'), p.prokind = 'p'
           FROM pg_proc p
          WHERE p.pronamespace = 'pgflow'::regnamespace AND p.proname NOT LIKE '\\_%'
            AND p.prorettype <> 'trigger'::regtype
@@ -140,15 +140,19 @@ def test_every_public_function_survives_edge_values(fuzz_db):
     while time.monotonic() < deadline:
         ensure_fixtures(c)
         run_ids = [r[0] for r in c.execute("SELECT run_id FROM pgflow.runs ORDER BY started_at DESC LIMIT 3")]
-        name, signature, types, argnames, _ = rng.choice(fns)
+        name, signature, types, argnames, is_procedure = rng.choice(fns)
         args = [rng.choice(values_for(t, rng, run_ids)) for t in types]
         placeholders = ", ".join(f"%s::{t}" for t in types)
         # results as text: the client need not parse JSON 10,000 levels deep
         sql = f"SELECT r::text FROM pgflow.{name}({placeholders}) r"
+        if is_procedure:
+            sql = f"CALL pgflow.{name}({placeholders})"
         shown = f"{signature} with {[a if not isinstance(a, (str, list)) or len(str(a)) < 80 else type(a).__name__ + '...' for a in args]} (seed {SEED}, call {calls})"
         before = fingerprint(c)
         try:
-            c.execute(sql, args).fetchall()
+            cur = c.execute(sql, args)
+            if not is_procedure:
+                cur.fetchall()
         except psycopg.Error as e:
             if c.broken or c.closed:
                 pytest.fail(f"lost the connection: {shown}: {e}")

@@ -480,3 +480,15 @@ def test_an_idle_announcer_stops_and_its_database_can_be_dropped(conn, make_conn
         # the announcer leaves within 2 s of its last work; DROP DATABASE waits up to 5 s
         conn.execute(f"DROP DATABASE {db}")
     assert announcers(conn, db) == []
+
+
+def test_notify_via_announcer_off_notifies_at_the_sessions_own_commit(conn, make_conn, make_queue):
+    q = make_queue(notify=True)
+    lis = make_conn()
+    listen(lis, q)
+    sender = make_conn()
+    sender.execute("SET pgflow.notify_via_announcer = off")
+    for _ in range(3):
+        sender.execute("SELECT pgflow.send(%s, '{}')", (q,))
+        (n,) = list(lis.notifies(timeout=5, stop_after=1))
+        assert n.pid == sender.info.backend_pid

@@ -9,7 +9,11 @@ Messages are sent one at a time, each in its own transaction, with the receiver 
 before every send, so each sample is one wake-up, not a queue draining. Run by bench/latency.sh,
 which starts its own cluster; prints a markdown table on stdout.
 
-    python3 bench/latency.py DSN [messages]
+    python3 bench/latency.py DSN [messages] [waiters]
+
+(d) and (e) repeat (a) and (b) with 200 sessions waiting at once (the third argument): every
+listener's receipt counts in (d); in (e) every reader is woken and the one that got the message
+counts.
 """
 
 import json
@@ -150,6 +154,73 @@ def bench_plain_poll(dsn, n, interval=0.1):
     return [(returned[m] - committed[m]) * 1000 for m in committed]
 
 
+def many_receiver(dsn, q, mode, waiters, pipe):
+    """`waiters` sessions in one process, a thread each: LISTENing on the queue's channel, or
+    blocked in read_with_poll on it. Every receipt (msg_id, time) goes back through the pipe."""
+    out, lock, ready, stop = [], threading.Lock(), threading.Barrier(waiters + 1, timeout=120), threading.Event()
+
+    def listener():
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(sql.SQL("LISTEN {}").format(sql.Identifier(f"pgflow.queue.{q}")))
+            ready.wait()
+            while not stop.is_set():
+                for note in c.notifies(timeout=0.5):
+                    t = clock()
+                    p = json.loads(note.payload)
+                    with lock:
+                        out.append((p["last_msg_id"], t))
+
+    def reader():
+        with psycopg.connect(dsn, autocommit=True) as c:
+            ready.wait()
+            while not stop.is_set():
+                rows = c.execute("SELECT msg_id FROM pgflow.read_with_poll(%s, 30, 1, 1, 5000)", (q,)).fetchall()
+                t = clock()
+                if rows:
+                    with lock:
+                        out.append((rows[0][0], t))
+                    c.execute("SELECT pgflow.delete(%s, %s)", (q, rows[0][0]))
+
+    threads = [threading.Thread(target=listener if mode == "listen" else reader) for _ in range(waiters)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    pipe.send("ready")
+    pipe.recv()  # the sender is done
+    time.sleep(1)
+    stop.set()
+    for t in threads:
+        t.join()
+    pipe.send(out)
+
+
+def bench_many(dsn, n, waiters, mode):
+    """Commit to receipt with `waiters` sessions waiting: for LISTEN every listener's receipt
+    counts; for read_with_poll the one reader that got the message (all of them are woken)."""
+    q = f"lat_many_{mode}"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("SELECT pgflow.create_queue(%s, notify => true)", (q,))
+    here, there = multiprocessing.Pipe()
+    proc = multiprocessing.Process(target=many_receiver, args=(dsn, q, mode, waiters, there))
+    proc.start()
+    assert here.recv() == "ready"
+    time.sleep(1)
+    sender = psycopg.connect(dsn, autocommit=False)
+    committed = {}
+    for _ in range(n):
+        mid = sender.execute("SELECT pgflow.send(%s, '{}')", (q,)).fetchone()[0]
+        sender.commit()
+        committed[mid] = clock()
+        time.sleep(random.uniform(0.02, 0.04))  # every waiter is back to waiting
+    here.send("done")
+    out = here.recv()
+    proc.join()
+    sender.close()
+    lat = [(t - committed[m]) * 1000 for m, t in out if m in committed]
+    expected = n * waiters if mode == "listen" else n
+    return lat, expected - len(lat)
+
+
 def row(name, lat, lost, target=None):
     p50, p99 = pct(lat, 50), pct(lat, 99)
     lo = min(lat)
@@ -171,6 +242,12 @@ def main():
     m = max(100, n // 10)
     print(f"(c) plain 100 ms poll loop, {m} messages ...", file=sys.stderr)
     c = bench_plain_poll(dsn, m)
+    many = int(sys.argv[3]) if len(sys.argv) > 3 else 200
+    k = max(50, n // 5)
+    print(f"(d) {many} listeners, {k} messages ...", file=sys.stderr)
+    d, d_lost = bench_many(dsn, k, many, "listen")
+    print(f"(e) {many} sessions in read_with_poll, {k} messages ...", file=sys.stderr)
+    e, e_lost = bench_many(dsn, k, many, "read")
     print(f"PostgreSQL {version}, wake-ups through shared memory: {'on' if enabled else 'off'}. "
           "Latency in ms from the sender's COMMIT returning to the receiver having the event.\n")
     print("| path | messages | missed | min ms | p50 ms | p99 ms | max ms | mean ms | p99 < 5 ms |")
@@ -179,6 +256,11 @@ def main():
     print(row("(b) read_with_poll (poll_interval_ms 5000) returns the message", b, b_lost, 5))
     print(row("(c) plain loop: read, sleep 100 ms, read again (measured)", c, 0))
     print("| (c') plain 100 ms loop, expected: uniform over the interval | | | 0 | 50 | 99 | 100 | 50 | |")
+    print()
+    print("| path, many waiters | receipts | missed | min ms | p50 ms | p99 ms | max ms | mean ms | p99 < 20 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    print(row(f"(d) {many} sessions LISTENing, each notification received by each", d, d_lost, 20))
+    print(row(f"(e) {many} sessions blocked in read_with_poll, the message returned", e, e_lost, 20))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ const OUTBOX_BYTES: usize = 64 * 1024;
 const MAX_DEFERRED_BYTES: usize = OUTBOX_BYTES / 4;
 /// An announcer with nothing to do for this long stops (a later event starts one again).
 pub const IDLE_EXIT: Duration = Duration::from_secs(2);
+/// An announcer sends at most one batch per this interval: under load, the transactions of an
+/// interval share one notifying commit and one wake-up of the announcer.
+const MIN_BATCH_INTERVAL: Duration = Duration::from_millis(2);
 /// After a failed start, no new announcer is asked for this database for this long.
 const RETRY_AFTER_MS: i64 = 5_000;
 
@@ -60,6 +63,8 @@ struct Outbox {
     used: u32,
     /// Bytes promised to transactions that are committing.
     reserved: u32,
+    /// The announcer's latch was set since it last emptied the outbox: no need to set it again.
+    signalled: bool,
     bytes: [u8; OUTBOX_BYTES],
 }
 
@@ -72,6 +77,7 @@ impl Outbox {
             retry_at_ms: 0,
             used: 0,
             reserved: 0,
+            signalled: false,
             bytes: [0; OUTBOX_BYTES],
         }
     }
@@ -230,7 +236,11 @@ pub fn deliver(outbox: usize, records: &[u8]) {
         b.used += records.len() as u32;
         b.reserved -= records.len() as u32;
         match b.state {
-            RUNNING => wake = b.procno,
+            RUNNING if !b.signalled => {
+                b.signalled = true;
+                wake = b.procno;
+            }
+            RUNNING => {}
             // the announcer stopped since the reservation: ask for another, which empties it
             FREE | FAILED => {
                 b.state = REQUESTED;
@@ -321,11 +331,18 @@ pub extern "C-unwind" fn pgflow_announcer_main(arg: pg_sys::Datum) {
         b.procno = crate::spi::my_proc_number() as i32;
     }
     let mut idle_since = Instant::now();
+    let mut last_batch = Instant::now() - MIN_BATCH_INTERVAL;
     loop {
+        // under load, let the transactions of a short interval gather into one batch
+        let since = last_batch.elapsed();
+        if since < MIN_BATCH_INTERVAL {
+            std::thread::sleep(MIN_BATCH_INTERVAL - since);
+        }
         let records = take_all(outbox);
         if !records.is_empty() {
             announce(&records);
             idle_since = Instant::now();
+            last_batch = Instant::now();
             continue;
         }
         if idle_since.elapsed() >= IDLE_EXIT && retire(outbox) {
@@ -363,6 +380,7 @@ fn take_all(outbox: usize) -> Vec<u8> {
     let b = &mut board.boxes[outbox];
     let records = b.bytes[..b.used as usize].to_vec();
     b.used = 0;
+    b.signalled = false;
     records
 }
 

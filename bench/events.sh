@@ -23,17 +23,7 @@ WORKERS=${WORKERS:-8}
 RUNS=${RUNS:-20000}
 HERE="$REPO_ROOT/bench/workflow"
 
-say "starting a cluster in $DIR on port $PORT"
-start_cluster "$DIR" "$PORT" "$DB"
-trap 'stop_cluster "$DIR"' EXIT
-
-psql_() { as_root runuser -u postgres -- "$PGBIN/psql" -h "$DIR" -p "$PORT" -U postgres -d "${PSQL_DB:-$DB}" -v ON_ERROR_STOP=1 -qAtX "$@"; }
-psql_ -c "CREATE EXTENSION pgflow"
-psql_ -c "ALTER SYSTEM SET autovacuum_naptime = '1s'" -c "SELECT pg_reload_conf()" >/dev/null
-for t in messages step_tasks step_states runs; do
-    psql_ -c "ALTER TABLE pgflow.$t SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 2000,
-                                        autovacuum_vacuum_cost_delay = 0)"
-done
+source "$HERE/cluster.sh"
 PSQL_DB=postgres psql_ -c "CREATE DATABASE foreign_app"
 PSQL_DB=foreign_app psql_ -c "CREATE TABLE t (id bigserial PRIMARY KEY, v double precision, at timestamptz DEFAULT now())"
 cp "$HERE"/seq_worker.sql "$DIR"/

@@ -103,6 +103,10 @@ macro_rules! visible {
 }
 
 impl Statement for Stmt {
+    fn id(self) -> u32 {
+        self as u32
+    }
+
     fn sql(self) -> (&'static str, &'static [Oid]) {
         match self {
             // managed_by through to_jsonb: the column is new in 0.2.0, and a database still at

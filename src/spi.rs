@@ -38,23 +38,26 @@ pub const INT4ARRAY: Oid = pg_sys::INT4ARRAYOID;
 pub const INT8ARRAY: Oid = pg_sys::INT8ARRAYOID;
 
 /// A statement: its SQL text and parameter types. Implemented by each module's enum of them.
-pub trait Statement: Copy {
+pub trait Statement: Copy + 'static {
     fn sql(self) -> (&'static str, &'static [Oid]);
+    /// Its number within its enum (`self as u32`): with the enum's type, the key of its plan.
+    fn id(self) -> u32;
 }
 
 thread_local! {
-    /// Kept plans by the address of their SQL text (each text is a distinct static string).
-    static PLANS: RefCell<HashMap<usize, pg_sys::SPIPlanPtr>> = RefCell::new(HashMap::new());
+    /// Kept plans by statement: the type of its module's enum and its number in it.
+    static PLANS: RefCell<HashMap<(std::any::TypeId, u32), pg_sys::SPIPlanPtr>> =
+        RefCell::new(HashMap::new());
 }
 
 /// The kept plan of `stmt`, prepared on first use in this backend. Call inside SPI.
-unsafe fn plan(stmt: impl Statement) -> pg_sys::SPIPlanPtr {
+unsafe fn plan<S: Statement>(stmt: S) -> pg_sys::SPIPlanPtr {
     // SAFETY: called inside an SPI connection (the caller's contract); the text is a NUL-free
     // static string and `types` a local vector as long as the count passed, both outliving the
     // call; the prepared plan is kept (SPI_keepplan) before it is stored for later calls.
     unsafe {
         let (sql, types) = stmt.sql();
-        let key = sql.as_ptr() as usize;
+        let key = (std::any::TypeId::of::<S>(), stmt.id());
         if let Some(kept) = PLANS.with(|p| p.borrow().get(&key).copied()) {
             return kept;
         }

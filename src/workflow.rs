@@ -103,6 +103,10 @@ macro_rules! task_lease {
 }
 
 impl Statement for Stmt {
+    fn id(self) -> u32 {
+        self as u32
+    }
+
     fn sql(self) -> (&'static str, &'static [Oid]) {
         match self {
             Stmt::FlowOf => (

@@ -15,9 +15,17 @@ from psycopg.types.json import Jsonb
 from conftest import connect, error_of, session_as, sqlstate, unique_name
 
 
-def waiting_xmins(c, app):
-    return c.execute("""SELECT backend_xmin IS NOT NULL FROM pg_stat_activity
-                         WHERE application_name = %s AND state = 'active'""", (app,)).fetchall()
+def waiting_xmins(c, app, n):
+    """Whether each of the n sessions named app holds an xmin, once all n wait on their latch
+    (up to 15 s for them to get there)."""
+    deadline = time.monotonic() + 15
+    while True:
+        rows = c.execute("""SELECT backend_xmin IS NOT NULL FROM pg_stat_activity
+                             WHERE application_name = %s AND state = 'active'
+                               AND wait_event_type = 'Extension'""", (app,)).fetchall()
+        if len(rows) >= n or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
 
 
 def call_wait(target, seconds, app, out=None):
@@ -72,11 +80,12 @@ def test_waiting_holds_no_snapshot_unlike_read_with_poll(conn, make_queue):
     threads += [threading.Thread(target=rwp) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
-    assert waiting_xmins(conn, calls) == [(False,)] * 3
-    assert waiting_xmins(conn, reads) == [(True,)] * 3
-    for t in threads:
-        t.join()
+    try:
+        assert waiting_xmins(conn, calls, 3) == [(False,)] * 3
+        assert waiting_xmins(conn, reads, 3) == [(True,)] * 3
+    finally:
+        for t in threads:
+            t.join()
 
 
 def dead_after_vacuum(c, table):
@@ -95,33 +104,36 @@ def test_vacuum_removes_dead_rows_while_consumers_wait(conn, make_queue, flows):
     waiters = [threading.Thread(target=call_wait, args=(target, 8, app)) for target in [idle] * 20 + [flow] * 20]
     for t in waiters:
         t.start()
-    deadline = time.monotonic() + 10
-    while len(waiting_xmins(conn, app)) < 40 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert waiting_xmins(conn, app) == [(False,)] * 40
 
     def churn(n):
         for _ in range(n):
             mid = conn.execute("SELECT pgflow.send(%s, '{}')", (churned,)).fetchone()[0]
             conn.execute("SELECT pgflow.delete(%s, %s)", (churned, mid))
 
-    churn(300)
-    assert dead_after_vacuum(conn, "pgflow.messages") < 50
-    for t in waiters:
-        t.join()
+    try:
+        assert waiting_xmins(conn, app, 40) == [(False,)] * 40
+        churn(300)
+        assert dead_after_vacuum(conn, "pgflow.messages") < 50
+    finally:
+        for t in waiters:
+            t.join()
 
     # the contrast, which shows the check can fail: waiting in read_with_poll pins the horizon
+    readers_app = unique_name("rwp")
+
     def rwp():
-        with connect() as c:
-            c.execute("SELECT * FROM pgflow.read_with_poll(%s, 30, 1, 4)", (idle,)).fetchall()
+        with connect(application_name=readers_app) as c:
+            c.execute("SELECT * FROM pgflow.read_with_poll(%s, 30, 1, 6)", (idle,)).fetchall()
     readers = [threading.Thread(target=rwp) for _ in range(2)]
     for t in readers:
         t.start()
-    time.sleep(1)
-    churn(300)
-    assert dead_after_vacuum(conn, "pgflow.messages") >= 300
-    for t in readers:
-        t.join()
+    try:
+        assert waiting_xmins(conn, readers_app, 2) == [(True,)] * 2
+        churn(300)
+        assert dead_after_vacuum(conn, "pgflow.messages") >= 300
+    finally:
+        for t in readers:
+            t.join()
 
 
 def test_wait_refuses_a_transaction_block_and_bad_input(conn, make_queue):

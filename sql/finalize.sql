@@ -9,6 +9,7 @@ SELECT pg_catalog.pg_extension_config_dump('pgflow.archive', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.dlq', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.dlq_dlq_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.due_wakeups', '');
+SELECT pg_catalog.pg_extension_config_dump('pgflow.topic_bindings', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.flows', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.steps', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.deps', '');
@@ -61,8 +62,9 @@ BEGIN
         EXECUTE format('REVOKE ALL ON ROUTINE %s FROM pgflow_producer, pgflow_consumer, pgflow_admin', f.sig);
         CONTINUE WHEN f.name LIKE '\_%';
         roles := ARRAY['pgflow_admin'];
-        IF f.name IN ('send', 'send_batch', 'send_with_notify', 'queue_channel', 'flow_channel',
-                      'start_flow', 'get_queue_stats', 'wakeups_enabled') THEN
+        IF f.name IN ('send', 'send_batch', 'send_with_notify', 'publish', 'publish_batch',
+                      'queue_channel', 'flow_channel', 'start_flow', 'get_queue_stats',
+                      'wakeups_enabled') THEN
             roles := roles || 'pgflow_producer'::text;
         END IF;
         IF f.name IN ('read', 'read_with_poll', 'wait_for_messages', 'pop', 'delete', 'archive', 'set_vt', 'nack',

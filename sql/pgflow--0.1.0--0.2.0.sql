@@ -1009,6 +1009,153 @@ COMMENT ON PROCEDURE pgflow.wait_for_messages(text, integer, integer) IS
 'Wait up to max_poll_seconds until the queue (or a flow''s queue, named by its flow slug) has a message to read, holding no snapshot while waiting, so VACUUM goes on; then call pgflow.read or pgflow.poll_for_tasks. CALL it outside a transaction block (it commits between its looks). Wakes at the commit of a send with pgflow preloaded, else looks every poll_interval_ms.';
 
 
+-- Topics: bindings of queues to patterns, publish and publish_batch.
+-- Topic bindings: a message published with a routing key matching `pattern` is sent to the
+-- queue (sql/queue/topics.sql). They go with their queue.
+CREATE TABLE pgflow.topic_bindings (
+    pattern  text NOT NULL,
+    queue_id bigint NOT NULL REFERENCES pgflow.queues (queue_id) ON DELETE CASCADE,
+    bound_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (pattern, queue_id)
+);
+CREATE INDEX topic_bindings_queue_id ON pgflow.topic_bindings (queue_id);
+COMMENT ON TABLE pgflow.topic_bindings IS 'pgflow: which queues a topic pattern routes published messages to.';
+
+SELECT pg_catalog.pg_extension_config_dump('pgflow.topic_bindings', '');
+
+CREATE FUNCTION pgflow."_check_topic"(
+	"value" TEXT, /* core::option::Option<&str> */
+	"arg" TEXT, /* &str */
+	"wildcards" bool /* bool */
+) RETURNS void
+IMMUTABLE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'check_topic_sql_wrapper';
+
+CREATE FUNCTION pgflow."_topic_matches"(
+	"pattern" TEXT, /* &str */
+	"routing_key" TEXT /* &str */
+) RETURNS bool
+IMMUTABLE STRICT PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'topic_matches_wrapper';
+
+-- 22004 for a NULL message: the rule of send, in src/queue.rs.
+CREATE FUNCTION pgflow._check_message(message jsonb) RETURNS void
+LANGUAGE c IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'pgflow_check_message';
+
+CREATE FUNCTION pgflow.bind_topic(pattern text, queue_name text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q pgflow.queues;
+BEGIN
+    PERFORM pgflow._check_topic(bind_topic.pattern, 'pattern', true);
+    PERFORM pgflow._lock_queue_name(bind_topic.queue_name, false);
+    q := pgflow._api_queue(bind_topic.queue_name, 'bind_topic');
+    INSERT INTO pgflow.topic_bindings (pattern, queue_id) VALUES (bind_topic.pattern, q.queue_id)
+        ON CONFLICT DO NOTHING;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION pgflow.bind_topic(text, text) IS
+'Bind a queue to a topic pattern: messages published with a matching routing key are sent to it. A pattern is dot-separated words of letters, digits, _ and -; a word may be * (exactly one word) or # (zero or more words). Returns true if bound, false if it already was. The binding goes with the queue when it is dropped.';
+
+CREATE FUNCTION pgflow.unbind_topic(pattern text, queue_name text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q pgflow.queues;
+BEGIN
+    PERFORM pgflow._check_topic(unbind_topic.pattern, 'pattern', true);
+    q := pgflow._queue(unbind_topic.queue_name);
+    DELETE FROM pgflow.topic_bindings WHERE pattern = unbind_topic.pattern AND queue_id = q.queue_id;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION pgflow.unbind_topic(text, text) IS
+'Remove a queue''s binding to a topic pattern; returns false if there was none.';
+
+-- SQL, not PL/pgSQL: the argument and a result column share the name queue_name. A named queue
+-- must exist (pgflow._queue's 42704).
+CREATE FUNCTION pgflow.list_topic_bindings(queue_name text DEFAULT NULL)
+RETURNS TABLE (pattern text, queue_name text, bound_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT b.pattern, q.queue_name, b.bound_at
+      FROM pgflow.topic_bindings b JOIN pgflow.queues q ON q.queue_id = b.queue_id
+     WHERE $1 IS NULL OR q.queue_id = (pgflow._queue($1)).queue_id
+     ORDER BY q.queue_name, b.pattern;
+$$;
+COMMENT ON FUNCTION pgflow.list_topic_bindings(text) IS
+'The topic bindings, of one queue or (NULL) of all, by queue name and pattern.';
+
+-- The queues a routing key reaches, each once, in name order (the order the copies are sent in,
+-- so that two publishers take the queues' locks in the same order).
+CREATE FUNCTION pgflow._topic_queues(routing_key text) RETURNS SETOF text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT DISTINCT q.queue_name
+      FROM pgflow.topic_bindings b JOIN pgflow.queues q ON q.queue_id = b.queue_id
+     WHERE pgflow._topic_matches(b.pattern, routing_key)
+     ORDER BY 1;
+$$;
+
+CREATE FUNCTION pgflow.publish(routing_key text, message jsonb, delay integer DEFAULT 0,
+                               priority integer DEFAULT 0, headers jsonb DEFAULT NULL)
+RETURNS TABLE (queue_name text, msg_id bigint)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    target text;
+BEGIN
+    PERFORM pgflow._check_topic(publish.routing_key, 'routing_key', false);
+    PERFORM pgflow._check_message(publish.message);
+    PERFORM pgflow._check_send(publish.delay, publish.priority, publish.headers);
+    FOR target IN SELECT pgflow._topic_queues(publish.routing_key) LOOP
+        queue_name := target;
+        msg_id := pgflow.send(target, publish.message, publish.delay, publish.priority, publish.headers);
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgflow.publish(text, jsonb, integer, integer, jsonb) IS
+'Send a copy of a message to every queue bound to a pattern matching routing_key (dot-separated words, no wildcards), in this transaction: all copies or none. Returns one row per queue reached (queue_name, msg_id), by queue name; none if no binding matches. Queues with notify on announce the copy as for send.';
+
+CREATE FUNCTION pgflow.publish_batch(routing_key text, messages jsonb[], delay integer DEFAULT 0,
+                                     priority integer DEFAULT 0)
+RETURNS TABLE (queue_name text, msg_id bigint)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    target text;
+BEGIN
+    PERFORM pgflow._check_topic(publish_batch.routing_key, 'routing_key', false);
+    PERFORM pgflow._check_send(publish_batch.delay, publish_batch.priority, NULL);
+    FOR target IN SELECT pgflow._topic_queues(publish_batch.routing_key) LOOP
+        RETURN QUERY SELECT target, id
+                       FROM pgflow.send_batch(target, publish_batch.messages, publish_batch.delay,
+                                              publish_batch.priority) id;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgflow.publish_batch(text, jsonb[], integer, integer) IS
+'publish for several messages: each queue bound to a pattern matching routing_key gets the whole batch through send_batch, in this transaction. Returns (queue_name, msg_id) per message copy, by queue name and then in array order.';
+
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule
 -- and every upgrade script ends by applying it.
@@ -1037,8 +1184,9 @@ BEGIN
         EXECUTE format('REVOKE ALL ON ROUTINE %s FROM pgflow_producer, pgflow_consumer, pgflow_admin', f.sig);
         CONTINUE WHEN f.name LIKE '\_%';
         roles := ARRAY['pgflow_admin'];
-        IF f.name IN ('send', 'send_batch', 'send_with_notify', 'queue_channel', 'flow_channel',
-                      'start_flow', 'get_queue_stats', 'wakeups_enabled') THEN
+        IF f.name IN ('send', 'send_batch', 'send_with_notify', 'publish', 'publish_batch',
+                      'queue_channel', 'flow_channel', 'start_flow', 'get_queue_stats',
+                      'wakeups_enabled') THEN
             roles := roles || 'pgflow_producer'::text;
         END IF;
         IF f.name IN ('read', 'read_with_poll', 'wait_for_messages', 'pop', 'delete', 'archive', 'set_vt', 'nack',

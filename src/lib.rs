@@ -35,6 +35,7 @@ pub mod gucs;
 pub mod maintenance;
 pub mod queue;
 mod spi;
+pub mod topics;
 mod workflow;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -47,6 +48,11 @@ extension_sql_file!(
     "../sql/queue/retries.sql",
     name = "queue_retries",
     requires = ["queue_api"]
+);
+extension_sql_file!(
+    "../sql/queue/topics.sql",
+    name = "queue_topics",
+    requires = ["queue_api", topics::check_topic_sql, topics::topic_matches]
 );
 extension_sql_file!(
     "../sql/events/notify.sql",

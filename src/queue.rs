@@ -288,6 +288,14 @@ fn check_lease_sql(vt: Option<i32>, qty: Option<i32>) {
     check_lease(vt, qty);
 }
 
+/// A message to send: NULL is refused (22004).
+fn check_message<T>(message: Option<T>) -> Option<T> {
+    if message.is_none() {
+        null_error("message", Some("Send '{}'::jsonb for an empty message."))
+    }
+    message
+}
+
 /// Internal `pgflow._check_poll(max_poll_seconds, poll_interval_ms)`, for read_with_poll.
 #[pg_extern(immutable, parallel_safe, name = "_check_poll")]
 #[search_path(pg_catalog, pg_temp)]
@@ -534,6 +542,11 @@ pub(crate) const C_FUNCTIONS: &[CFunction] = &[
         result: "(procedure)",
     },
     CFunction {
+        symbol: "pgflow_check_message",
+        signature: "pgflow._check_message(jsonb)",
+        result: "void",
+    },
+    CFunction {
         symbol: "pgflow_queues_changed",
         signature: "pgflow._queues_changed()",
         result: "trigger",
@@ -578,8 +591,8 @@ pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
             lock_queue_name(d);
         }
         let q = queue(name.as_deref(), name_datum, Some("send"));
-        let Some(message) = arg(fcinfo, 1) else {
-            null_error("message", Some("Send '{}'::jsonb for an empty message."))
+        let Some(message) = check_message(arg(fcinfo, 1)) else {
+            unreachable!("check_message raises for NULL")
         };
         run(
             Stmt::Send,
@@ -896,6 +909,22 @@ pub unsafe extern "C-unwind" fn pgflow_wait_for_messages(fcinfo: FunctionCallInf
             events::wait_for_wake(queue_id, epoch, wait);
         }
     }
+}
+
+v1!(pg_finfo_pgflow_check_message);
+/// Internal `pgflow._check_message(message jsonb)`: the rule of [`check_message`], for
+/// `publish`. A raw function so that the message is never converted (a jsonb nested 10,000
+/// deep is a valid message; only its NULL-ness matters here).
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_check_message(fcinfo: FunctionCallInfo) -> Datum {
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for
+    // pgflow._check_message as C_FUNCTIONS lists it (checked against pg_proc by a test); only
+    // the null flag of its one argument is read.
+    unsafe {
+        check_message(arg(fcinfo, 0));
+    }
+    Datum::from(0)
 }
 
 /// The TriggerData of a call, or the error for a trigger function called any other way.

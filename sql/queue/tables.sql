@@ -27,6 +27,17 @@ CREATE TABLE pgflow.queues (
 COMMENT ON TABLE pgflow.queues IS 'pgflow: one row per queue with its retry and notify options.';
 COMMENT ON COLUMN pgflow.queues.managed_by IS 'pgflow: ''flow'' for the queue carrying a flow''s tasks, whose messages only the workflow functions move; NULL for other queues.';
 
+-- Topic bindings: a message published with a routing key matching `pattern` is sent to the
+-- queue (sql/queue/topics.sql). They go with their queue.
+CREATE TABLE pgflow.topic_bindings (
+    pattern  text NOT NULL,
+    queue_id bigint NOT NULL REFERENCES pgflow.queues (queue_id) ON DELETE CASCADE,
+    bound_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (pattern, queue_id)
+);
+CREATE INDEX topic_bindings_queue_id ON pgflow.topic_bindings (queue_id);
+COMMENT ON TABLE pgflow.topic_bindings IS 'pgflow: which queues a topic pattern routes published messages to.';
+
 -- Live messages: waiting, delayed, or leased to a consumer (vt in the future after a read).
 -- fillfactor leaves room on each page so the update a read makes (vt, read_ct) stays HOT:
 -- neither column is indexed, so no index entry is written per delivery.

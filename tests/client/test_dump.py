@@ -41,6 +41,7 @@ def test_dump_and_restore_keeps_queues_messages_and_numbering(conn, queue, resto
     (m,) = conn.execute("SELECT msg_id FROM pgflow.read(%s, 30, 1)", (queue,)).fetchone()
     assert m == 2
     conn.execute("SELECT pgflow.nack(%s, 2, 'boom')", (queue,))  # max_retries 0: dead-lettered
+    conn.execute("SELECT pgflow.bind_topic('dump.#', %s)", (queue,))
 
     dump = tmp_path / "db.dump"
     _run(f"{PGBIN}/pg_dump", "-Fc", "-f", str(dump), _params()["dbname"])
@@ -63,8 +64,10 @@ def test_dump_and_restore_keeps_queues_messages_and_numbering(conn, queue, resto
         # numbering continues after the restore: no msg_id is issued twice
         (new_id,) = r.execute("SELECT pgflow.send(%s, '{\"n\":5}')", (queue,)).fetchone()
         assert new_id == 5
+        # topic bindings too
+        assert r.execute("SELECT queue_name, msg_id FROM pgflow.publish('dump.x', '{}')").fetchall() == [(queue, 6)]
         got = [row[0] for row in r.execute("SELECT msg_id FROM pgflow.read(%s, 30, 10)", (queue,))]
-        assert got == [3, 4, 5]
+        assert got == [3, 4, 5, 6]
         # a queue created after the restore gets a fresh id and sequence
         other = unique_name()
         assert r.execute("SELECT pgflow.create_queue(%s)", (other,)).fetchone()[0] is True

@@ -1100,15 +1100,19 @@ COMMENT ON FUNCTION pgflow.list_topic_bindings(text) IS
 'The topic bindings, of one queue or (NULL) of all, by queue name and pattern.';
 
 -- The queues a routing key reaches, each once, in name order (the order the copies are sent in,
--- so that two publishers take the queues' locks in the same order).
+-- so that two publishers take the queues' locks in the same order). PL/pgSQL, which keeps its
+-- plan: a SQL function with a SET clause is planned again at every call.
 CREATE FUNCTION pgflow._topic_queues(routing_key text) RETURNS SETOF text
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT DISTINCT q.queue_name
-      FROM pgflow.topic_bindings b JOIN pgflow.queues q ON q.queue_id = b.queue_id
-     WHERE pgflow._topic_matches(b.pattern, routing_key)
-     ORDER BY 1;
+BEGIN
+    RETURN QUERY
+        SELECT DISTINCT q.queue_name
+          FROM pgflow.topic_bindings b JOIN pgflow.queues q ON q.queue_id = b.queue_id
+         WHERE pgflow._topic_matches(b.pattern, _topic_queues.routing_key)
+         ORDER BY 1;
+END
 $$;
 
 CREATE FUNCTION pgflow.publish(routing_key text, message jsonb, delay integer DEFAULT 0,

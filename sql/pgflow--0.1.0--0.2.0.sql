@@ -1160,6 +1160,35 @@ $$;
 COMMENT ON FUNCTION pgflow.publish_batch(text, jsonb[], integer, integer) IS
 'publish for several messages: each queue bound to a pattern matching routing_key gets the whole batch through send_batch, in this transaction. Returns (queue_name, msg_id) per message copy, by queue name and then in array order.';
 
+-- One home for two rules of the queue layer, in src/queue.rs: the ids checks and the message
+-- check (0.1.0 had PL/pgSQL twins of both).
+CREATE OR REPLACE FUNCTION pgflow._check_ids(msg_ids bigint[], read_cts integer[],
+                                  ids_arg text DEFAULT 'msg_ids', cts_arg text DEFAULT 'read_cts')
+RETURNS void
+LANGUAGE c IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'pgflow_check_ids';
+
+CREATE OR REPLACE FUNCTION pgflow._send(q pgflow.queues, message jsonb, visible_at timestamptz, priority integer, headers jsonb)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    id bigint;
+BEGIN
+    PERFORM pgflow._check_message(_send.message);
+    INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message, headers)
+    VALUES (q.queue_id, nextval(q.msg_seq), visible_at, _send.priority, _send.message, _send.headers)
+    RETURNING msg_id INTO id;
+    IF visible_at > clock_timestamp() THEN
+        PERFORM pgflow._due_at(q.queue_id, visible_at);
+    END IF;
+    RETURN id;
+END
+$$;
+
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule
 -- and every upgrade script ends by applying it.

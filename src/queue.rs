@@ -542,6 +542,11 @@ pub(crate) const C_FUNCTIONS: &[CFunction] = &[
         result: "(procedure)",
     },
     CFunction {
+        symbol: "pgflow_check_ids",
+        signature: "pgflow._check_ids(bigint[],integer[],text,text)",
+        result: "void",
+    },
+    CFunction {
         symbol: "pgflow_check_message",
         signature: "pgflow._check_message(jsonb)",
         result: "void",
@@ -909,6 +914,23 @@ pub unsafe extern "C-unwind" fn pgflow_wait_for_messages(fcinfo: FunctionCallInf
             events::wait_for_wake(queue_id, epoch, wait);
         }
     }
+}
+
+v1!(pg_finfo_pgflow_check_ids);
+/// Internal `pgflow._check_ids(msg_ids, read_cts, ids_arg, cts_arg)`: [`check_ids`] for the
+/// PL/pgSQL functions taking arrays of ids (`delete`, `archive`, `set_vt`, ...).
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_check_ids(fcinfo: FunctionCallInfo) -> Datum {
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for
+    // pgflow._check_ids as C_FUNCTIONS lists it (checked against pg_proc by a test): bigint[],
+    // integer[] and two text arguments, read at those positions and types.
+    unsafe {
+        let ids_arg = text_arg(fcinfo, 2).unwrap_or_else(|| "msg_ids".into());
+        let cts_arg = text_arg(fcinfo, 3).unwrap_or_else(|| "read_cts".into());
+        check_ids(arg(fcinfo, 0), arg(fcinfo, 1), &ids_arg, &cts_arg);
+    }
+    Datum::from(0)
 }
 
 v1!(pg_finfo_pgflow_check_message);

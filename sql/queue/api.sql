@@ -74,6 +74,12 @@ $$;
 -- Rust (src/queue.rs), where the hot path calls the same code directly.
 
 -- Checks shared by the send functions.
+-- 22004 for a NULL message: the rule of send, in src/queue.rs.
+CREATE FUNCTION pgflow._check_message(message jsonb) RETURNS void
+LANGUAGE c IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'pgflow_check_message';
+
 CREATE FUNCTION pgflow._check_send(delay_seconds integer, priority integer, headers jsonb) RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
@@ -328,10 +334,7 @@ AS $$
 DECLARE
     id bigint;
 BEGIN
-    IF _send.message IS NULL THEN
-        RAISE EXCEPTION 'message must not be null' USING ERRCODE = '22004',
-            HINT = 'Send ''{}''::jsonb for an empty message.';
-    END IF;
+    PERFORM pgflow._check_message(_send.message);
     INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message, headers)
     VALUES (q.queue_id, nextval(q.msg_seq), visible_at, _send.priority, _send.message, _send.headers)
     RETURNING msg_id INTO id;
@@ -583,29 +586,14 @@ COMMENT ON FUNCTION pgflow.pop(text, integer) IS
 -- Acknowledging and leases
 ---------------------------------------------------------------------------------------------
 
--- ids_arg and cts_arg: the caller's names of the two arguments, for the error messages.
+-- ids_arg and cts_arg: the caller's names of the two arguments, for the error messages. The
+-- rule is check_ids in src/queue.rs, which the Rust hot path (ack_and_read) calls directly.
 CREATE FUNCTION pgflow._check_ids(msg_ids bigint[], read_cts integer[],
                                   ids_arg text DEFAULT 'msg_ids', cts_arg text DEFAULT 'read_cts')
 RETURNS void
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE c IMMUTABLE
 SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF msg_ids IS NULL THEN
-        RAISE EXCEPTION '% must not be null', ids_arg USING ERRCODE = '22004';
-    ELSIF array_ndims(msg_ids) > 1 THEN
-        RAISE EXCEPTION '% must be a one-dimensional array', ids_arg USING ERRCODE = '22023';
-    ELSIF array_position(msg_ids, NULL) IS NOT NULL THEN
-        RAISE EXCEPTION '%[%] is null', ids_arg, array_position(msg_ids, NULL) USING ERRCODE = '22004';
-    END IF;
-    IF read_cts IS NOT NULL AND array_ndims(read_cts) > 1 THEN
-        RAISE EXCEPTION '% must be a one-dimensional array', cts_arg USING ERRCODE = '22023';
-    ELSIF read_cts IS NOT NULL AND cardinality(read_cts) <> cardinality(msg_ids) THEN
-        RAISE EXCEPTION '% has % elements but % has %', cts_arg, cardinality(read_cts), ids_arg, cardinality(msg_ids)
-            USING ERRCODE = '22023', HINT = format('Give one %s element per %s element, or none.', cts_arg, ids_arg);
-    END IF;
-END
-$$;
+AS 'MODULE_PATHNAME', 'pgflow_check_ids';
 
 -- Delete (archive = false) or archive the given messages whose lease matches; returns the ids
 -- acted on. read_cts, when given, must match the message's current read_ct (the delivery the

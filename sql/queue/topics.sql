@@ -3,12 +3,6 @@
 -- matching, are in src/topics.rs (pgflow._check_topic, pgflow._topic_matches); the copies are
 -- sent by pgflow.send and pgflow.send_batch, so every rule of sending applies to each.
 
--- 22004 for a NULL message: the rule of send, in src/queue.rs.
-CREATE FUNCTION pgflow._check_message(message jsonb) RETURNS void
-LANGUAGE c IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS 'MODULE_PATHNAME', 'pgflow_check_message';
-
 CREATE FUNCTION pgflow.bind_topic(pattern text, queue_name text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp

@@ -1160,8 +1160,13 @@ $$;
 COMMENT ON FUNCTION pgflow.publish_batch(text, jsonb[], integer, integer) IS
 'publish for several messages: each queue bound to a pattern matching routing_key gets the whole batch through send_batch, in this transaction. Returns (queue_name, msg_id) per message copy, by queue name and then in array order.';
 
--- One home for two rules of the queue layer, in src/queue.rs: the ids checks and the message
--- check (0.1.0 had PL/pgSQL twins of both).
+-- One home for three rules of the queue layer, in src/queue.rs: the ids checks, the message
+-- check and a send's options (0.1.0 had PL/pgSQL twins of all three).
+CREATE OR REPLACE FUNCTION pgflow._check_send(delay_seconds integer, priority integer, headers jsonb) RETURNS void
+LANGUAGE c IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS 'MODULE_PATHNAME', 'pgflow_check_send';
+
 CREATE OR REPLACE FUNCTION pgflow._check_ids(msg_ids bigint[], read_cts integer[],
                                   ids_arg text DEFAULT 'msg_ids', cts_arg text DEFAULT 'read_cts')
 RETURNS void

@@ -542,6 +542,11 @@ pub(crate) const C_FUNCTIONS: &[CFunction] = &[
         result: "(procedure)",
     },
     CFunction {
+        symbol: "pgflow_check_send",
+        signature: "pgflow._check_send(integer,integer,jsonb)",
+        result: "void",
+    },
+    CFunction {
         symbol: "pgflow_check_ids",
         signature: "pgflow._check_ids(bigint[],integer[],text,text)",
         result: "void",
@@ -558,6 +563,56 @@ pub(crate) const C_FUNCTIONS: &[CFunction] = &[
     },
 ];
 
+/// The checks of a send's options: `delay` in seconds (0 to a year), a `priority`, `headers` a
+/// JSON object or NULL. Returns the delay and the priority datum.
+///
+/// # Safety
+/// `delay` and `priority` are int4 datums, `headers` a jsonb datum, as sent.
+unsafe fn check_send(
+    delay: Option<Datum>,
+    priority: Option<Datum>,
+    headers: Option<Datum>,
+) -> (i32, Datum) {
+    let delay = check_seconds(
+        delay.map(|d| d.value() as i32),
+        "delay",
+        Some("Pass 0 to send without delay."),
+    );
+    let Some(priority) = priority else {
+        null_error(
+            "priority",
+            Some("Pass 0 for normal priority; higher values are served first."),
+        )
+    };
+    if let Some(h) = headers {
+        // SAFETY: a non-null jsonb datum (the caller's contract).
+        let kind = unsafe { json_type(h) };
+        if kind != "object" {
+            raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("headers must be a JSON object or null, not a JSON {kind}"),
+                None,
+            );
+        }
+    }
+    (delay, priority)
+}
+
+v1!(pg_finfo_pgflow_check_send);
+/// Internal `pgflow._check_send(delay_seconds, priority, headers)`: [`check_send`] for the
+/// PL/pgSQL senders (`send` with a time, `send_batch`, `publish`).
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_check_send(fcinfo: FunctionCallInfo) -> Datum {
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for
+    // pgflow._check_send as C_FUNCTIONS lists it (checked against pg_proc by a test): integer,
+    // integer and jsonb arguments, as check_send reads them.
+    unsafe {
+        check_send(arg(fcinfo, 0), arg(fcinfo, 1), arg(fcinfo, 2));
+    }
+    Datum::from(0)
+}
+
 v1!(pg_finfo_pgflow_send);
 /// `pgflow.send(queue_name, message, delay int, priority, headers) -> bigint`
 #[pg_guard]
@@ -567,28 +622,8 @@ pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
     // C_FUNCTIONS lists it (checked against pg_proc by a test), so the argument positions and
     // types read here are those; every SPI statement runs inside the SpiScope.
     unsafe {
-        let delay = check_seconds(
-            arg(fcinfo, 2).map(|d| d.value() as i32),
-            "delay",
-            Some("Pass 0 to send without delay."),
-        );
-        let Some(priority) = arg(fcinfo, 3) else {
-            null_error(
-                "priority",
-                Some("Pass 0 for normal priority; higher values are served first."),
-            )
-        };
         let headers = arg(fcinfo, 4);
-        if let Some(h) = headers {
-            let kind = json_type(h);
-            if kind != "object" {
-                raise(
-                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                    format!("headers must be a JSON object or null, not a JSON {kind}"),
-                    None,
-                );
-            }
-        }
+        let (delay, priority) = check_send(arg(fcinfo, 2), arg(fcinfo, 3), headers);
         let name_datum = arg(fcinfo, 0);
         let name = text_arg(fcinfo, 0);
         let _spi = SpiScope::connect();

@@ -73,35 +73,18 @@ $$;
 -- the checks shared by the functions that lease messages and those that wait for them, are in
 -- Rust (src/queue.rs), where the hot path calls the same code directly.
 
--- Checks shared by the send functions.
--- 22004 for a NULL message: the rule of send, in src/queue.rs.
+-- Checks shared by the send functions, in Rust (src/queue.rs), where pgflow.send calls the same
+-- code directly: pgflow._check_message (22004 for a NULL message) and pgflow._check_send (a
+-- send's delay, priority and headers).
 CREATE FUNCTION pgflow._check_message(message jsonb) RETURNS void
 LANGUAGE c IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgflow_check_message';
 
 CREATE FUNCTION pgflow._check_send(delay_seconds integer, priority integer, headers jsonb) RETURNS void
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE c IMMUTABLE
 SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF delay_seconds IS NULL THEN
-        RAISE EXCEPTION 'delay must not be null' USING ERRCODE = '22004',
-            HINT = 'Pass 0 to send without delay.';
-    ELSIF delay_seconds < 0 OR delay_seconds > 31536000 THEN
-        RAISE EXCEPTION 'delay must be between 0 and 31536000 seconds, not %', delay_seconds
-            USING ERRCODE = '22023';
-    END IF;
-    IF priority IS NULL THEN
-        RAISE EXCEPTION 'priority must not be null' USING ERRCODE = '22004',
-            HINT = 'Pass 0 for normal priority; higher values are served first.';
-    END IF;
-    IF headers IS NOT NULL AND jsonb_typeof(headers) <> 'object' THEN
-        RAISE EXCEPTION 'headers must be a JSON object or null, not a JSON %', jsonb_typeof(headers)
-            USING ERRCODE = '22023';
-    END IF;
-END
-$$;
+AS 'MODULE_PATHNAME', 'pgflow_check_send';
 
 -- Remember that a queue has messages becoming visible at `due`, so the maintenance worker wakes
 -- its readers and notifies its listeners then. Rounded up to 100 ms: one row per burst. In the

@@ -269,26 +269,14 @@ COMMENT ON FUNCTION pgflow.pop(text, integer) IS
 'Read and delete up to qty visible messages at once (at-most-once delivery: a consumer that fails after pop has lost the message).';
 CREATE OR REPLACE FUNCTION pgflow.delete(queue_name text, msg_ids bigint[], read_cts integer[] DEFAULT NULL)
 RETURNS SETOF bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-AS $$
-BEGIN
-    PERFORM pgflow._check_ids(msg_ids, read_cts);
-    RETURN QUERY SELECT pgflow._ack(pgflow._api_queue(queue_name, 'delete'), msg_ids, read_cts, false);
-END
-$$;
+LANGUAGE c VOLATILE SECURITY DEFINER
+AS 'MODULE_PATHNAME', 'pgflow_delete_many';
 COMMENT ON FUNCTION pgflow.delete(text, bigint[], integer[]) IS
 'Delete several messages; returns the ids deleted. With read_cts (one per id, null for any), a message whose read_ct differs is left alone.';
 CREATE OR REPLACE FUNCTION pgflow.archive(queue_name text, msg_ids bigint[], read_cts integer[] DEFAULT NULL)
 RETURNS SETOF bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-AS $$
-BEGIN
-    PERFORM pgflow._check_ids(msg_ids, read_cts);
-    RETURN QUERY SELECT pgflow._ack(pgflow._api_queue(queue_name, 'archive'), msg_ids, read_cts, true);
-END
-$$;
+LANGUAGE c VOLATILE SECURITY DEFINER
+AS 'MODULE_PATHNAME', 'pgflow_archive_many';
 COMMENT ON FUNCTION pgflow.archive(text, bigint[], integer[]) IS
 'Archive several messages; returns the ids archived. With read_cts, a message whose read_ct differs is left alone.';
 CREATE OR REPLACE FUNCTION pgflow.set_vt(queue_name text, msg_id bigint, vt integer, read_ct integer DEFAULT NULL)
@@ -1193,6 +1181,10 @@ BEGIN
     RETURN id;
 END
 $$;
+
+-- Acking several messages is the Rust rule of the hot path (src/queue.rs ack), called by the
+-- array forms of delete and archive above; its PL/pgSQL twin is gone.
+DROP FUNCTION pgflow._ack(pgflow.queues, bigint[], integer[], boolean);
 
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule

@@ -527,6 +527,16 @@ pub(crate) const C_FUNCTIONS: &[CFunction] = &[
         result: "boolean",
     },
     CFunction {
+        symbol: "pgflow_archive_many",
+        signature: "pgflow.archive(text,bigint[],integer[])",
+        result: "SETOF bigint",
+    },
+    CFunction {
+        symbol: "pgflow_delete_many",
+        signature: "pgflow.delete(text,bigint[],integer[])",
+        result: "SETOF bigint",
+    },
+    CFunction {
         symbol: "pgflow_ack_and_read",
         signature: "pgflow.ack_and_read(text,bigint[],integer,integer,boolean,integer[])",
         result: "SETOF pgflow.message_record",
@@ -821,6 +831,71 @@ unsafe fn ack_one(fcinfo: FunctionCallInfo, to_archive: bool) -> Datum {
         );
         Datum::from(ack_single(&q, msg_id, read_ct, to_archive) > 0)
     }
+}
+
+/// `pgflow.archive(queue_name, msg_ids, read_cts)` and `pgflow.delete(...)`: several messages;
+/// returns the ids acted on (a set of bigint).
+unsafe fn ack_many(fcinfo: FunctionCallInfo, to_archive: bool) -> Datum {
+    // SAFETY: fcinfo is the valid call information of the array forms of pgflow.archive or
+    // pgflow.delete (text, bigint[], integer[]) returning SETOF bigint (the caller's contract),
+    // read at those positions and types; InitMaterializedSRF with the expected descriptor (one
+    // bigint column) gives the tuple store written to; every SPI statement runs inside the
+    // SpiScope.
+    unsafe {
+        let ids_datum = arg(fcinfo, 1);
+        let cts_datum = arg(fcinfo, 2);
+        let (ids, cts) = check_ids(ids_datum, cts_datum, "msg_ids", "read_cts");
+        pg_sys::InitMaterializedSRF(fcinfo, pg_sys::MAT_SRF_USE_EXPECTED_DESC);
+        let name_datum = arg(fcinfo, 0);
+        let name = text_arg(fcinfo, 0);
+        let _spi = SpiScope::connect();
+        let q = queue(
+            name.as_deref(),
+            name_datum,
+            Some(if to_archive { "archive" } else { "delete" }),
+        );
+        let Some(ids_datum) = ids_datum else {
+            unreachable!("check_ids raises for NULL")
+        };
+        let n = ack(&q, &ids, ids_datum, &cts, cts_datum, to_archive);
+        let acted: Vec<i64> = if ids.len() == 1 {
+            ids.iter().copied().filter(|_| n > 0).collect()
+        } else {
+            (0..n).filter_map(|row| int_column(row, 1)).collect()
+        };
+        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+        for id in acted {
+            let mut value = Datum::from(id);
+            let mut isnull = false;
+            pg_sys::tuplestore_putvalues(
+                (*rsinfo).setResult,
+                (*rsinfo).setDesc,
+                &mut value,
+                &mut isnull,
+            );
+        }
+        Datum::from(0)
+    }
+}
+
+v1!(pg_finfo_pgflow_archive_many);
+/// `pgflow.archive(queue_name, msg_ids, read_cts) -> SETOF bigint`
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_archive_many(fcinfo: FunctionCallInfo) -> Datum {
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for the array form
+    // of pgflow.archive as C_FUNCTIONS lists it, which is what ack_many reads.
+    unsafe { ack_many(fcinfo, true) }
+}
+
+v1!(pg_finfo_pgflow_delete_many);
+/// `pgflow.delete(queue_name, msg_ids, read_cts) -> SETOF bigint`
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_delete_many(fcinfo: FunctionCallInfo) -> Datum {
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for the array form
+    // of pgflow.delete as C_FUNCTIONS lists it, which is what ack_many reads.
+    unsafe { ack_many(fcinfo, false) }
 }
 
 v1!(pg_finfo_pgflow_archive_one);

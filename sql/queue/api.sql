@@ -578,58 +578,6 @@ LANGUAGE c IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgflow_check_ids';
 
--- Delete (archive = false) or archive the given messages whose lease matches; returns the ids
--- acted on. read_cts, when given, must match the message's current read_ct (the delivery the
--- caller holds); a null element accepts any.
-CREATE FUNCTION pgflow._ack(q pgflow.queues, msg_ids bigint[], read_cts integer[], to_archive boolean)
-RETURNS SETOF bigint
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-AS $$
-#variable_conflict use_column
-BEGIN
-    IF cardinality(msg_ids) = 1 THEN
-        -- The common single-message ack, without unnest.
-        IF to_archive THEN
-            RETURN QUERY
-            WITH gone AS (
-                DELETE FROM pgflow.messages m
-                 WHERE m.queue_id = q.queue_id AND m.msg_id = msg_ids[1]
-                   AND (read_cts[1] IS NULL OR m.read_ct = read_cts[1])
-                RETURNING m.*
-            )
-            INSERT INTO pgflow.archive (queue_id, msg_id, read_ct, enqueued_at, vt, priority, message, headers)
-            SELECT queue_id, msg_id, read_ct, enqueued_at, vt, priority, message, headers FROM gone
-            RETURNING msg_id;
-        ELSE
-            RETURN QUERY
-            DELETE FROM pgflow.messages m
-             WHERE m.queue_id = q.queue_id AND m.msg_id = msg_ids[1]
-               AND (read_cts[1] IS NULL OR m.read_ct = read_cts[1])
-            RETURNING m.msg_id;
-        END IF;
-    ELSIF to_archive THEN
-        RETURN QUERY
-        WITH want AS (
-            SELECT id, rc FROM unnest(msg_ids, coalesce(read_cts, '{}')) AS w(id, rc)
-        ), gone AS (
-            DELETE FROM pgflow.messages m USING want w
-             WHERE m.queue_id = q.queue_id AND m.msg_id = w.id AND (w.rc IS NULL OR m.read_ct = w.rc)
-            RETURNING m.*
-        )
-        INSERT INTO pgflow.archive (queue_id, msg_id, read_ct, enqueued_at, vt, priority, message, headers)
-        SELECT queue_id, msg_id, read_ct, enqueued_at, vt, priority, message, headers FROM gone
-        RETURNING msg_id;
-    ELSE
-        RETURN QUERY
-        DELETE FROM pgflow.messages m
-         USING unnest(msg_ids, coalesce(read_cts, '{}')) AS w(id, rc)
-         WHERE m.queue_id = q.queue_id AND m.msg_id = w.id AND (w.rc IS NULL OR m.read_ct = w.rc)
-        RETURNING m.msg_id;
-    END IF;
-END
-$$;
-
 CREATE FUNCTION pgflow.delete(queue_name text, msg_id bigint, read_ct integer DEFAULT NULL)
 RETURNS boolean
 LANGUAGE c VOLATILE SECURITY DEFINER
@@ -639,14 +587,8 @@ COMMENT ON FUNCTION pgflow.delete(text, bigint, integer) IS
 
 CREATE FUNCTION pgflow.delete(queue_name text, msg_ids bigint[], read_cts integer[] DEFAULT NULL)
 RETURNS SETOF bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-AS $$
-BEGIN
-    PERFORM pgflow._check_ids(msg_ids, read_cts);
-    RETURN QUERY SELECT pgflow._ack(pgflow._api_queue(queue_name, 'delete'), msg_ids, read_cts, false);
-END
-$$;
+LANGUAGE c VOLATILE SECURITY DEFINER
+AS 'MODULE_PATHNAME', 'pgflow_delete_many';
 COMMENT ON FUNCTION pgflow.delete(text, bigint[], integer[]) IS
 'Delete several messages; returns the ids deleted. With read_cts (one per id, null for any), a message whose read_ct differs is left alone.';
 
@@ -659,14 +601,8 @@ COMMENT ON FUNCTION pgflow.archive(text, bigint, integer) IS
 
 CREATE FUNCTION pgflow.archive(queue_name text, msg_ids bigint[], read_cts integer[] DEFAULT NULL)
 RETURNS SETOF bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-AS $$
-BEGIN
-    PERFORM pgflow._check_ids(msg_ids, read_cts);
-    RETURN QUERY SELECT pgflow._ack(pgflow._api_queue(queue_name, 'archive'), msg_ids, read_cts, true);
-END
-$$;
+LANGUAGE c VOLATILE SECURITY DEFINER
+AS 'MODULE_PATHNAME', 'pgflow_archive_many';
 COMMENT ON FUNCTION pgflow.archive(text, bigint[], integer[]) IS
 'Archive several messages; returns the ids archived. With read_cts, a message whose read_ct differs is left alone.';
 

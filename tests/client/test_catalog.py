@@ -17,7 +17,7 @@ PINNED_IN_RUST = {
     "pgflow_send", "pgflow_read", "pgflow_archive_one", "pgflow_delete_one",
     "pgflow_ack_and_read", "pgflow_messages_inserted", "pgflow_queues_changed",
     "pgflow_poll_for_tasks", "pgflow_start_tasks", "pgflow_complete_task", "pgflow_step_completed",
-    "pgflow_wait_for_messages",
+    "pgflow_wait_for_messages", "pgflow_delete_many", "pgflow_archive_many",
 }
 
 

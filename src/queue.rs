@@ -867,11 +867,12 @@ unsafe fn ack_many(fcinfo: FunctionCallInfo, to_archive: bool) -> Datum {
         for id in acted {
             let mut value = Datum::from(id);
             let mut isnull = false;
+            // raw pointers: PostgreSQL 18 declares them const, 15 mutable
             pg_sys::tuplestore_putvalues(
                 (*rsinfo).setResult,
                 (*rsinfo).setDesc,
-                &mut value,
-                &mut isnull,
+                &raw mut value,
+                &raw mut isnull,
             );
         }
         Datum::from(0)

@@ -125,16 +125,10 @@ fn my_database() -> u32 {
     unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
 
+/// Wake the process registered as `procno` in an outbox or as the launcher; -1: nobody.
 fn set_latch_of(procno: i32) {
-    if procno < 0 {
-        return;
-    }
-    // SAFETY: procno was registered by a live process as its own number, an index into
-    // ProcGlobal->allProcs (a PGPROC for every possible process); setting the latch of a
-    // process that has since exited is harmless.
-    unsafe {
-        let proc_ = (*pg_sys::ProcGlobal).allProcs.add(procno as usize);
-        pg_sys::SetLatch(&raw mut (*proc_).procLatch);
+    if let Ok(procno) = usize::try_from(procno) {
+        crate::spi::set_latch_of(procno);
     }
 }
 

@@ -409,14 +409,9 @@ fn wake(buckets: &BTreeSet<usize>) {
             }
         }
     }
+    // every procno on the board was registered by a waiting backend as its own number
     for procno in waiting {
-        // SAFETY: every procno on the board is below MAX_WAITERS and was registered by a live
-        // backend as its own number, an index into ProcGlobal->allProcs (which has a PGPROC for
-        // every possible backend); setting a latch of a process that has since exited is harmless.
-        unsafe {
-            let proc_ = (*pg_sys::ProcGlobal).allProcs.add(procno);
-            pg_sys::SetLatch(&raw mut (*proc_).procLatch);
-        }
+        crate::spi::set_latch_of(procno);
     }
 }
 

@@ -289,10 +289,10 @@ fn check_lease_sql(vt: Option<i32>, qty: Option<i32>) {
 }
 
 /// A message to send: NULL is refused (22004).
-fn check_message<T>(message: Option<T>) -> Option<T> {
-    if message.is_none() {
+fn check_message<T>(message: Option<T>) -> T {
+    let Some(message) = message else {
         null_error("message", Some("Send '{}'::jsonb for an empty message."))
-    }
+    };
     message
 }
 
@@ -641,9 +641,7 @@ pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
             lock_queue_name(d);
         }
         let q = queue(name.as_deref(), name_datum, Some("send"));
-        let Some(message) = check_message(arg(fcinfo, 1)) else {
-            unreachable!("check_message raises for NULL")
-        };
+        let message = check_message(arg(fcinfo, 1));
         run(
             Stmt::Send,
             &[

@@ -225,6 +225,18 @@ pub fn my_proc_number() -> usize {
     n as usize
 }
 
+/// Set the latch of the process numbered `procno` (what [`my_proc_number`] returned in it), to
+/// wake it from a wait. The number must have been registered by that process itself while alive;
+/// setting the latch of a process that has exited since is harmless.
+pub fn set_latch_of(procno: usize) {
+    // SAFETY: procno is a process's own number (the caller's contract), an index into
+    // ProcGlobal->allProcs, which holds a PGPROC for every possible process.
+    unsafe {
+        let proc_ = (*pg_sys::ProcGlobal).allProcs.add(procno);
+        pg_sys::SetLatch(&raw mut (*proc_).procLatch);
+    }
+}
+
 thread_local! {
     /// How many statements of ours are running in this backend (nested ones included): while
     /// it is above zero, whatever is planned is planned with the settings of [`PINNED_PLANNING`].

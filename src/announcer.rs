@@ -26,7 +26,7 @@ use crate::spi::as_raised;
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::{PGRXSharedMemory, PgLwLock};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -403,30 +403,13 @@ fn announce(records: &[u8]) {
 }
 
 /// Events grouped by channel, in order; the `message_sent` events of one queue merged into
-/// one (the lowest and highest ids, the sum of the counts).
+/// one, as within a transaction ([`crate::events::push_merged`]).
 pub fn merge(records: Vec<(String, String)>) -> BTreeMap<String, Vec<Value>> {
     let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for (channel, text) in records {
-        let Ok(event) = serde_json::from_str::<Value>(&text) else {
-            continue;
-        };
-        let events = out.entry(channel).or_default();
-        if event["event"] == "message_sent" {
-            if let Some(range) = events
-                .iter_mut()
-                .find(|e| e["event"] == "message_sent" && e["queue"] == event["queue"])
-            {
-                let n = |v: &Value, k: &str| v[k].as_i64().unwrap_or(0);
-                *range = json!({
-                    "event": "message_sent", "queue": event["queue"],
-                    "first_msg_id": n(range, "first_msg_id").min(n(&event, "first_msg_id")),
-                    "last_msg_id": n(range, "last_msg_id").max(n(&event, "last_msg_id")),
-                    "count": n(range, "count") + n(&event, "count"),
-                });
-                continue;
-            }
+        if let Ok(event) = serde_json::from_str::<Value>(&text) {
+            crate::events::push_merged(out.entry(channel).or_default(), event);
         }
-        events.push(event);
     }
     out
 }
@@ -435,6 +418,7 @@ pub fn merge(records: Vec<(String, String)>) -> BTreeMap<String, Vec<Value>> {
 #[pg_schema]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[pg_test]
     fn records_round_trip_and_ranges_merge() {

@@ -80,6 +80,48 @@ impl SentRange {
         self.count += other.count;
         self.announce |= other.announce;
     }
+
+    /// The `message_sent` event that announces the range.
+    fn event(&self) -> Value {
+        json!({
+            "event": "message_sent", "queue": self.queue_name,
+            "first_msg_id": self.first, "last_msg_id": self.last, "count": self.count
+        })
+    }
+
+    /// The range a `message_sent` event announces; None for any other event.
+    fn of_event(event: &Value) -> Option<SentRange> {
+        if event["event"] != "message_sent" {
+            return None;
+        }
+        let n = |k: &str| event[k].as_i64().unwrap_or(0);
+        Some(SentRange {
+            queue_name: event["queue"].as_str()?.to_string(),
+            first: n("first_msg_id"),
+            last: n("last_msg_id"),
+            count: n("count"),
+            announce: true,
+        })
+    }
+}
+
+/// Add `event` to the events of one channel: a `message_sent` for a queue that already has one
+/// there is merged into it (lowest and highest id, summed count), as the sends of one
+/// transaction are; any other event is appended.
+pub(crate) fn push_merged(events: &mut Vec<Value>, event: Value) {
+    if let Some(range) = SentRange::of_event(&event) {
+        let same_queue = events.iter_mut().find_map(|e| {
+            SentRange::of_event(e)
+                .filter(|r| r.queue_name == range.queue_name)
+                .map(|r| (e, r))
+        });
+        if let Some((slot, mut merged)) = same_queue {
+            merged.absorb(range);
+            *slot = merged.event();
+            return;
+        }
+    }
+    events.push(event);
 }
 
 /// What this backend's open transaction will announce and wake when it commits, each item
@@ -254,10 +296,7 @@ fn emit_notifications() {
     }
     let mut notifications: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for range in per_queue.into_values().filter(|r| r.announce) {
-        let event = json!({
-            "event": "message_sent", "queue": range.queue_name,
-            "first_msg_id": range.first, "last_msg_id": range.last, "count": range.count
-        });
+        let event = range.event();
         notifications
             .entry(queue_channel_of(&range.queue_name))
             .or_default()

@@ -628,9 +628,7 @@ BEGIN
      WHERE run_id = r.run_id AND step_slug = st.step_slug;
     UPDATE pgflow.step_tasks t SET status = 'failed', failed_at = now_, error_message = err, attempts_count = read_ct - 1
      WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_timed_out.task_index;
-    PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
-        'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', f.flow_slug, 'step_slug', st.step_slug,
-        'task_index', task_index, 'attempt', read_ct - 1, 'will_retry', false, 'reason', 'timeout'));
+    PERFORM pgflow._emit_task_failed(r.run_id, f.flow_slug, st.step_slug, task_index, read_ct - 1, false, 'timeout');
     PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
 END
 $$;
@@ -656,7 +654,7 @@ DECLARE
     at timestamptz;
     now_ timestamptz;
 BEGIN
-    -- the flow lock, shared, before the run lock (the order of complete_task in src/workflow.rs)
+    -- the flow lock, shared, before the run lock (the order of complete_task in src/workflow/)
     PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = fail_task.run_id;
     SELECT * INTO chk FROM pgflow._end_task_check(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
                                                   fail_task.worker_id);
@@ -690,10 +688,7 @@ BEGIN
         ELSE
             PERFORM pgflow._on_commit_wake(q.queue_id);
         END IF;
-        PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
-            'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
-            'task_index', fail_task.task_index, 'attempt', t.attempts_count, 'will_retry', true,
-            'reason', 'error'));
+        PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, fail_task.task_index, t.attempts_count, true, 'error');
         RETURN 'retrying';
     END IF;
     -- Out of attempts: the task's message (only the caller's delivery, when it names its
@@ -710,10 +705,7 @@ BEGIN
      WHERE s.run_id = fail_task.run_id AND s.step_slug = fail_task.step_slug;
     UPDATE pgflow.step_tasks x SET status = 'failed', error_message = err, failed_at = now_
      WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
-    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
-        'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
-        'task_index', fail_task.task_index, 'attempt', t.attempts_count, 'will_retry', false,
-        'reason', 'error'));
+    PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, fail_task.task_index, t.attempts_count, false, 'error');
     PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, fail_task.error_message);
     RETURN 'failed';
 END
@@ -832,7 +824,7 @@ COMMENT ON FUNCTION pgflow.add_step(text, text, text[], integer, integer, intege
 'Add a step to a flow; returns the step row. deps_slugs: steps of the flow, already added, that must complete first (so a flow is a DAG by construction). Options left NULL inherit the flow''s; start_delay (0-31536000 s) delays the step''s tasks after it becomes ready. step_type ''map'': one task per element of an array, the run input (no dependency) or the output of its one dependency; its output is the array of its task outputs. Adding an identical step again is a no-op; a different one fails with 42710; a flow that has runs can take no new steps (55000).';
 
 -- Every attempt leaves its entry in a message's errors: a delivery whose lease ran out gets
--- "visibility timeout expired" when the message is claimed again (the claim of src/queue.rs,
+-- "visibility timeout expired" when the message is claimed again (the claim of src/queue/,
 -- which read_with_poll now uses too), and the dead-letter move adds the last attempt's entry
 -- only if that claim has not. pgflow._claim's leasing branch is gone; pop keeps its own
 -- claim, pgflow._pop.
@@ -891,7 +883,7 @@ BEGIN
     LOOP
         -- Taken before looking, so a send committing between the look and the wait wakes us.
         epoch := pgflow._wake_epoch(q.queue_id);
-        -- the claim of pgflow.read (src/queue.rs): one home for the lease and DLQ rules
+        -- the claim of pgflow.read (src/queue/): one home for the lease and DLQ rules
         RETURN QUERY SELECT * FROM pgflow.read(q.queue_name, vt, qty);
         IF FOUND THEN
             RETURN;
@@ -921,7 +913,7 @@ BEGIN
     SELECT q.queue_name, g.msg_id, g.message, g.headers, g.priority, g.read_ct,
            coalesce(pgflow._error_text(error), 'visibility timeout expired without ack or nack'),
            -- the last attempt's lease ran out: its entry, unless the claim that found the message
-           -- exhausted wrote it already (each earlier attempt has its own, see src/queue.rs)
+           -- exhausted wrote it already (each earlier attempt has its own, see src/queue/)
            coalesce(g.errors, '[]'::jsonb) || CASE WHEN error IS NULL AND g.read_ct > 0 AND NOT coalesce(
                g.errors @> jsonb_build_array(jsonb_build_object('attempt', g.read_ct)), false)
                THEN jsonb_build_array(jsonb_build_object(
@@ -1030,7 +1022,7 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'topic_matches_wrapper';
 
--- 22004 for a NULL message: the rule of send, in src/queue.rs.
+-- 22004 for a NULL message: the rule of send, in src/queue/.
 CREATE FUNCTION pgflow._check_message(message jsonb) RETURNS void
 LANGUAGE c IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
@@ -1148,7 +1140,7 @@ $$;
 COMMENT ON FUNCTION pgflow.publish_batch(text, jsonb[], integer, integer) IS
 'publish for several messages: each queue bound to a pattern matching routing_key gets the whole batch through send_batch, in this transaction. Returns (queue_name, msg_id) per message copy, by queue name and then in array order.';
 
--- One home for three rules of the queue layer, in src/queue.rs: the ids checks, the message
+-- One home for three rules of the queue layer, in src/queue/: the ids checks, the message
 -- check and a send's options (0.1.0 had PL/pgSQL twins of all three).
 CREATE OR REPLACE FUNCTION pgflow._check_send(delay_seconds integer, priority integer, headers jsonb) RETURNS void
 LANGUAGE c IMMUTABLE
@@ -1182,9 +1174,277 @@ BEGIN
 END
 $$;
 
--- Acking several messages is the Rust rule of the hot path (src/queue.rs ack), called by the
+-- Acking several messages is the Rust rule of the hot path (src/queue/ ack), called by the
 -- array forms of delete and archive above; its PL/pgSQL twin is gone.
 DROP FUNCTION pgflow._ack(pgflow.queues, bigint[], integer[], boolean);
+
+-- One home for pgflow's advisory locks (src/locks.rs): the lock functions become C functions
+-- over it (0.1.0 had them in PL/pgSQL beside the Rust key spaces), and get_queue_stats tries the
+-- queue-name lock through it.
+-- The queue-name lock: keeps a queue from being dropped under a caller that uses its message
+-- sequence (send, send_batch, nack, bind_topic, get_queue_stats): taken shared by them,
+-- exclusive by create_queue and drop_queue. Take it in its own statement BEFORE looking the
+-- queue up, so the look-up's snapshot already sees a drop that committed meanwhile (42704)
+-- instead of a sequence that is gone.
+CREATE OR REPLACE FUNCTION pgflow._lock_queue_name(queue_name text, exclusive boolean) RETURNS void
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'pgflow_lock_queue_name';
+
+-- The queue-name lock, shared, only if it can be had at once (get_queue_stats passes over a
+-- queue being dropped rather than waiting for it).
+CREATE FUNCTION pgflow._try_lock_queue_name(queue_name text) RETURNS boolean
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'pgflow_try_lock_queue_name';
+
+-- The flow lock: exclusive by what defines or drops a flow (create_flow, create_flow_from_shape,
+-- drop_flow), shared by what starts or ends its work (start_flow, complete_task, fail_task).
+-- It comes first in the lock order, before the run lock: a drop_flow waits for the work under
+-- way, and work that comes after it finds the flow gone (42704). Claims (poll_for_tasks,
+-- start_tasks) do not take it, since a poll may wait for minutes: drop_flow deletes the flow's
+-- messages first, which waits for the claims holding them and leaves later claims nothing to
+-- take.
+CREATE OR REPLACE FUNCTION pgflow._lock_flow(flow_slug text, exclusive boolean) RETURNS void
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'pgflow_lock_flow';
+
+-- The run lock (see the lock order in sql/workflow/runtime.sql): exclusive, waiting for it
+-- (returns true) or, with wait = false, only trying (returns whether it was had).
+CREATE OR REPLACE FUNCTION pgflow._lock_run(run_id uuid, wait boolean) RETURNS boolean
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'pgflow_lock_run';
+
+CREATE OR REPLACE FUNCTION pgflow.get_queue_stats() RETURNS SETOF pgflow.queue_stats
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    name text;
+    q pgflow.queues;
+BEGIN
+    FOR name IN SELECT x.queue_name FROM pgflow.queues x ORDER BY x.queue_name LOOP
+        CONTINUE WHEN NOT pgflow._try_lock_queue_name(name);
+        SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = name;
+        IF FOUND THEN
+            RETURN NEXT pgflow._stats(q);
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- One home for the task-ending outcomes (src/workflow/ task_outcome): the PL/pgSQL checks call
+-- it as pgflow._task_outcome instead of a CASE of their own.
+CREATE FUNCTION pgflow."_task_outcome"(
+	"run_status" TEXT, /* Option < & str > */
+	"task_status" TEXT, /* Option < & str > */
+	"worker_id" uuid, /* Option < pgrx :: Uuid > */
+	"last_worker_id" uuid, /* Option < pgrx :: Uuid > */
+	"delivery_gone" bool /* Option < bool > */
+) RETURNS TEXT /* Option < & '_ str > */
+IMMUTABLE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'task_outcome_sql_wrapper';
+
+-- One home for the task_failed event's shape (src/workflow/ TaskFailed): fail_task and a last
+-- attempt timing out announce it through pgflow._emit_task_failed.
+CREATE FUNCTION pgflow."_emit_task_failed"(
+	"run_id" uuid, /* pgrx :: Uuid */
+	"flow_slug" TEXT, /* & str */
+	"step_slug" TEXT, /* & str */
+	"task_index" INT, /* i32 */
+	"attempt" INT, /* i32 */
+	"will_retry" bool, /* bool */
+	"reason" TEXT /* & str */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'emit_task_failed_sql_wrapper';
+
+CREATE OR REPLACE FUNCTION pgflow._end_task_check(run_id uuid, step_slug text, task_index integer, worker_id uuid,
+                                       OUT r pgflow.runs, OUT t pgflow.step_tasks, OUT outcome text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF _end_task_check.run_id IS NULL THEN
+        RAISE EXCEPTION 'run_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF _end_task_check.step_slug IS NULL THEN
+        RAISE EXCEPTION 'step_slug must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF _end_task_check.task_index IS NULL THEN
+        RAISE EXCEPTION 'task_index must not be null' USING ERRCODE = '22004';
+    END IF;
+    PERFORM pgflow._lock_run(_end_task_check.run_id, true);
+    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = _end_task_check.run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'run % does not exist', _end_task_check.run_id USING ERRCODE = '42704',
+            HINT = 'Pass the run_id returned by pgflow.start_tasks or pgflow.poll_for_tasks.';
+    END IF;
+    SELECT * INTO t FROM pgflow.step_tasks x
+     WHERE x.run_id = _end_task_check.run_id AND x.step_slug = _end_task_check.step_slug
+       AND x.task_index = _end_task_check.task_index;
+    IF NOT FOUND THEN
+        PERFORM pgflow._check_name(_end_task_check.step_slug, 'step_slug');
+        IF NOT EXISTS (SELECT 1 FROM pgflow.steps s WHERE s.flow_slug = r.flow_slug AND s.step_slug = _end_task_check.step_slug) THEN
+            RAISE EXCEPTION 'flow "%" of run % has no step "%"', r.flow_slug, _end_task_check.run_id,
+                _end_task_check.step_slug USING ERRCODE = '42704',
+                HINT = 'Pass the step_slug returned with the task.';
+        END IF;
+        RAISE EXCEPTION 'run % has no task % of step "%"', _end_task_check.run_id, _end_task_check.task_index,
+            _end_task_check.step_slug USING ERRCODE = '42704',
+            HINT = 'Tasks exist once their step has started; pass the task_index returned with the task.';
+    END IF;
+    outcome := pgflow._task_outcome(r.status, t.status, _end_task_check.worker_id, t.last_worker_id, false);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgflow._end_task_recheck(run_id uuid, step_slug text, task_index integer, worker_id uuid,
+                                         attempt integer) RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    t pgflow.step_tasks;
+BEGIN
+    SELECT * INTO t FROM pgflow.step_tasks x
+     WHERE x.run_id = _end_task_recheck.run_id AND x.step_slug = _end_task_recheck.step_slug
+       AND x.task_index = _end_task_recheck.task_index;
+    RETURN pgflow._task_outcome(NULL, t.status, NULL, NULL, true);
+END
+$$;
+
+-- One home for starting a single step (src/workflow/ SingleStep): pgflow._start_step calls it
+-- for root and delayed single steps instead of a statement of its own; map steps stay there.
+CREATE FUNCTION pgflow._start_single_step(run_id uuid, flow_slug text, queue_id bigint, msg_seq regclass,
+                                          step_slug text, step_index integer, start_delay integer,
+                                          root boolean) RETURNS void
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'pgflow_start_single_step';
+
+CREATE OR REPLACE FUNCTION pgflow._start_step(r pgflow.runs, q pgflow.queues, st pgflow.steps) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    now_ timestamptz := clock_timestamp();
+    visible_at timestamptz := now_ + make_interval(secs => coalesce(st.opt_start_delay, 0));
+    arr jsonb;
+    n integer;
+    dep text;
+    dep_type text;
+    err text;
+BEGIN
+    IF st.step_type = 'single' THEN
+        PERFORM pgflow._start_single_step(r.run_id, r.flow_slug, q.queue_id, q.msg_seq, st.step_slug,
+                                          st.step_index, coalesce(st.opt_start_delay, 0), st.deps_count = 0);
+        RETURN true;
+    END IF;
+
+    -- A map step: the array it maps over, the run input or its one dependency's output.
+    IF st.deps_count = 0 THEN
+        arr := r.input;
+    ELSE
+        SELECT d.dep_slug, s.step_type INTO dep, dep_type
+          FROM pgflow.deps d JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
+         WHERE d.flow_slug = st.flow_slug AND d.step_slug = st.step_slug;
+        arr := pgflow._step_output(r.run_id, dep, dep_type);
+    END IF;
+    IF jsonb_typeof(arr) IS DISTINCT FROM 'array' THEN
+        err := format('map step "%s" needs an array to map over, but %s is a JSON %s',
+                      st.step_slug, CASE WHEN dep IS NULL THEN 'the run input' ELSE format('the output of step "%s"', dep) END,
+                      coalesce(jsonb_typeof(arr), 'null'));
+        PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
+        INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, failed_at, error_message)
+        VALUES (r.flow_slug, r.run_id, st.step_slug, 'failed', 0, now_, err)
+        ON CONFLICT (run_id, step_slug) DO UPDATE
+           SET status = 'failed', remaining_deps = 0, failed_at = now_, error_message = err;
+        PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
+        RETURN false;
+    END IF;
+    n := jsonb_array_length(arr);
+
+    -- A root step's state is created here, a dependent's (created by start_flow) updated: one
+    -- write either way (no INSERT ... ON CONFLICT, which would lock the row before updating it).
+    IF st.deps_count = 0 THEN
+        INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, remaining_tasks,
+                                        initial_tasks, created_at, started_at, completed_at, output)
+        VALUES (r.flow_slug, r.run_id, st.step_slug, CASE WHEN n = 0 THEN 'completed' ELSE 'started' END, 0, n, n,
+                now_, now_, CASE WHEN n = 0 THEN now_ END, CASE WHEN n = 0 THEN '[]'::jsonb END);
+    ELSE
+        UPDATE pgflow.step_states
+           SET status = CASE WHEN n = 0 THEN 'completed' ELSE 'started' END, remaining_deps = 0,
+               remaining_tasks = n, initial_tasks = n, started_at = now_,
+               completed_at = CASE WHEN n = 0 THEN now_ END, output = CASE WHEN n = 0 THEN '[]'::jsonb END
+         WHERE run_id = r.run_id AND step_slug = st.step_slug;
+    END IF;
+
+    IF n = 0 THEN
+        RETURN pgflow._step_completed(r.run_id, q.queue_id, st.step_slug);
+    END IF;
+
+    -- One message and one task per element, in element order, in two set-based statements
+    -- (no batch limit applies: this is not pgflow.send_batch).
+    WITH m AS (
+        INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message)
+        SELECT q.queue_id, nextval(q.msg_seq), visible_at, st.step_index,
+               jsonb_build_object('run_id', r.run_id, 'step_slug', st.step_slug, 'task_index', e.i - 1,
+                                  'input', e.v)
+          FROM jsonb_array_elements(arr) WITH ORDINALITY AS e(v, i)
+         ORDER BY e.i
+        RETURNING msg_id, (message ->> 'task_index')::integer AS task_index
+    )
+    INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id, queued_at)
+    SELECT r.flow_slug, r.run_id, st.step_slug, m.task_index, m.msg_id, now_ FROM m;
+    IF visible_at > now_ THEN
+        PERFORM pgflow._due_at(q.queue_id, visible_at);
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- The modules moved (src/workflow.rs is now src/workflow/): a comment in this body says so.
+CREATE OR REPLACE FUNCTION pgflow._claimed_not_startable(f pgflow.flows, q pgflow.queues, msg_id bigint, read_ct integer,
+                                              rid uuid, sslug text, tidx integer)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    st pgflow.steps;
+    rstatus text;
+    tstatus text;
+BEGIN
+    -- rid, sslug and tidx: the task the message names, NULL where its body is not a
+    -- well-formed task (parsed by the claim statement in src/workflow/)
+    IF rid IS NOT NULL AND sslug IS NOT NULL AND tidx IS NOT NULL THEN
+        SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = f.flow_slug AND s.step_slug = sslug;
+    END IF;
+    IF st.step_slug IS NULL THEN
+        PERFORM pgflow._dead_letter(q, _claimed_not_startable.msg_id, format('not a task of flow "%s"', f.flow_slug));
+        RETURN;
+    END IF;
+    SELECT x.status, t.status INTO rstatus, tstatus
+      FROM pgflow.runs x
+      LEFT JOIN pgflow.step_tasks t ON t.run_id = x.run_id AND t.step_slug = sslug AND t.task_index = tidx
+     WHERE x.run_id = rid;
+    IF rstatus IS DISTINCT FROM 'started' OR tstatus IS NULL OR tstatus NOT IN ('queued', 'started') THEN
+        -- the run failed or the task is done: nothing to hand out
+        DELETE FROM pgflow.messages m WHERE m.queue_id = q.queue_id AND m.msg_id = _claimed_not_startable.msg_id;
+    ELSIF _claimed_not_startable.read_ct > coalesce(st.opt_max_attempts, f.opt_max_attempts) THEN
+        PERFORM pgflow._task_timed_out(f, q, st, _claimed_not_startable.msg_id, rid, tidx,
+                                       _claimed_not_startable.read_ct);
+    ELSE
+        UPDATE pgflow.messages m SET vt = clock_timestamp()
+         WHERE m.queue_id = q.queue_id AND m.msg_id = _claimed_not_startable.msg_id;
+    END IF;
+END
+$$;
 
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule

@@ -42,7 +42,7 @@ pub static WORKFLOW_EVENTS: GucSetting<WorkflowEvents> =
     GucSetting::<WorkflowEvents>::new(WorkflowEvents::All);
 
 /// Whether a transaction's notifications are handed to its database's announcer after commit
-/// (on) or sent by the transaction itself at commit (off), see [`crate::announcer`].
+/// (on) or sent by the transaction itself at commit (off), see [`crate::events::announcer`].
 pub static NOTIFY_VIA_ANNOUNCER: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 pub fn init() {

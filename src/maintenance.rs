@@ -7,7 +7,7 @@
 //!   LOG level, instead of failing and restarting every few seconds), then starts the worker
 //!   there and watches it; when the worker stops (its database dropped, an error), it starts
 //!   it again after a pause, or waits again for the database. It also starts the
-//!   **announcers** ([`crate::announcer`]) that databases ask for;
+//!   **announcers** ([`crate::events::announcer`]) that databases ask for;
 //! - the **worker**, connected to that database: every `pgflow.maintenance_interval_ms` it runs
 //!   `pgflow.run_maintenance()` in a short transaction of its own, which announces delayed
 //!   messages and retries that came due (waking blocked readers and notifying listeners) and
@@ -20,7 +20,7 @@
 //! Errors reach the server log as PostgreSQL raised them, without a Rust backtrace.
 
 use crate::gucs;
-use crate::spi::as_raised;
+use crate::pg::as_raised;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker,
     SignalWakeFlags,
@@ -95,7 +95,7 @@ fn database_exists(name: &str) -> bool {
 pub extern "C-unwind" fn pgflow_maintenance_launcher(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);
-    crate::announcer::register_launcher();
+    crate::events::announcer::register_launcher();
     let database = maintenance_database();
     let mut said_waiting = false;
     let mut maintenance: Option<DynamicBackgroundWorker> = None;
@@ -135,11 +135,11 @@ pub extern "C-unwind" fn pgflow_maintenance_launcher(_arg: pg_sys::Datum) {
         announcers.retain(|(outbox, worker)| match worker.pid() {
             Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted) => true,
             Err(_) => {
-                crate::announcer::announcer_gone(*outbox);
+                crate::events::announcer::announcer_gone(*outbox);
                 false
             }
         });
-        for (outbox, _database) in crate::announcer::take_requests() {
+        for (outbox, _database) in crate::events::announcer::take_requests() {
             match start(
                 "pgflow announcer",
                 "pgflow_announcer_main",
@@ -147,7 +147,7 @@ pub extern "C-unwind" fn pgflow_maintenance_launcher(_arg: pg_sys::Datum) {
             ) {
                 Ok(worker) => announcers.push((outbox, worker)),
                 Err(_) => {
-                    crate::announcer::announcer_gone(outbox);
+                    crate::events::announcer::announcer_gone(outbox);
                     warning!(
                         "pgflow: could not start an announcer (max_worker_processes reached?); sessions notify at their own commit meanwhile"
                     );

@@ -1,31 +1,11 @@
 -- Events layer: what the database announces about queues.
 --
 -- Every insert into pgflow.messages (send, send_batch, retry from the DLQ, workflow tasks) goes
--- through one row trigger, which hands the inserted ids per queue to the Rust layer
--- (src/events.rs). At commit that wakes blocked readers of the queue and, for queues with
+-- through one row trigger (sql/queue/triggers.sql), which hands the inserted ids per queue to
+-- the Rust layer (src/events/). At commit that wakes blocked readers of the queue and, for queues with
 -- notify on, sends one NOTIFY per queue channel per transaction; an aborted transaction
 -- announces nothing. Notifications are hints: the messages are in the table, and a listener
 -- that missed one loses nothing by reading.
-
--- A row trigger in C (src/queue.rs): per row it reads the queue id and msg id and merges them
--- into the transaction's pending range for the queue; the queue's name and notify flag come
--- from a per-backend cache. Cheaper per send than a statement trigger with a transition table.
-CREATE FUNCTION pgflow._messages_inserted() RETURNS trigger
-LANGUAGE c
-AS 'MODULE_PATHNAME', 'pgflow_messages_inserted';
-
-CREATE TRIGGER messages_announce
-AFTER INSERT ON pgflow.messages
-FOR EACH ROW EXECUTE FUNCTION pgflow._messages_inserted();
-
--- Creating, altering or dropping a queue invalidates every backend's cache of queues.
-CREATE FUNCTION pgflow._queues_changed() RETURNS trigger
-LANGUAGE c
-AS 'MODULE_PATHNAME', 'pgflow_queues_changed';
-
-CREATE TRIGGER queues_changed
-AFTER INSERT OR UPDATE OR DELETE ON pgflow.queues
-FOR EACH STATEMENT EXECUTE FUNCTION pgflow._queues_changed();
 
 CREATE FUNCTION pgflow.send_with_notify(queue_name text, message jsonb, delay integer DEFAULT 0,
                                         priority integer DEFAULT 0, headers jsonb DEFAULT NULL)

@@ -34,7 +34,7 @@ $$;
 
 -- The queue row for a function of the queue API that moves messages (`operation` names it):
 -- pgflow._queue's errors, and 55000 for a flow's queue, whose messages only the workflow
--- functions move (the rule is pgflow._check_unmanaged's, in src/queue.rs).
+-- functions move (the rule is pgflow._check_unmanaged's, in src/queue/).
 CREATE FUNCTION pgflow._api_queue(queue_name text, operation text) RETURNS pgflow.queues
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -48,32 +48,11 @@ BEGIN
 END
 $$;
 
--- The lock that keeps a queue from being dropped under a caller that uses its message sequence
--- (send, send_batch, get_queue_stats): taken shared by them, exclusive by create_queue and
--- drop_queue, keyed by the queue's name, held to the end of the transaction. Take it in its own
--- statement BEFORE looking the queue up, so the look-up's snapshot already sees a drop that
--- committed meanwhile (42704) instead of a sequence that is gone. Lock manager only: nothing
--- is written. 1885824625 = 'pgfq', the key space of pgflow queue names.
--- PL/pgSQL rather than SQL: a SQL function with a SET clause is planned again at every call
--- (about 0.05 ms on each send), PL/pgSQL keeps its plans.
-CREATE FUNCTION pgflow._lock_queue_name(queue_name text, exclusive boolean) RETURNS void
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF exclusive THEN
-        PERFORM pg_advisory_xact_lock(1885824625, hashtext(queue_name));
-    ELSE
-        PERFORM pg_advisory_xact_lock_shared(1885824625, hashtext(queue_name));
-    END IF;
-END
-$$;
-
 -- pgflow._check_lease(vt, qty) and pgflow._check_poll(max_poll_seconds, poll_interval_ms),
 -- the checks shared by the functions that lease messages and those that wait for them, are in
--- Rust (src/queue.rs), where the hot path calls the same code directly.
+-- Rust (src/queue/), where the hot path calls the same code directly.
 
--- Checks shared by the send functions, in Rust (src/queue.rs), where pgflow.send calls the same
+-- Checks shared by the send functions, in Rust (src/queue/), where pgflow.send calls the same
 -- code directly: pgflow._check_message (22004 for a NULL message) and pgflow._check_send (a
 -- send's delay, priority and headers).
 CREATE FUNCTION pgflow._check_message(message jsonb) RETURNS void
@@ -329,8 +308,8 @@ END
 $$;
 
 -- send, read, archive and delete of one message, and ack_and_read: the hot path, in Rust
--- (src/queue.rs), each one statement planned once per backend. Their argument checks raise
--- the same errors as the PL/pgSQL helpers above. They carry no SET clauses: src/spi.rs parses
+-- (src/queue/), each one statement planned once per backend. Their argument checks raise
+-- the same errors as the PL/pgSQL helpers above. They carry no SET clauses: src/pg/spi.rs parses
 -- and plans their statements under a fixed search path and with sequential scans off, so the
 -- plans are index plans whatever the caller's settings and whatever the tables held when they
 -- were planned, without the cost of a SET scope at every call.
@@ -461,7 +440,7 @@ COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], timestamptz, integer, jsonb
 -- then msg_id), deleting them at once (at-most-once). A message already delivered
 -- max_retries + 1 times whose lease expired without an ack is moved to the dead-letter queue
 -- instead (SQS's maxReceiveCount), and another message is looked for in its place. Leasing
--- reads (read, read_with_poll, ack_and_read) claim through the Rust statement of src/queue.rs.
+-- reads (read, read_with_poll, ack_and_read) claim through the Rust statement of src/queue/.
 --
 -- Planned once per backend: with the limit a parameter, the plan cache's cost comparison
 -- always favoured a custom plan, so the claim statement was planned again at every call
@@ -531,7 +510,7 @@ BEGIN
     LOOP
         -- Taken before looking, so a send committing between the look and the wait wakes us.
         epoch := pgflow._wake_epoch(q.queue_id);
-        -- the claim of pgflow.read (src/queue.rs): one home for the lease and DLQ rules
+        -- the claim of pgflow.read (src/queue/): one home for the lease and DLQ rules
         RETURN QUERY SELECT * FROM pgflow.read(q.queue_name, vt, qty);
         IF FOUND THEN
             RETURN;
@@ -570,7 +549,7 @@ COMMENT ON FUNCTION pgflow.pop(text, integer) IS
 ---------------------------------------------------------------------------------------------
 
 -- ids_arg and cts_arg: the caller's names of the two arguments, for the error messages. The
--- rule is check_ids in src/queue.rs, which the Rust hot path (ack_and_read) calls directly.
+-- rule is check_ids in src/queue/, which the Rust hot path (ack_and_read) calls directly.
 CREATE FUNCTION pgflow._check_ids(msg_ids bigint[], read_cts integer[],
                                   ids_arg text DEFAULT 'msg_ids', cts_arg text DEFAULT 'read_cts')
 RETURNS void
@@ -689,7 +668,7 @@ DECLARE
     q pgflow.queues;
 BEGIN
     FOR name IN SELECT x.queue_name FROM pgflow.queues x ORDER BY x.queue_name LOOP
-        CONTINUE WHEN NOT pg_try_advisory_xact_lock_shared(1885824625, hashtext(name));
+        CONTINUE WHEN NOT pgflow._try_lock_queue_name(name);
         SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = name;
         IF FOUND THEN
             RETURN NEXT pgflow._stats(q);

@@ -32,7 +32,7 @@ BEGIN
     SELECT q.queue_name, g.msg_id, g.message, g.headers, g.priority, g.read_ct,
            coalesce(pgflow._error_text(error), 'visibility timeout expired without ack or nack'),
            -- the last attempt's lease ran out: its entry, unless the claim that found the message
-           -- exhausted wrote it already (each earlier attempt has its own, see src/queue.rs)
+           -- exhausted wrote it already (each earlier attempt has its own, see src/queue/)
            coalesce(g.errors, '[]'::jsonb) || CASE WHEN error IS NULL AND g.read_ct > 0 AND NOT coalesce(
                g.errors @> jsonb_build_array(jsonb_build_object('attempt', g.read_ct)), false)
                THEN jsonb_build_array(jsonb_build_object(

@@ -1,6 +1,6 @@
 -- Topics: a message published with a routing key is sent to every queue bound with a matching
 -- pattern, as an AMQP topic exchange routes. The rules for keys and patterns, and the
--- matching, are in src/topics.rs (pgflow._check_topic, pgflow._topic_matches); the copies are
+-- matching, are in src/queue/topics.rs (pgflow._check_topic, pgflow._topic_matches); the copies are
 -- sent by pgflow.send and pgflow.send_batch, so every rule of sending applies to each.
 
 CREATE FUNCTION pgflow.bind_topic(pattern text, queue_name text) RETURNS boolean

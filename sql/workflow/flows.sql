@@ -26,27 +26,6 @@ BEGIN
 END
 $$;
 
--- The flow lock (key class 1885824614 and a hash of the slug, transaction-scoped): taken
--- exclusive by what defines or drops a flow (create_flow, create_flow_from_shape, drop_flow),
--- shared by what starts or ends its work (start_flow, complete_task, fail_task; the Rust task
--- path takes it as this function does). It comes first in the lock order, before the run lock:
--- a drop_flow waits for the work under way, and work that comes after it finds the flow gone
--- (42704). Claims (poll_for_tasks, start_tasks) do not take it, since a poll may wait for
--- minutes: drop_flow deletes the flow's messages first, which waits for the claims holding
--- them and leaves later claims nothing to take.
-CREATE FUNCTION pgflow._lock_flow(flow_slug text, exclusive boolean) RETURNS void
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF exclusive THEN
-        PERFORM pg_advisory_xact_lock(1885824614, hashtext(flow_slug));
-    ELSE
-        PERFORM pg_advisory_xact_lock_shared(1885824614, hashtext(flow_slug));
-    END IF;
-END
-$$;
-
 -- The flow row, or 42704 (a malformed slug is reported as such).
 CREATE FUNCTION pgflow._flow(flow_slug text) RETURNS pgflow.flows
 LANGUAGE plpgsql STABLE

@@ -1,7 +1,7 @@
 -- Workflow layer: runs, tasks and their events.
 --
 -- The task path (poll_for_tasks, start_tasks, complete_task and what a completed step sets
--- off) is in Rust (src/workflow.rs); it calls the PL/pgSQL functions here for its rare paths.
+-- off) is in Rust (src/workflow/); it calls the PL/pgSQL functions here for its rare paths.
 --
 -- Plans: the public PL/pgSQL functions here (start_flow, fail_task) keep one generic plan per
 -- statement per backend (plan_cache_mode = force_generic_plan): otherwise the plan cache keeps
@@ -9,7 +9,7 @@
 -- running it. The plan shape is pinned so it is right at any table size: index scans
 -- (enable_seqscan = off) and nested loops (no hash or merge joins). Internal functions (named
 -- _...) pin only search_path: they run inside the public ones, whose settings are in effect
--- when their statements are planned. The task path in Rust carries no SET clauses: src/spi.rs
+-- when their statements are planned. The task path in Rust carries no SET clauses: src/pg/spi.rs
 -- pins the search path and the plan shape of its statements, and of the internal functions
 -- they call (its rare paths), without a SET scope at every call.
 --
@@ -28,21 +28,6 @@
 --
 -- Events go through pgflow._on_commit_notify: one notification per channel per transaction,
 -- sent at commit, nothing on rollback.
-
--- The run lock (see above): key class 'pgfw' and a hash of the run id. Two runs sharing a hash
--- only serialise each other, which is harmless. wait = false tries without waiting.
-CREATE FUNCTION pgflow._lock_run(run_id uuid, wait boolean) RETURNS boolean
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF wait THEN
-        PERFORM pg_advisory_xact_lock(1885824631, hashtext(run_id::text));
-        RETURN true;
-    END IF;
-    RETURN pg_try_advisory_xact_lock(1885824631, hashtext(run_id::text));
-END
-$$;
 
 -- A new run id: a version 7 UUID (48 bits of Unix time in milliseconds, then random bits).
 -- Runs started in turn get ascending ids, so the indexes keyed by run_id (runs, step_states,
@@ -64,7 +49,7 @@ END
 $$;
 
 -- pgflow._emit(flow_slug, event) announces a workflow event on the flow's channel and on
--- pgflow.flows as pgflow.workflow_events allows; it is in Rust (src/workflow.rs), the one place
+-- pgflow.flows as pgflow.workflow_events allows; it is in Rust (src/workflow/), the one place
 -- that rule lives, shared with the task path.
 
 -- The output of a completed step of a run: a single step's task output, a map step's array.
@@ -139,34 +124,39 @@ DECLARE
     now_ timestamptz := clock_timestamp();
     visible_at timestamptz := now_ + make_interval(secs => coalesce(st.opt_start_delay, 0));
     arr jsonb;
-    n integer := 1;
+    n integer;
     dep text;
     dep_type text;
     err text;
 BEGIN
-    IF st.step_type = 'map' THEN
-        IF st.deps_count = 0 THEN
-            arr := r.input;
-        ELSE
-            SELECT d.dep_slug, s.step_type INTO dep, dep_type
-              FROM pgflow.deps d JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
-             WHERE d.flow_slug = st.flow_slug AND d.step_slug = st.step_slug;
-            arr := pgflow._step_output(r.run_id, dep, dep_type);
-        END IF;
-        IF jsonb_typeof(arr) IS DISTINCT FROM 'array' THEN
-            err := format('map step "%s" needs an array to map over, but %s is a JSON %s',
-                          st.step_slug, CASE WHEN dep IS NULL THEN 'the run input' ELSE format('the output of step "%s"', dep) END,
-                          coalesce(jsonb_typeof(arr), 'null'));
-            PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
-            INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, failed_at, error_message)
-            VALUES (r.flow_slug, r.run_id, st.step_slug, 'failed', 0, now_, err)
-            ON CONFLICT (run_id, step_slug) DO UPDATE
-               SET status = 'failed', remaining_deps = 0, failed_at = now_, error_message = err;
-            PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
-            RETURN false;
-        END IF;
-        n := jsonb_array_length(arr);
+    IF st.step_type = 'single' THEN
+        PERFORM pgflow._start_single_step(r.run_id, r.flow_slug, q.queue_id, q.msg_seq, st.step_slug,
+                                          st.step_index, coalesce(st.opt_start_delay, 0), st.deps_count = 0);
+        RETURN true;
     END IF;
+
+    -- A map step: the array it maps over, the run input or its one dependency's output.
+    IF st.deps_count = 0 THEN
+        arr := r.input;
+    ELSE
+        SELECT d.dep_slug, s.step_type INTO dep, dep_type
+          FROM pgflow.deps d JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
+         WHERE d.flow_slug = st.flow_slug AND d.step_slug = st.step_slug;
+        arr := pgflow._step_output(r.run_id, dep, dep_type);
+    END IF;
+    IF jsonb_typeof(arr) IS DISTINCT FROM 'array' THEN
+        err := format('map step "%s" needs an array to map over, but %s is a JSON %s',
+                      st.step_slug, CASE WHEN dep IS NULL THEN 'the run input' ELSE format('the output of step "%s"', dep) END,
+                      coalesce(jsonb_typeof(arr), 'null'));
+        PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
+        INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, failed_at, error_message)
+        VALUES (r.flow_slug, r.run_id, st.step_slug, 'failed', 0, now_, err)
+        ON CONFLICT (run_id, step_slug) DO UPDATE
+           SET status = 'failed', remaining_deps = 0, failed_at = now_, error_message = err;
+        PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
+        RETURN false;
+    END IF;
+    n := jsonb_array_length(arr);
 
     -- A root step's state is created here, a dependent's (created by start_flow) updated: one
     -- write either way (no INSERT ... ON CONFLICT, which would lock the row before updating it).
@@ -187,30 +177,19 @@ BEGIN
         RETURN pgflow._step_completed(r.run_id, q.queue_id, st.step_slug);
     END IF;
 
-    IF st.step_type = 'single' THEN
-        WITH m AS (
-            INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message)
-            VALUES (q.queue_id, nextval(q.msg_seq), visible_at, st.step_index,
-                    jsonb_build_object('run_id', r.run_id, 'step_slug', st.step_slug, 'task_index', 0))
-            RETURNING msg_id
-        )
-        INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id, queued_at)
-        SELECT r.flow_slug, r.run_id, st.step_slug, 0, m.msg_id, now_ FROM m;
-    ELSE
-        -- One message and one task per element, in element order, in two set-based statements
-        -- (no batch limit applies: this is not pgflow.send_batch).
-        WITH m AS (
-            INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message)
-            SELECT q.queue_id, nextval(q.msg_seq), visible_at, st.step_index,
-                   jsonb_build_object('run_id', r.run_id, 'step_slug', st.step_slug, 'task_index', e.i - 1,
-                                      'input', e.v)
-              FROM jsonb_array_elements(arr) WITH ORDINALITY AS e(v, i)
-             ORDER BY e.i
-            RETURNING msg_id, (message ->> 'task_index')::integer AS task_index
-        )
-        INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id, queued_at)
-        SELECT r.flow_slug, r.run_id, st.step_slug, m.task_index, m.msg_id, now_ FROM m;
-    END IF;
+    -- One message and one task per element, in element order, in two set-based statements
+    -- (no batch limit applies: this is not pgflow.send_batch).
+    WITH m AS (
+        INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message)
+        SELECT q.queue_id, nextval(q.msg_seq), visible_at, st.step_index,
+               jsonb_build_object('run_id', r.run_id, 'step_slug', st.step_slug, 'task_index', e.i - 1,
+                                  'input', e.v)
+          FROM jsonb_array_elements(arr) WITH ORDINALITY AS e(v, i)
+         ORDER BY e.i
+        RETURNING msg_id, (message ->> 'task_index')::integer AS task_index
+    )
+    INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id, queued_at)
+    SELECT r.flow_slug, r.run_id, st.step_slug, m.task_index, m.msg_id, now_ FROM m;
     IF visible_at > now_ THEN
         PERFORM pgflow._due_at(q.queue_id, visible_at);
     END IF;
@@ -218,10 +197,19 @@ BEGIN
 END
 $$;
 
+-- Start single step step_slug of run run_id (a root step: root = true): its state, message and
+-- task, the task visible after start_delay seconds. In Rust (src/workflow/ SingleStep), where
+-- a completing task starts its dependents directly; declared for _start_step above.
+CREATE FUNCTION pgflow._start_single_step(run_id uuid, flow_slug text, queue_id bigint, msg_seq regclass,
+                                          step_slug text, step_index integer, start_delay integer,
+                                          root boolean) RETURNS void
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'pgflow_start_single_step';
+
 -- Step step_slug of run run_id has just completed (its state says so; the caller holds the run
 -- lock): start the dependents whose deps are now all complete, in step_index order, and
 -- complete the run when a leaf completes and no step is left. Returns false if the run failed
--- meanwhile (a map over a non-array). In Rust (src/workflow.rs), where complete_task calls it
+-- meanwhile (a map over a non-array). In Rust (src/workflow/), where complete_task calls it
 -- directly; declared for _start_step above.
 CREATE FUNCTION pgflow._step_completed(run_id uuid, queue_id bigint, step_slug text) RETURNS boolean
 LANGUAGE c VOLATILE
@@ -325,15 +313,13 @@ BEGIN
      WHERE run_id = r.run_id AND step_slug = st.step_slug;
     UPDATE pgflow.step_tasks t SET status = 'failed', failed_at = now_, error_message = err, attempts_count = read_ct - 1
      WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_timed_out.task_index;
-    PERFORM pgflow._emit(f.flow_slug, jsonb_build_object(
-        'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', f.flow_slug, 'step_slug', st.step_slug,
-        'task_index', task_index, 'attempt', read_ct - 1, 'will_retry', false, 'reason', 'timeout'));
+    PERFORM pgflow._emit_task_failed(r.run_id, f.flow_slug, st.step_slug, task_index, read_ct - 1, false, 'timeout');
     PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
 END
 $$;
 
 -- A message just leased by a claim (poll_for_tasks, start_tasks) whose task cannot start, as
--- src/workflow.rs found: a message that is not a task of this flow is dead-lettered; one whose
+-- src/workflow/ found: a message that is not a task of this flow is dead-lettered; one whose
 -- run failed or whose task is done is deleted; a task whose last allowed attempt timed out
 -- fails (and with it its step and run). The statuses that make a task unstartable never change
 -- back, so what is found here is what the claim found; a task found startable all the same is
@@ -351,7 +337,7 @@ DECLARE
     tstatus text;
 BEGIN
     -- rid, sslug and tidx: the task the message names, NULL where its body is not a
-    -- well-formed task (parsed by the claim statement in src/workflow.rs)
+    -- well-formed task (parsed by the claim statement in src/workflow/)
     IF rid IS NOT NULL AND sslug IS NOT NULL AND tidx IS NOT NULL THEN
         SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = f.flow_slug AND s.step_slug = sslug;
     END IF;
@@ -376,8 +362,8 @@ BEGIN
 END
 $$;
 
--- The task path (start_tasks, poll_for_tasks, complete_task) is in Rust (src/workflow.rs),
--- its plans pinned to index scans and nested loops by src/spi.rs whatever the tables held when
+-- The task path (start_tasks, poll_for_tasks, complete_task) is in Rust (src/workflow/),
+-- its plans pinned to index scans and nested loops by src/pg/spi.rs whatever the tables held when
 -- they were planned.
 CREATE FUNCTION pgflow.start_tasks(flow_slug text, msg_ids bigint[], worker_id uuid)
 RETURNS SETOF pgflow.step_task_record
@@ -436,13 +422,7 @@ BEGIN
             _end_task_check.step_slug USING ERRCODE = '42704',
             HINT = 'Tasks exist once their step has started; pass the task_index returned with the task.';
     END IF;
-    outcome := CASE
-        WHEN r.status = 'failed' THEN 'run_failed'
-        WHEN t.status = 'completed' THEN 'already_completed'
-        WHEN t.status = 'failed' THEN 'already_failed'
-        WHEN t.status = 'queued' THEN 'not_started'
-        WHEN _end_task_check.worker_id IS NOT NULL AND t.last_worker_id IS DISTINCT FROM _end_task_check.worker_id THEN 'stale'
-    END;
+    outcome := pgflow._task_outcome(r.status, t.status, _end_task_check.worker_id, t.last_worker_id, false);
 END
 $$;
 
@@ -460,12 +440,7 @@ BEGIN
     SELECT * INTO t FROM pgflow.step_tasks x
      WHERE x.run_id = _end_task_recheck.run_id AND x.step_slug = _end_task_recheck.step_slug
        AND x.task_index = _end_task_recheck.task_index;
-    RETURN CASE
-        WHEN t.status = 'completed' THEN 'already_completed'
-        WHEN t.status = 'failed' THEN 'already_failed'
-        WHEN t.status = 'queued' THEN 'not_started'
-        ELSE 'stale'
-    END;
+    RETURN pgflow._task_outcome(NULL, t.status, NULL, NULL, true);
 END
 $$;
 
@@ -499,7 +474,7 @@ DECLARE
     at timestamptz;
     now_ timestamptz;
 BEGIN
-    -- the flow lock, shared, before the run lock (the order of complete_task in src/workflow.rs)
+    -- the flow lock, shared, before the run lock (the order of complete_task in src/workflow/)
     PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = fail_task.run_id;
     SELECT * INTO chk FROM pgflow._end_task_check(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
                                                   fail_task.worker_id);
@@ -533,10 +508,7 @@ BEGIN
         ELSE
             PERFORM pgflow._on_commit_wake(q.queue_id);
         END IF;
-        PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
-            'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
-            'task_index', fail_task.task_index, 'attempt', t.attempts_count, 'will_retry', true,
-            'reason', 'error'));
+        PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, fail_task.task_index, t.attempts_count, true, 'error');
         RETURN 'retrying';
     END IF;
     -- Out of attempts: the task's message (only the caller's delivery, when it names its
@@ -553,10 +525,7 @@ BEGIN
      WHERE s.run_id = fail_task.run_id AND s.step_slug = fail_task.step_slug;
     UPDATE pgflow.step_tasks x SET status = 'failed', error_message = err, failed_at = now_
      WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
-    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
-        'event', 'task_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
-        'task_index', fail_task.task_index, 'attempt', t.attempts_count, 'will_retry', false,
-        'reason', 'error'));
+    PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, fail_task.task_index, t.attempts_count, false, 'error');
     PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, fail_task.error_message);
     RETURN 'failed';
 END
@@ -607,42 +576,3 @@ END
 $$;
 COMMENT ON FUNCTION pgflow.get_run_with_states(uuid) IS
 'A run as one JSON document for psql and dashboards: the run row (status, input, output, times; at the top level and again under "run") and "steps", in definition order, each with its state (status, remaining_deps, remaining_tasks, initial_tasks, error_message, times) and task counts per status ("tasks": {"queued","started","completed","failed","attempts"}).';
-
----------------------------------------------------------------------------------------------
--- Retention (see pgflow.apply_retention in sql/maintenance/maintenance.sql)
----------------------------------------------------------------------------------------------
-
-CREATE FUNCTION pgflow.prune_runs(older_than interval, flow_slug text DEFAULT NULL, max_rows integer DEFAULT NULL)
-RETURNS bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    f pgflow.flows;
-    ids uuid[];
-    n bigint;
-BEGIN
-    PERFORM pgflow._check_retention(older_than, max_rows);
-    IF prune_runs.flow_slug IS NOT NULL THEN
-        f := pgflow._flow(prune_runs.flow_slug);
-    END IF;
-    -- Only finished runs: a finished run has no messages left (its tasks' messages were
-    -- deleted as they completed, or all at once when it failed), so nothing else refers to it.
-    ids := ARRAY(SELECT r.run_id FROM pgflow.runs r
-                  WHERE r.status IN ('completed', 'failed')
-                    AND coalesce(r.completed_at, r.failed_at) < clock_timestamp() - older_than
-                    AND (f.flow_slug IS NULL OR r.flow_slug = f.flow_slug)
-                  LIMIT max_rows);
-    IF cardinality(ids) = 0 THEN
-        RETURN 0;
-    END IF;
-    DELETE FROM pgflow.step_tasks t WHERE t.run_id = ANY (ids);
-    DELETE FROM pgflow.step_states s WHERE s.run_id = ANY (ids);
-    DELETE FROM pgflow.runs r WHERE r.run_id = ANY (ids);
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
-$$;
-COMMENT ON FUNCTION pgflow.prune_runs(interval, text, integer) IS
-'Delete workflow runs that completed or failed more than older_than ago, with their step states and tasks, of one flow or (flow_slug NULL) of all; at most max_rows runs (NULL: no limit). Runs still under way are never touched. Returns how many runs were deleted. A late complete_task or fail_task for a deleted run gets 42704, and its run_id can be started again. pgflow.run_retention has the maintenance worker do this once a minute.';

@@ -10,7 +10,7 @@ def test_every_public_function_has_a_comment(conn):
     assert missing == []
 
 
-# C functions whose statements all run through src/spi.rs, which parses and plans them under a
+# C functions whose statements all run through src/pg/spi.rs, which parses and plans them under a
 # fixed search path and planner settings: they carry no SET clause (it would cost a SET scope
 # at every call). The tests below show the pinning holds for them.
 PINNED_IN_RUST = {
@@ -18,6 +18,8 @@ PINNED_IN_RUST = {
     "pgflow_ack_and_read", "pgflow_messages_inserted", "pgflow_queues_changed",
     "pgflow_poll_for_tasks", "pgflow_start_tasks", "pgflow_complete_task", "pgflow_step_completed",
     "pgflow_wait_for_messages", "pgflow_delete_many", "pgflow_archive_many",
+    "pgflow_lock_queue_name", "pgflow_try_lock_queue_name", "pgflow_lock_flow", "pgflow_lock_run",
+    "pgflow_start_single_step",
 }
 
 

@@ -1,5 +1,5 @@
 """Topics: bind queues to patterns, publish with a routing key, one copy per matching queue, in
-the publishing transaction (AMQP topic exchange rules, src/topics.rs)."""
+the publishing transaction (AMQP topic exchange rules, src/queue/topics.rs)."""
 
 import json
 

@@ -611,6 +611,23 @@ def test_workflow_events_reach_listeners(conn, flows, make_conn):
         assert "xxxx" not in text and "EEEE" not in text and "first" not in text and "final" not in text
 
 
+def test_timeouts_announce_task_failed_in_the_shape_fail_task_does(conn, flows, make_conn):
+    # A timed-out attempt retried by the next claim (announced from the claim) and the last
+    # attempt timing out (announced by the run failing) give the one task_failed shape.
+    flow = flows([{"slug": "a", "timeout": 1}], max_attempts=2)
+    listener = make_conn()
+    listener.execute('LISTEN "pgflow.flows"')
+    run_id = start(conn, flow, {})
+    poll(conn, flow)
+    assert len(poll(conn, flow, wait=3)) == 1       # attempt 2, after attempt 1 timed out
+    time.sleep(1.2)
+    assert poll(conn, flow) == []                   # attempt 2 timed out: the run fails
+    failed = [e for e in events_of(collect(listener), "pgflow.flows") if e["event"] == "task_failed"]
+    base = {"event": "task_failed", "run_id": str(run_id), "flow_slug": flow, "step_slug": "a",
+            "task_index": 0, "reason": "timeout"}
+    assert failed == [{**base, "attempt": 1, "will_retry": True}, {**base, "attempt": 2, "will_retry": False}]
+
+
 def test_events_are_one_notification_per_channel_per_transaction(conn, flows, make_conn):
     flow = flows([{"slug": "m", "type": "map"}])
     channel = f"pgflow.flow.{flow}"
@@ -831,6 +848,23 @@ def test_start_delay_holds_back_tasks(conn, flows):
     assert poll(conn, flow) == []
     tasks = poll(conn, flow, wait=3)
     assert [t[2] for t in tasks] == ["a"]
+
+
+def test_start_delay_of_a_dependent_step_holds_back_its_task(conn, flows):
+    # A dependent single step is started by the completing task (the Rust path); its delay
+    # holds the task back, and the due-time entry wakes a waiting poll when it comes due.
+    flow = flows([{"slug": "a"}, {"slug": "b", "deps": ["a"], "start_delay": 1}])
+    run_id = start(conn, flow, {})
+    [task] = poll(conn, flow)
+    assert complete(conn, run_id, "a", task[3], {"x": 1}) == "completed"
+    assert poll(conn, flow) == []
+    due = conn.execute("""SELECT count(*) FROM pgflow.due_wakeups d JOIN pgflow.queues q USING (queue_id)
+                           WHERE q.queue_name = %s""", (flow,)).fetchone()[0]
+    assert due == 1
+    tasks = poll(conn, flow, wait=3)
+    assert [(t[2], t[5]) for t in tasks] == [("b", {"run": {}, "a": {"x": 1}})]
+    assert conn.execute("SELECT status, initial_tasks FROM pgflow.step_states WHERE run_id = %s AND step_slug = 'b'",
+                        (run_id,)).fetchone() == ("started", 1)
 
 
 def test_drop_flow_removes_everything(conn):

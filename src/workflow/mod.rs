@@ -16,27 +16,20 @@
 //!
 //! Locks and their order are those described at the top of `sql/workflow/runtime.sql`.
 
-use crate::errors::raise;
+use crate::error::{null_error, raise};
 use crate::events;
 use crate::gucs::{WorkflowEvents, WORKFLOW_EVENTS};
-use crate::queue::{check_ids, check_lease, check_poll};
-use crate::spi::{
-    advisory_xact_lock, arg, column, int_column, null_error, run, text_column, text_datum,
-    text_to_string, CFunction, SpiScope, Statement, BOOL, INT4, INT8, INT8ARRAY, JSONB, REGCLASS,
-    TEXT, UUID,
+use crate::locks::{self, lock_run, Space};
+use crate::pg::{
+    arg, column, int_column, run, text_column, text_datum, text_to_string, uuid_string, CFunction,
+    SpiScope, Statement, BOOL, INT4, INT8, INT8ARRAY, JSONB, REGCLASS, TEXT, UUID,
 };
+use crate::queue::{check_ids, check_lease, check_poll};
 use crate::v1;
 use pgrx::pg_sys::{self, Datum, FunctionCallInfo, Oid};
 use pgrx::prelude::{pg_extern, search_path};
 use pgrx::PgSqlErrorCode;
 use serde_json::{json, Value};
-
-/// Key space of the run locks (`'pgfw'`), shared with `pgflow._lock_run`.
-const RUN_LOCK_SPACE: i32 = 1885824631;
-
-/// Key space of the flow locks, shared with `pgflow._lock_flow`: taken shared here before the
-/// run lock, exclusive by drop_flow.
-const FLOW_LOCK_SPACE: i32 = 1885824614;
 
 #[derive(Clone, Copy)]
 enum Stmt {
@@ -280,27 +273,36 @@ impl Statement for Stmt {
                   ORDER BY s.step_index",
                 &[TEXT, TEXT, UUID],
             ),
-            // $1 run_id, $2 step_slug, $3 flow_slug, $4 queue_id, $5 sequence, $6 step_index:
-            // start a single step without start delay, as pgflow._start_step does for it.
+            // $1 run_id, $2 step_slug, $3 flow_slug, $4 queue_id, $5 sequence, $6 step_index,
+            // $7 start delay (seconds), $8 a root step: start a single step, its state (a root
+            // step's is created here, a dependent's, created by start_flow, updated: one write
+            // either way), its message and its task. Returns when the task becomes visible.
             Stmt::StartSingleStep => (
                 "WITH st AS (
                      UPDATE pgflow.step_states
                         SET status = 'started', remaining_deps = 0, remaining_tasks = 1, initial_tasks = 1,
                             started_at = clock_timestamp()
-                      WHERE run_id = $1 AND step_slug = $2
+                      WHERE NOT $8 AND run_id = $1 AND step_slug = $2
+                     RETURNING 1
+                 ), root AS (
+                     INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps,
+                                                     remaining_tasks, initial_tasks, created_at, started_at)
+                     SELECT $3, $1, $2, 'started', 0, 1, 1, clock_timestamp(), clock_timestamp() WHERE $8
                      RETURNING 1
                  ), m AS (
                      INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message)
-                     SELECT $4, nextval($5), clock_timestamp(), $6,
+                     SELECT $4, nextval($5), clock_timestamp() + make_interval(secs => $7), $6,
                             jsonb_build_object('run_id', $1, 'step_slug', $2, 'task_index', 0)
-                       FROM st
-                     RETURNING msg_id
+                       FROM (SELECT 1 FROM st UNION ALL SELECT 1 FROM root) started
+                     RETURNING msg_id, vt
+                 ), t AS (
+                     INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id, queued_at)
+                     SELECT $3, $1, $2, 0, m.msg_id, clock_timestamp() FROM m
                  )
-                 INSERT INTO pgflow.step_tasks (flow_slug, run_id, step_slug, task_index, message_id, queued_at)
-                 SELECT $3, $1, $2, 0, m.msg_id, clock_timestamp() FROM m",
-                &[UUID, TEXT, TEXT, INT8, REGCLASS, INT4],
+                 SELECT vt FROM m",
+                &[UUID, TEXT, TEXT, INT8, REGCLASS, INT4, INT4, BOOL],
             ),
-            // $1 run_id, $2 queue_id, $3 step_slug: any other step start (map, start delay)
+            // $1 run_id, $2 queue_id, $3 step_slug: a map step's start
             Stmt::StartStep => (
                 "SELECT pgflow._start_step(r, q, s)
                    FROM pgflow.runs r
@@ -344,40 +346,54 @@ impl Statement for Stmt {
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A uuid datum in its text form (8-4-4-4-12 lower-case hex).
-unsafe fn uuid_string(d: Datum) -> String {
-    // SAFETY: the caller passes a non-null uuid datum, a pointer to its 16 bytes (pg_uuid_t), read
-    // as such and not beyond.
-    unsafe {
-        let b = std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), 16);
-        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-        format!(
-            "{}-{}-{}-{}-{}",
-            &hex[0..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..32]
-        )
+/// The 16 bytes of a uuid datum.
+unsafe fn uuid_bytes<'a>(d: Datum) -> &'a [u8] {
+    // SAFETY: the caller passes a non-null uuid datum, a pointer to its 16 bytes (pg_uuid_t),
+    // read as such and not beyond, while the datum lives (the call or the SPI result).
+    unsafe { std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), 16) }
+}
+
+/// Why a task cannot be ended now, or None when it can: the one rule of the task-ending outcomes,
+/// for complete_task (here) and fail_task (`pgflow._end_task_check`, `_end_task_recheck`, through
+/// `pgflow._task_outcome`). `worker_id` is the caller's (None: any), `last_worker` the worker the
+/// task was last handed to; `delivery_gone` says the caller's delivery was since handed to
+/// another worker.
+pub(crate) fn task_outcome(
+    run_status: Option<&str>,
+    task_status: Option<&str>,
+    worker_id: Option<&[u8]>,
+    last_worker: Option<&[u8]>,
+    delivery_gone: bool,
+) -> Option<&'static str> {
+    let stale = delivery_gone || worker_id.is_some_and(|w| last_worker != Some(w));
+    match (run_status, task_status) {
+        (Some("failed"), _) => Some("run_failed"),
+        (_, Some("completed")) => Some("already_completed"),
+        (_, Some("failed")) => Some("already_failed"),
+        (_, Some("queued")) => Some("not_started"),
+        _ if stale => Some("stale"),
+        _ => None,
     }
 }
 
-unsafe fn uuids_equal(a: Datum, b: Datum) -> bool {
-    // SAFETY: the caller passes two non-null uuid datums, each a pointer to 16 bytes (pg_uuid_t).
-    unsafe {
-        std::slice::from_raw_parts(a.cast_mut_ptr::<u8>(), 16)
-            == std::slice::from_raw_parts(b.cast_mut_ptr::<u8>(), 16)
-    }
-}
-
-/// Take the run lock (as `pgflow._lock_run(run_id, true)`).
-unsafe fn lock_run(run_id: Datum) {
-    // SAFETY: `run_id` is a non-null uuid datum (the caller's contract), read by uuid_string; the
-    // key is a text datum built here, as advisory_xact_lock requires.
-    unsafe {
-        let key = text_datum(&uuid_string(run_id));
-        advisory_xact_lock(RUN_LOCK_SPACE, key, false);
-    }
+/// Internal `pgflow._task_outcome(run_status, task_status, worker_id, last_worker_id,
+/// delivery_gone)`: [`task_outcome`] for the PL/pgSQL side.
+#[pg_extern(immutable, parallel_safe, name = "_task_outcome")]
+#[search_path(pg_catalog, pg_temp)]
+fn task_outcome_sql(
+    run_status: Option<&str>,
+    task_status: Option<&str>,
+    worker_id: Option<pgrx::Uuid>,
+    last_worker_id: Option<pgrx::Uuid>,
+    delivery_gone: Option<bool>,
+) -> Option<&'static str> {
+    task_outcome(
+        run_status,
+        task_status,
+        worker_id.as_ref().map(|u| u.as_bytes().as_slice()),
+        last_worker_id.as_ref().map(|u| u.as_bytes().as_slice()),
+        delivery_gone.unwrap_or(false),
+    )
 }
 
 /// Announce a workflow event as `pgflow._emit` does, as the setting pgflow.workflow_events
@@ -402,6 +418,52 @@ fn emit(flow_slug: &str, event: Value) {
 #[search_path(pg_catalog, pg_temp)]
 fn emit_sql(flow_slug: &str, event: pgrx::JsonB) {
     emit(flow_slug, event.0);
+}
+
+/// The `task_failed` event: its one shape, announced by the claim (a retry after a timeout) and,
+/// through `pgflow._emit_task_failed`, by fail_task and a last attempt timing out.
+struct TaskFailed<'a> {
+    run_id: &'a str,
+    flow_slug: &'a str,
+    step_slug: &'a str,
+    task_index: i32,
+    attempt: i32,
+    will_retry: bool,
+    /// `error` (fail_task) or `timeout`
+    reason: &'a str,
+}
+
+impl TaskFailed<'_> {
+    fn event(&self) -> Value {
+        json!({"event": "task_failed", "run_id": self.run_id, "flow_slug": self.flow_slug,
+               "step_slug": self.step_slug, "task_index": self.task_index, "attempt": self.attempt,
+               "will_retry": self.will_retry, "reason": self.reason})
+    }
+}
+
+/// Internal `pgflow._emit_task_failed(...)`: announce a [`TaskFailed`] for the PL/pgSQL side.
+#[pg_extern(volatile, parallel_unsafe, name = "_emit_task_failed")]
+#[search_path(pg_catalog, pg_temp)]
+fn emit_task_failed_sql(
+    run_id: pgrx::Uuid,
+    flow_slug: &str,
+    step_slug: &str,
+    task_index: i32,
+    attempt: i32,
+    will_retry: bool,
+    reason: &str,
+) {
+    let run_id = run_id.to_string();
+    let failed = TaskFailed {
+        run_id: &run_id,
+        flow_slug,
+        step_slug,
+        task_index,
+        attempt,
+        will_retry,
+        reason,
+    };
+    emit(flow_slug, failed.event());
 }
 
 fn task_events() -> bool {
@@ -527,12 +589,16 @@ unsafe fn start_claimed(
             if task_events() {
                 let run = uuid_string(run_id);
                 if retry_after_timeout {
-                    emit(
-                        &f.slug,
-                        json!({"event": "task_failed", "run_id": run, "flow_slug": f.slug,
-                           "step_slug": step, "task_index": task_index, "attempt": c.read_ct - 1,
-                           "will_retry": true, "reason": "timeout"}),
-                    );
+                    let failed = TaskFailed {
+                        run_id: &run,
+                        flow_slug: &f.slug,
+                        step_slug: &step,
+                        task_index,
+                        attempt: c.read_ct - 1,
+                        will_retry: true,
+                        reason: "timeout",
+                    };
+                    emit(&f.slug, failed.event());
                 }
                 emit(
                     &f.slug,
@@ -599,6 +665,12 @@ pub(crate) const C_FUNCTIONS: &[CFunction] = &[
         symbol: "pgflow_complete_task",
         signature: "pgflow.complete_task(uuid,text,integer,jsonb,uuid)",
         result: "text",
+    },
+    CFunction {
+        symbol: "pgflow_start_single_step",
+        signature:
+            "pgflow._start_single_step(uuid,text,bigint,regclass,text,integer,integer,boolean)",
+        result: "void",
     },
     CFunction {
         symbol: "pgflow_step_completed",
@@ -740,7 +812,7 @@ unsafe fn complete_task(fcinfo: FunctionCallInfo) -> String {
         // task is then looked up afresh (gone: 42704), never used with a dropped queue's sequence.
         if run(Stmt::FlowOfRun, &[Some(run_id)]) == 1 {
             if let Some(flow) = column(0, 1) {
-                advisory_xact_lock(FLOW_LOCK_SPACE, flow, true);
+                locks::lock(Space::Flow, flow, true, true);
             }
         }
         lock_run(run_id);
@@ -765,19 +837,13 @@ unsafe fn complete_task(fcinfo: FunctionCallInfo) -> String {
         let single = text_column(0, 7).as_deref() == Some("single");
         let queue_id = int_column(0, 8).unwrap_or(0);
         let seq = Oid::from(int_column(0, 9).unwrap_or(0) as u32);
-        let stale = match (worker_id, last_worker) {
-            (None, _) => false,
-            (Some(w), Some(l)) => !uuids_equal(w, l),
-            (Some(_), None) => true,
-        };
-        let outcome = match (run_status.as_str(), task_status.as_str()) {
-            ("failed", _) => Some("run_failed"),
-            (_, "completed") => Some("already_completed"),
-            (_, "failed") => Some("already_failed"),
-            (_, "queued") => Some("not_started"),
-            _ if stale => Some("stale"),
-            _ => None,
-        };
+        let outcome = task_outcome(
+            Some(&run_status),
+            Some(&task_status),
+            worker_id.map(|w| uuid_bytes(w)),
+            last_worker.map(|l| uuid_bytes(l)),
+            false,
+        );
         if let Some(outcome) = outcome {
             return outcome.to_string();
         }
@@ -854,34 +920,33 @@ unsafe fn step_completed(
             Stmt::Dependents,
             &[Some(flow_datum), Some(step_slug), Some(run_id)],
         );
-        // (step_slug, single without start delay, step_index, remaining_deps)
-        let dependents: Vec<(Datum, bool, i32, i64)> = (0..n)
+        // (step_slug, single, step_index, start delay, remaining_deps)
+        let dependents: Vec<(Datum, bool, i32, i32, i64)> = (0..n)
             .map(|row| {
-                let single = text_column(row, 2).as_deref() == Some("single");
-                let no_delay = int_column(row, 4) == Some(0);
                 (
                     column(row, 1).unwrap_or(Datum::from(0)),
-                    single && no_delay,
+                    text_column(row, 2).as_deref() == Some("single"),
                     int_column(row, 3).unwrap_or(0) as i32,
+                    int_column(row, 4).unwrap_or(0) as i32,
                     int_column(row, 5).unwrap_or(0),
                 )
             })
             .collect();
-        for &(dep, fast, step_index, remaining_deps) in &dependents {
+        for &(dep, single, step_index, delay, remaining_deps) in &dependents {
             if remaining_deps != 1 {
                 run(Stmt::DecrementDeps, &[Some(run_id), Some(dep)]);
-            } else if fast {
-                run(
-                    Stmt::StartSingleStep,
-                    &[
-                        Some(run_id),
-                        Some(dep),
-                        Some(flow_datum),
-                        Some(Datum::from(queue_id)),
-                        Some(Datum::from(seq)),
-                        Some(Datum::from(step_index)),
-                    ],
-                );
+            } else if single {
+                let step = SingleStep {
+                    run_id,
+                    step_slug: dep,
+                    flow_slug: flow_datum,
+                    queue_id,
+                    seq,
+                    step_index,
+                    delay,
+                    root: false,
+                };
+                step.start();
             } else {
                 run(
                     Stmt::StartStep,
@@ -901,6 +966,90 @@ unsafe fn step_completed(
             );
         }
         true
+    }
+}
+
+/// A single step to start: the one home of starting a single step (a root one from start_flow, a
+/// dependent one when its deps complete), with or without start delay.
+struct SingleStep {
+    run_id: Datum,
+    step_slug: Datum,
+    flow_slug: Datum,
+    queue_id: i64,
+    seq: Oid,
+    step_index: i32,
+    /// start delay, seconds
+    delay: i32,
+    /// a root step, whose state does not exist yet
+    root: bool,
+}
+
+impl SingleStep {
+    /// Start it: its state, message and task in one statement; a delayed task is remembered so
+    /// that its readers are woken when it comes due.
+    ///
+    /// # Safety
+    /// Inside an SPI connection; `run_id` is a uuid datum, `step_slug` and `flow_slug` text
+    /// datums, `seq` the flow queue's sequence.
+    unsafe fn start(&self) {
+        // SAFETY: the caller's contract; the statement gets parameters of its declared types, and
+        // the time it returns is passed on as the timestamptz datum it is.
+        unsafe {
+            let n = run(
+                Stmt::StartSingleStep,
+                &[
+                    Some(self.run_id),
+                    Some(self.step_slug),
+                    Some(self.flow_slug),
+                    Some(Datum::from(self.queue_id)),
+                    Some(Datum::from(self.seq)),
+                    Some(Datum::from(self.step_index)),
+                    Some(Datum::from(self.delay)),
+                    Some(Datum::from(self.root)),
+                ],
+            );
+            if n == 1 && self.delay > 0 {
+                if let Some(vt) = column(0, 1) {
+                    crate::queue::due_at(self.queue_id, vt);
+                }
+            }
+        }
+    }
+}
+
+v1!(pg_finfo_pgflow_start_single_step);
+/// Internal `pgflow._start_single_step(run_id, flow_slug, queue_id, msg_seq, step_slug,
+/// step_index, start_delay, root)`: [`SingleStep::start`] for `pgflow._start_step`.
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_start_single_step(fcinfo: FunctionCallInfo) -> Datum {
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for
+    // pgflow._start_single_step as C_FUNCTIONS lists it (checked against pg_proc by a test), so
+    // the argument positions and types read here are those; the statement runs inside the
+    // SpiScope.
+    unsafe {
+        let args: Vec<Option<Datum>> = (0..8).map(|i| arg(fcinfo, i)).collect();
+        let [Some(run_id), Some(flow_slug), Some(queue_id), Some(seq), Some(step_slug), Some(step_index), Some(delay), Some(root)] =
+            args[..]
+        else {
+            null_error(
+                "run_id, flow_slug, queue_id, msg_seq, step_slug, step_index, start_delay and root",
+                None,
+            )
+        };
+        let _spi = SpiScope::connect();
+        SingleStep {
+            run_id,
+            step_slug,
+            flow_slug,
+            queue_id: queue_id.value() as i64,
+            seq: Oid::from(seq.value() as u32),
+            step_index: step_index.value() as i32,
+            delay: delay.value() as i32,
+            root: root.value() != 0,
+        }
+        .start();
+        Datum::from(0)
     }
 }
 

@@ -17,9 +17,10 @@
 //! ours is being planned (once per backend, and again after an invalidation). The plans are
 //! the same index plans whatever the caller's settings or the tables' size when planned.
 
-use crate::errors::raise;
+use super::fmgr::text_to_string;
+use crate::error::raise;
 use pgrx::pg_sys::panic::{CaughtError, ErrorReport};
-use pgrx::pg_sys::{self, Datum, FunctionCallInfo, Oid};
+use pgrx::pg_sys::{self, Datum, Oid};
 use pgrx::{PgLogLevel, PgSqlErrorCode, PgTryBuilder};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -210,30 +211,6 @@ unsafe fn unpin_search_path(level: std::ffi::c_int) {
     // pairs them), so the namespace stack is left as it was found.
     unsafe {
         raw::AtEOXact_GUC(true, level);
-    }
-}
-
-/// This backend's number among PostgreSQL's processes (an index into `ProcGlobal->allProcs`):
-/// `MyProc->pgprocno` up to PostgreSQL 16, `MyProcNumber` from 17 on.
-pub fn my_proc_number() -> usize {
-    #[cfg(any(feature = "pg15", feature = "pg16"))]
-    // SAFETY: MyProc is set for every backend before any SQL function can run.
-    let n = unsafe { (*pg_sys::MyProc).pgprocno };
-    #[cfg(any(feature = "pg17", feature = "pg18"))]
-    // SAFETY: a plain global, set at backend start.
-    let n = unsafe { pg_sys::MyProcNumber };
-    n as usize
-}
-
-/// Set the latch of the process numbered `procno` (what [`my_proc_number`] returned in it), to
-/// wake it from a wait. The number must have been registered by that process itself while alive;
-/// setting the latch of a process that has exited since is harmless.
-pub fn set_latch_of(procno: usize) {
-    // SAFETY: procno is a process's own number (the caller's contract), an index into
-    // ProcGlobal->allProcs, which holds a PGPROC for every possible process.
-    unsafe {
-        let proc_ = (*pg_sys::ProcGlobal).allProcs.add(procno);
-        pg_sys::SetLatch(&raw mut (*proc_).procLatch);
     }
 }
 
@@ -460,170 +437,5 @@ impl Drop for SpiScope {
         // Not reached when an ERROR unwinds: the transaction's abort cleans SPI up then.
         // SAFETY: a SpiScope exists only after a successful SPI_connect, finished here once.
         unsafe { pg_sys::SPI_finish() };
-    }
-}
-
-/// Argument `i` of a V1 call, None for SQL NULL.
-pub unsafe fn arg(fcinfo: FunctionCallInfo, i: usize) -> Option<Datum> {
-    // SAFETY: fcinfo is the valid call information PostgreSQL passed to a V1 function (the
-    // caller's contract); the slice is built from its own nargs and indexing it is bounds-checked.
-    unsafe {
-        let a = (*fcinfo).args.as_slice((*fcinfo).nargs as usize)[i];
-        (!a.isnull).then_some(a.value)
-    }
-}
-
-/// A text datum as a Rust string.
-pub unsafe fn text_to_string(d: Datum) -> String {
-    // SAFETY: the caller passes a non-null text datum (a varlena, possibly toasted, which
-    // text_to_cstring detoasts); the C string it returns is palloc'd, copied into a Rust String,
-    // then freed.
-    unsafe {
-        let c = pg_sys::text_to_cstring(d.cast_mut_ptr());
-        let s = CStr::from_ptr(c).to_string_lossy().into_owned();
-        pg_sys::pfree(c.cast());
-        s
-    }
-}
-
-/// A text argument as a Rust string.
-pub unsafe fn text_arg(fcinfo: FunctionCallInfo, i: usize) -> Option<String> {
-    // SAFETY: arg() reads the argument within bounds; the caller's contract is that argument `i`
-    // is declared text.
-    unsafe { arg(fcinfo, i).map(|d| text_to_string(d)) }
-}
-
-/// A Rust string as a text datum, in the current memory context.
-pub unsafe fn text_datum(s: &str) -> Datum {
-    // SAFETY: the pointer and length describe `s`, a valid UTF-8 slice that outlives the call; the
-    // text is copied into the current memory context.
-    unsafe {
-        Datum::from(pg_sys::cstring_to_text_with_len(
-            s.as_ptr().cast(),
-            s.len() as i32,
-        ))
-    }
-}
-
-/// The null-argument error: 22004 naming the argument.
-pub fn null_error(name: &str, hint: Option<&str>) -> ! {
-    raise(
-        PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-        format!("{name} must not be null"),
-        hint,
-    )
-}
-
-// fmgr entry points of built-in functions, called through DirectFunctionCall (the bindings
-// only expose them wrapped as Rust functions, which are no PGFunction pointers).
-unsafe extern "C-unwind" {
-    #[link_name = "hashtext"]
-    fn builtin_hashtext(fcinfo: FunctionCallInfo) -> Datum;
-    #[link_name = "pg_advisory_xact_lock_int4"]
-    fn builtin_advisory_xact_lock_int4(fcinfo: FunctionCallInfo) -> Datum;
-    #[link_name = "pg_advisory_xact_lock_shared_int4"]
-    fn builtin_advisory_xact_lock_shared_int4(fcinfo: FunctionCallInfo) -> Datum;
-    #[link_name = "jsonb_typeof"]
-    fn builtin_jsonb_typeof(fcinfo: FunctionCallInfo) -> Datum;
-}
-
-/// Take the transaction-scoped advisory lock (`space`, hashtext(`key`)), exclusive or shared,
-/// as `pg_advisory_xact_lock(space, hashtext(key))` does, then process pending invalidations
-/// so that what committed while we waited is seen.
-pub unsafe fn advisory_xact_lock(space: i32, key: Datum, shared: bool) {
-    // SAFETY: `key` is a text datum (the caller's contract) passed to hashtext, and the int4 and
-    // its hash are by-value datums passed to the built-in advisory lock functions, as their SQL
-    // callers pass them; inside a transaction, which releases the lock.
-    unsafe {
-        let hash = pg_sys::DirectFunctionCall1Coll(
-            Some(builtin_hashtext),
-            pg_sys::DEFAULT_COLLATION_OID,
-            key,
-        );
-        let f = if shared {
-            builtin_advisory_xact_lock_shared_int4
-        } else {
-            builtin_advisory_xact_lock_int4
-        };
-        pg_sys::DirectFunctionCall2Coll(Some(f), pg_sys::InvalidOid, Datum::from(space), hash);
-        pg_sys::AcceptInvalidationMessages();
-    }
-}
-
-/// `jsonb_typeof` of a jsonb datum.
-pub unsafe fn json_type(d: Datum) -> String {
-    // SAFETY: the caller passes a non-null jsonb datum, which is what jsonb_typeof reads; its text
-    // result is read by text_to_string.
-    unsafe {
-        text_to_string(pg_sys::DirectFunctionCall1Coll(
-            Some(builtin_jsonb_typeof),
-            pg_sys::InvalidOid,
-            d,
-        ))
-    }
-}
-
-/// A raw V1 function as its SQL declaration must read: the C symbol, the `regprocedure` text and
-/// the result (`pg_get_function_result`). The entry points read their arguments by position,
-/// so each module lists its own next to the functions, and `every_c_function_is_declared_as_its_rust_reads_it`
-/// compares the lists with `pg_proc`.
-#[cfg_attr(not(any(test, feature = "pg_test")), allow(dead_code))]
-pub struct CFunction {
-    pub symbol: &'static str,
-    pub signature: &'static str,
-    pub result: &'static str,
-}
-
-/// Declares the `pg_finfo_<name>` record that marks a raw function as V1 calling convention.
-#[macro_export]
-macro_rules! v1 {
-    ($finfo:ident) => {
-        #[unsafe(no_mangle)]
-        pub extern "C-unwind" fn $finfo() -> &'static pgrx::pg_sys::Pg_finfo_record {
-            static V1: pgrx::pg_sys::Pg_finfo_record =
-                pgrx::pg_sys::Pg_finfo_record { api_version: 1 };
-            &V1
-        }
-    };
-}
-
-#[cfg(any(test, feature = "pg_test"))]
-#[pgrx::pg_schema]
-mod tests {
-    use pgrx::prelude::*;
-
-    /// Every C function of the extension that is not a pgrx wrapper is one of the modules'
-    /// raw entry points, declared with the argument types and result its Rust reads.
-    #[pg_test]
-    fn every_c_function_is_declared_as_its_rust_reads_it() {
-        let mut expected: Vec<(String, String, String)> = crate::queue::C_FUNCTIONS
-            .iter()
-            .chain(crate::workflow::C_FUNCTIONS)
-            .map(|f| (f.symbol.into(), f.signature.into(), f.result.into()))
-            .collect();
-        expected.sort();
-        let declared: Vec<(String, String, String)> = Spi::connect(|client| {
-            client
-                .select(
-                    "SELECT p.prosrc, p.oid::regprocedure::text,
-                            coalesce(pg_get_function_result(p.oid), '(procedure)')
-                       FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
-                      WHERE l.lanname = 'c' AND p.pronamespace = 'pgflow'::regnamespace
-                        AND p.prosrc NOT LIKE '%\\_wrapper'
-                      ORDER BY 1, 2, 3",
-                    None,
-                    &[],
-                )
-                .unwrap()
-                .map(|row| {
-                    (
-                        row.get::<String>(1).unwrap().unwrap(),
-                        row.get::<String>(2).unwrap().unwrap(),
-                        row.get::<String>(3).unwrap().unwrap(),
-                    )
-                })
-                .collect()
-        });
-        assert_eq!(declared, expected);
     }
 }

@@ -21,12 +21,16 @@
 //! statements. The argument checks raise exactly the errors the PL/pgSQL helpers raise for the
 //! other functions.
 
-use crate::errors::{check_name, raise};
+pub mod topics;
+
+use crate::error::{null_error, raise};
 use crate::events;
-use crate::spi::{
-    advisory_xact_lock, arg, as_user, column, int_column, json_type, null_error, run, text_arg,
-    text_column, text_to_string, CFunction, SpiScope, Statement, INT4, INT4ARRAY, INT8, INT8ARRAY,
-    JSONB, OID, REGCLASS, TEXT, TIMESTAMPTZ,
+use crate::locks::{self, Space};
+use crate::names::check_name;
+use crate::pg::{
+    arg, as_user, column, int_column, json_type, run, text_arg, text_column, text_to_string,
+    CFunction, SpiScope, Statement, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB, OID, REGCLASS, TEXT,
+    TIMESTAMPTZ,
 };
 use crate::v1;
 use pgrx::pg_sys::{self, Datum, FunctionCallInfo, Oid};
@@ -35,8 +39,6 @@ use pgrx::PgSqlErrorCode;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-/// Key space of the queue-name locks (`'pgfq'`), shared with `pgflow._lock_queue_name`.
-const QUEUE_LOCK_SPACE: i32 = 1885824625;
 const MAX_SECONDS: i32 = 31_536_000;
 const MAX_QTY: i32 = 100_000;
 
@@ -81,6 +83,7 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: Datum, _relid: Oid) {
 #[derive(Clone, Copy)]
 enum Stmt {
     LookupByName,
+    RaiseQueue,
     LookupById,
     Send,
     DueAt,
@@ -116,6 +119,8 @@ impl Statement for Stmt {
                    FROM pgflow.queues q WHERE queue_name = $1",
                 &[TEXT],
             ),
+            // raises the specific error for a malformed or unknown queue name (pgflow._queue's)
+            Stmt::RaiseQueue => ("SELECT pgflow._queue($1)", &[TEXT]),
             Stmt::LookupById => (
                 "SELECT queue_name, notify FROM pgflow.queues WHERE queue_id = $1",
                 &[INT8],
@@ -471,11 +476,11 @@ unsafe fn lookup(name: Option<&str>, name_datum: Option<Datum>) -> QueueInfo {
             return q;
         }
         if run(Stmt::LookupByName, &[Some(name_datum)]) == 0 {
-            check_name(Some(name), "queue_name");
+            run(Stmt::RaiseQueue, &[Some(name_datum)]); // raises 42704 (or the name's error)
             raise(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-                format!("queue \"{name}\" does not exist"),
-                Some("Create it with pgflow.create_queue(queue_name)."),
+                "queue not found".into(),
+                None,
             );
         }
         let q = QueueInfo {
@@ -489,13 +494,25 @@ unsafe fn lookup(name: Option<&str>, name_datum: Option<Datum>) -> QueueInfo {
     }
 }
 
+/// Remember that queue `queue_id` has messages becoming visible at `at` (a timestamptz datum),
+/// so that its readers are woken and its listeners told then (`pgflow._due_at`).
+///
+/// # Safety
+/// Inside an SPI connection; `at` is a timestamptz datum.
+pub(crate) unsafe fn due_at(queue_id: i64, at: Datum) {
+    // SAFETY: the caller's contract; the statement's parameters are an int8 and a timestamptz.
+    unsafe {
+        run(Stmt::DueAt, &[Some(Datum::from(queue_id)), Some(at)]);
+    }
+}
+
 /// Take the queue-name lock shared (as `pgflow._lock_queue_name(name, false)`), then process
 /// pending invalidations, so that a drop_queue that committed while we waited is seen.
 unsafe fn lock_queue_name(name_datum: Datum) {
     // SAFETY: `name_datum` is a text datum (the caller's contract), as advisory_xact_lock
     // requires; called inside a transaction.
     unsafe {
-        advisory_xact_lock(QUEUE_LOCK_SPACE, name_datum, true);
+        locks::lock(Space::Queue, name_datum, true, true);
     }
 }
 

@@ -22,7 +22,7 @@
 //! themselves), and stop after [`IDLE_EXIT`] without work, so that an idle database can be
 //! dropped (`DROP DATABASE` waits up to 5 s for other sessions to leave).
 
-use crate::spi::as_raised;
+use crate::pg::as_raised;
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::{PGRXSharedMemory, PgLwLock};
@@ -128,7 +128,7 @@ fn my_database() -> u32 {
 /// Wake the process registered as `procno` in an outbox or as the launcher; -1: nobody.
 fn set_latch_of(procno: i32) {
     if let Ok(procno) = usize::try_from(procno) {
-        crate::spi::set_latch_of(procno);
+        crate::pg::set_latch_of(procno);
     }
 }
 
@@ -257,7 +257,7 @@ pub fn release(outbox: usize, len: usize) {
 
 /// The launcher registers itself, to be woken when an announcer is wanted.
 pub fn register_launcher() {
-    OUTBOX.exclusive().launcher = crate::spi::my_proc_number() as i32;
+    OUTBOX.exclusive().launcher = crate::pg::my_proc_number() as i32;
 }
 
 /// Outboxes whose database asked for an announcer; they are marked as being started.
@@ -322,7 +322,7 @@ pub extern "C-unwind" fn pgflow_announcer_main(arg: pg_sys::Datum) {
             return;
         }
         b.state = RUNNING;
-        b.procno = crate::spi::my_proc_number() as i32;
+        b.procno = crate::pg::my_proc_number() as i32;
     }
     let mut idle_since = Instant::now();
     let mut last_batch = Instant::now() - MIN_BATCH_INTERVAL;
@@ -362,7 +362,7 @@ pub extern "C-unwind" fn pgflow_announcer_main(arg: pg_sys::Datum) {
 unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, arg: pg_sys::Datum) {
     let mut board = OUTBOX.exclusive();
     let b = &mut board.boxes[arg.value()];
-    if b.state == RUNNING && b.procno == crate::spi::my_proc_number() as i32 {
+    if b.state == RUNNING && b.procno == crate::pg::my_proc_number() as i32 {
         b.state = FREE;
         b.procno = -1;
     }

@@ -1,38 +1,14 @@
-//! Errors pgflow raises from Rust: each with its SQLSTATE, a message naming the argument, and a
-//! hint where one helps. SQL functions call `pgflow._check_name` so that the rules for names live
-//! in one place.
+//! Queue names and flow slugs: the one rule for them. SQL functions call `pgflow._check_name`,
+//! the Rust hot paths [`check_name`].
 
+use crate::error::{null_error, raise, shown};
 use pgrx::prelude::*;
-use pgrx::{PgLogLevel, PgSqlErrorCode};
+use pgrx::PgSqlErrorCode;
 
 /// Longest queue name or flow slug, in bytes. Chosen so that every derived name (the queue's
 /// notification channel `pgflow.queue.<name>`, the flow's `pgflow.flow.<slug>`) stays under
 /// PostgreSQL's 64-byte identifier limit.
 pub const MAX_NAME_BYTES: usize = 48;
-
-/// Raise an ERROR with the given SQLSTATE, message and optional hint. Never returns.
-pub fn raise(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
-    let mut report = pgrx::pg_sys::panic::ErrorReport::new(code, message, "pgflow");
-    if let Some(hint) = hint {
-        report = report.set_hint(hint);
-    }
-    report.report(PgLogLevel::ERROR);
-    unreachable!("ereport(ERROR) returned")
-}
-
-/// A short, printable rendering of a user value for an error message: never the whole of an
-/// overlong argument, never a control character.
-pub fn shown(value: &str) -> String {
-    let mut out: String = value
-        .chars()
-        .take(64)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
-    if value.chars().count() > 64 {
-        out.push_str("...");
-    }
-    out
-}
 
 /// Why a name is refused, if it is.
 #[derive(Debug, PartialEq, Eq)]
@@ -61,11 +37,7 @@ pub fn name_problem(value: &str) -> Option<NameProblem> {
 /// not allowed.
 pub fn check_name(value: Option<&str>, arg: &str) {
     let Some(value) = value else {
-        raise(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            format!("{arg} must not be null"),
-            None,
-        );
+        null_error(arg, None)
     };
     match name_problem(value) {
         None => {}
@@ -114,13 +86,6 @@ mod tests {
         assert_eq!(name_problem("a;drop"), Some(NameProblem::BadCharacter));
         assert_eq!(name_problem("caf\u{e9}"), Some(NameProblem::BadCharacter));
         assert_eq!(name_problem("a b"), Some(NameProblem::BadCharacter));
-    }
-
-    #[pg_test]
-    fn shown_values_are_bounded() {
-        assert_eq!(shown("abc"), "abc");
-        assert_eq!(shown(&"x".repeat(100)).len(), 67);
-        assert_eq!(shown("a\nb"), "a?b");
     }
 
     #[pg_test(error = "queue_name must not be null")]

@@ -13,8 +13,12 @@
 //!   interval. Shared memory exists only when pgflow is in `shared_preload_libraries`; without
 //!   it readers fall back to sleeping for the poll interval, which is still correct.
 
-use crate::announcer::{Outboxes, OUTBOX};
-use crate::errors::{check_name, raise};
+pub mod announcer;
+
+use announcer::{Outboxes, OUTBOX};
+
+use crate::error::raise;
+use crate::names::check_name;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock, PgSqlErrorCode};
 use serde_json::{json, Map, Value};
@@ -229,7 +233,7 @@ unsafe extern "C-unwind" fn on_xact_event(
         XACT_EVENT_COMMIT => {
             let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
             if let Some((outbox, records)) = &pending.deferred {
-                crate::announcer::deliver(*outbox, records);
+                crate::events::announcer::deliver(*outbox, records);
             }
             let buckets: BTreeSet<usize> =
                 pending.wake_buckets.into_iter().map(|(_, b)| b).collect();
@@ -243,7 +247,7 @@ unsafe extern "C-unwind" fn on_xact_event(
             let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
             // aborted after the room for its events was reserved: give it back
             if let Some((outbox, records)) = &pending.deferred {
-                crate::announcer::release(*outbox, records.len());
+                crate::events::announcer::release(*outbox, records.len());
             }
         }
         _ => {}
@@ -309,8 +313,8 @@ fn emit_notifications() {
         return;
     }
     // Handed to the database's announcer after commit, if it has room; else notified here.
-    let records = crate::announcer::encode(&notifications);
-    if let Some(outbox) = crate::announcer::reserve(records.len()) {
+    let records = crate::events::announcer::encode(&notifications);
+    if let Some(outbox) = crate::events::announcer::reserve(records.len()) {
         PENDING.with(|p| p.borrow_mut().deferred = Some((outbox, records)));
         return;
     }
@@ -450,7 +454,7 @@ fn wake(buckets: &BTreeSet<usize>) {
     }
     // every procno on the board was registered by a waiting backend as its own number
     for procno in waiting {
-        crate::spi::set_latch_of(procno);
+        crate::pg::set_latch_of(procno);
     }
 }
 
@@ -536,7 +540,7 @@ pub(crate) fn wake_epoch(queue_id: i64) -> i64 {
 pub(crate) fn wait_for_wake(queue_id: i64, epoch: i64, timeout_ms: i32) -> bool {
     let timeout_ms = timeout_ms.max(0) as i64;
     let bucket = bucket_of(queue_id);
-    let procno = crate::spi::my_proc_number();
+    let procno = crate::pg::my_proc_number();
     if !wakeups_available() || procno >= MAX_WAITERS {
         sleep_on_latch(timeout_ms);
         return false;
@@ -572,9 +576,9 @@ pub(crate) fn wait_for_wake(queue_id: i64, epoch: i64, timeout_ms: i32) -> bool 
 
 /// Wait on this backend's latch for up to `timeout_ms`, honouring cancel and postmaster death.
 /// A cancel or statement timeout (what every graceful shutdown sends a waiting consumer) is
-/// raised as PostgreSQL raised it, without a Rust backtrace ([`crate::spi::as_raised`]).
+/// raised as PostgreSQL raised it, without a Rust backtrace ([`crate::pg::as_raised`]).
 fn sleep_on_latch(timeout_ms: i64) {
-    crate::spi::as_raised(|| {
+    crate::pg::as_raised(|| {
         // SAFETY: MyLatch is this backend's own latch, set up before any SQL function runs.
         unsafe {
             pg_sys::WaitLatch(

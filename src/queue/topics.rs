@@ -6,8 +6,8 @@
 //! A pattern is the same, where a word may also be `*` (exactly one word) or `#` (zero or more
 //! words): `orders.*.created`, `orders.#`, `#`.
 
-use crate::errors::{raise, shown};
-use crate::spi::null_error;
+use crate::error::null_error;
+use crate::error::{raise, shown};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 

@@ -64,13 +64,15 @@ ensure_cargo_pgrx() {
 }
 
 ensure_python_modules() {
-    if ! python3 -c 'import psycopg, pytest' 2>/dev/null; then
-        say "installing psycopg and pytest"
+    # prometheus_client: the Prometheus project's own parser reads pgflow.metrics() in a test
+    if ! python3 -c 'import psycopg, pytest, prometheus_client' 2>/dev/null; then
+        say "installing psycopg, pytest and prometheus_client"
+        local mods=("psycopg[binary]>=3.1" "pytest>=7" "prometheus_client>=0.17")
         # Debian's own python3 refuses pip installs into it (PEP 668) unless told to.
-        python3 -m pip install -q --disable-pip-version-check "psycopg[binary]>=3.1" "pytest>=7" 2>/dev/null \
-            || python3 -m pip install -q --disable-pip-version-check --break-system-packages \
-                   "psycopg[binary]>=3.1" "pytest>=7"
-        python3 -c 'import psycopg, pytest' || { echo "could not install psycopg and pytest" >&2; exit 1; }
+        python3 -m pip install -q --disable-pip-version-check "${mods[@]}" 2>/dev/null \
+            || python3 -m pip install -q --disable-pip-version-check --break-system-packages "${mods[@]}"
+        python3 -c 'import psycopg, pytest, prometheus_client' \
+            || { echo "could not install psycopg, pytest and prometheus_client" >&2; exit 1; }
     fi
 }
 

@@ -54,6 +54,8 @@ BEGIN
     GRANT USAGE ON SCHEMA pgflow TO pgflow_producer, pgflow_consumer, pgflow_admin;
     GRANT pgflow_producer, pgflow_consumer TO pgflow_admin;
     GRANT SELECT ON ALL TABLES IN SCHEMA pgflow TO pgflow_admin;
+    -- the figures every role may count (get_queue_stats, get_queue_health, metrics)
+    GRANT SELECT ON pgflow.queue_health TO pgflow_producer, pgflow_consumer;
     FOR f IN
         SELECT p.oid::regprocedure::text AS sig, p.proname::text AS name
           FROM pg_catalog.pg_proc p
@@ -64,11 +66,12 @@ BEGIN
         roles := ARRAY['pgflow_admin'];
         IF f.name IN ('send', 'send_batch', 'send_with_notify', 'publish', 'publish_batch',
                       'queue_channel', 'flow_channel', 'start_flow', 'get_queue_stats',
-                      'wakeups_enabled') THEN
+                      'get_queue_health', 'metrics', 'wakeups_enabled') THEN
             roles := roles || 'pgflow_producer'::text;
         END IF;
         IF f.name IN ('read', 'read_with_poll', 'wait_for_messages', 'pop', 'delete', 'archive', 'set_vt', 'nack',
                       'ack_and_read', 'queue_channel', 'flow_channel', 'get_queue_stats',
+                      'get_queue_health', 'metrics',
                       'wakeups_enabled', 'start_tasks', 'poll_for_tasks', 'complete_task',
                       'fail_task', 'get_run_with_states') THEN
             roles := roles || 'pgflow_consumer'::text;

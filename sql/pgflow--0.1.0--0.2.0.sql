@@ -255,16 +255,12 @@ END
 $$;
 COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], timestamptz, integer, jsonb[]) IS
 'Send several messages in one statement, readable from the given time (a finite timestamptz; a time in the past means now); returns their msg_ids in array order.';
+-- pop is the claim of read (src/queue/) followed by a delete of what it claimed: one home for
+-- the claim (0.1.0's pop had a claim of its own).
 CREATE OR REPLACE FUNCTION pgflow.pop(queue_name text, qty integer DEFAULT 1)
 RETURNS SETOF pgflow.message_record
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-AS $$
-BEGIN
-    PERFORM pgflow._check_lease(0, qty);
-    RETURN QUERY SELECT * FROM pgflow._pop(pgflow._api_queue(queue_name, 'pop'), qty);
-END
-$$;
+LANGUAGE c VOLATILE SECURITY DEFINER
+AS 'MODULE_PATHNAME', 'pgflow_pop';
 COMMENT ON FUNCTION pgflow.pop(text, integer) IS
 'Read and delete up to qty visible messages at once (at-most-once delivery: a consumer that fails after pop has lost the message).';
 CREATE OR REPLACE FUNCTION pgflow.delete(queue_name text, msg_ids bigint[], read_cts integer[] DEFAULT NULL)
@@ -826,43 +822,8 @@ COMMENT ON FUNCTION pgflow.add_step(text, text, text[], integer, integer, intege
 -- Every attempt leaves its entry in a message's errors: a delivery whose lease ran out gets
 -- "visibility timeout expired" when the message is claimed again (the claim of src/queue/,
 -- which read_with_poll now uses too), and the dead-letter move adds the last attempt's entry
--- only if that claim has not. pgflow._claim's leasing branch is gone; pop keeps its own
--- claim, pgflow._pop.
-CREATE FUNCTION pgflow._pop(q pgflow.queues, qty integer)
-RETURNS SETOF pgflow.message_record
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
-AS $$
-#variable_conflict use_column
-DECLARE
-    want integer := qty;
-    n_dead bigint;
-    got pgflow.message_record[];
-BEGIN
-    LOOP
-        WITH c AS (
-            SELECT m.msg_id, m.read_ct FROM pgflow.messages m
-             WHERE m.queue_id = q.queue_id AND m.vt <= clock_timestamp()
-             ORDER BY m.priority DESC, m.msg_id
-             LIMIT want
-               FOR UPDATE SKIP LOCKED
-        ), dead AS (
-            SELECT pgflow._dead_letter(q, c.msg_id, NULL) FROM c WHERE c.read_ct > q.max_retries
-        ), taken AS (
-            DELETE FROM pgflow.messages m USING c
-             WHERE m.queue_id = q.queue_id AND m.msg_id = c.msg_id AND c.read_ct <= q.max_retries
-            RETURNING m.msg_id, m.read_ct + 1 AS read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority
-        )
-        SELECT (SELECT count(*) FROM dead),
-               coalesce(array_agg(ROW(t.*)::pgflow.message_record ORDER BY t.priority DESC, t.msg_id), '{}')
-          INTO n_dead, got FROM taken t;
-        RETURN QUERY SELECT * FROM unnest(got);
-        want := want - cardinality(got);
-        EXIT WHEN n_dead = 0 OR want <= 0;
-    END LOOP;
-END
-$$;
+-- only if that claim has not. pgflow._claim's leasing branch is gone; pop claims through the
+-- same Rust claim (below).
 DROP FUNCTION pgflow._claim(pgflow.queues, integer, integer, boolean);
 CREATE OR REPLACE FUNCTION pgflow.read_with_poll(queue_name text, vt integer, qty integer DEFAULT 1,
                                       max_poll_seconds integer DEFAULT 5, poll_interval_ms integer DEFAULT 100)
@@ -1446,6 +1407,210 @@ BEGIN
 END
 $$;
 
+-- Monitoring from SQL: alert thresholds per queue, how long the oldest visible message has
+-- waited (queue_stats), pgflow.queue_health and pgflow.metrics().
+ALTER TABLE pgflow.queues
+    ADD COLUMN alert_dlq_depth integer NOT NULL DEFAULT 0,
+    ADD COLUMN alert_oldest_age integer NOT NULL DEFAULT 0,
+    ADD CONSTRAINT queues_alert_dlq_depth_range CHECK (alert_dlq_depth BETWEEN 0 AND 1000000000),
+    ADD CONSTRAINT queues_alert_oldest_age_range CHECK (alert_oldest_age BETWEEN 0 AND 31536000);
+ALTER TYPE pgflow.queue_stats ADD ATTRIBUTE oldest_visible_age_sec double precision;
+CREATE OR REPLACE FUNCTION pgflow._stats(q pgflow.queues) RETURNS pgflow.queue_stats
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT q.queue_name,
+           count(m.msg_id),
+           count(m.msg_id) FILTER (WHERE m.vt <= t.now),
+           count(m.msg_id) FILTER (WHERE m.vt > t.now AND m.read_ct > 0),
+           count(m.msg_id) FILTER (WHERE m.vt > t.now AND m.read_ct = 0),
+           (SELECT count(*) FROM pgflow.archive a WHERE a.queue_id = q.queue_id),
+           (SELECT count(*) FROM pgflow.dlq d WHERE d.queue_name = q.queue_name),
+           extract(epoch FROM t.now - min(m.enqueued_at))::double precision,
+           extract(epoch FROM t.now - max(m.enqueued_at))::double precision,
+           coalesce(pg_sequence_last_value(q.msg_seq), 0),
+           t.now,
+           coalesce(extract(epoch FROM t.now - min(m.vt) FILTER (WHERE m.vt <= t.now))::double precision, 0)
+      FROM (SELECT clock_timestamp() AS now) t
+      LEFT JOIN pgflow.messages m ON m.queue_id = q.queue_id
+     GROUP BY t.now;
+$$;
+COMMENT ON FUNCTION pgflow.get_queue_stats(text) IS
+'Statistics of one queue: depth (live messages), visible now, in_flight (leased, or waiting out a retry backoff), delayed (never delivered, not yet due), archived, dead_lettered, age in seconds of the oldest and newest live message, total_sent (msg_ids issued: like pgmq, a rolled-back send counts), the time of the count, and oldest_visible_age_sec: how long the oldest visible message has been waiting to be read (0 if none).';
+
+-- The alert thresholds of pgflow.queue_health: 0 (none) or a positive bound.
+CREATE FUNCTION pgflow._check_alerts(alert_dlq_depth integer, alert_oldest_age integer) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF alert_dlq_depth IS NULL THEN
+        RAISE EXCEPTION 'alert_dlq_depth must not be null' USING ERRCODE = '22004';
+    ELSIF alert_dlq_depth < 0 OR alert_dlq_depth > 1000000000 THEN
+        RAISE EXCEPTION 'alert_dlq_depth must be between 0 and 1000000000, not %', alert_dlq_depth
+            USING ERRCODE = '22023', HINT = '0 turns the alert off.';
+    END IF;
+    IF alert_oldest_age IS NULL THEN
+        RAISE EXCEPTION 'alert_oldest_age must not be null' USING ERRCODE = '22004';
+    ELSIF alert_oldest_age < 0 OR alert_oldest_age > 31536000 THEN
+        RAISE EXCEPTION 'alert_oldest_age must be between 0 and 31536000 seconds, not %', alert_oldest_age
+            USING ERRCODE = '22023', HINT = '0 turns the alert off.';
+    END IF;
+END
+$$;
+
+DROP FUNCTION pgflow.alter_queue(text, integer, integer, integer, double precision, boolean);
+CREATE FUNCTION pgflow.alter_queue(
+    queue_name text,
+    max_retries integer DEFAULT NULL,
+    retry_delay_ms integer DEFAULT NULL,
+    max_retry_delay_ms integer DEFAULT NULL,
+    retry_jitter double precision DEFAULT NULL,
+    notify boolean DEFAULT NULL,
+    alert_dlq_depth integer DEFAULT NULL,
+    alert_oldest_age integer DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q pgflow.queues;
+BEGIN
+    q := pgflow._api_queue(alter_queue.queue_name, 'alter_queue');
+    q.max_retries := coalesce(alter_queue.max_retries, q.max_retries);
+    q.retry_delay_ms := coalesce(alter_queue.retry_delay_ms, q.retry_delay_ms);
+    q.max_retry_delay_ms := coalesce(alter_queue.max_retry_delay_ms, q.max_retry_delay_ms);
+    q.retry_jitter := coalesce(alter_queue.retry_jitter, q.retry_jitter);
+    q.notify := coalesce(alter_queue.notify, q.notify);
+    q.alert_dlq_depth := coalesce(alter_queue.alert_dlq_depth, q.alert_dlq_depth);
+    q.alert_oldest_age := coalesce(alter_queue.alert_oldest_age, q.alert_oldest_age);
+    PERFORM pgflow._check_queue_options(q.max_retries, q.retry_delay_ms, q.max_retry_delay_ms,
+                                        q.retry_jitter, q.notify);
+    PERFORM pgflow._check_alerts(q.alert_dlq_depth, q.alert_oldest_age);
+    UPDATE pgflow.queues
+       SET max_retries = q.max_retries, retry_delay_ms = q.retry_delay_ms,
+           max_retry_delay_ms = q.max_retry_delay_ms, retry_jitter = q.retry_jitter, notify = q.notify,
+           alert_dlq_depth = q.alert_dlq_depth, alert_oldest_age = q.alert_oldest_age
+     WHERE queue_id = q.queue_id;
+END
+$$;
+COMMENT ON FUNCTION pgflow.alter_queue(text, integer, integer, integer, double precision, boolean, integer, integer) IS
+'Change options of an existing queue; a NULL argument keeps the current value. Takes effect for messages read or failed from then on. alert_dlq_depth (dead-lettered messages) and alert_oldest_age (seconds the oldest visible message has waited) are the thresholds of pgflow.queue_health: warning at the threshold, critical at twice it; 0 turns an alert off.';
+
+-- The health rule: a threshold reached is a warning, twice the threshold critical; the worst of
+-- a queue's alerts is its status, and reason says which alerts fired. A threshold of 0 is off.
+CREATE FUNCTION pgflow.get_queue_health()
+RETURNS TABLE (queue_name text, status text, reason text, dlq_depth bigint,
+               oldest_visible_age_sec double precision, alert_dlq_depth integer, alert_oldest_age integer)
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT s.queue_name,
+           CASE WHEN a.dlq >= 2 OR a.age >= 2 THEN 'critical'
+                WHEN a.dlq >= 1 OR a.age >= 1 THEN 'warning'
+                ELSE 'ok' END,
+           nullif(concat_ws('; ',
+               CASE WHEN a.dlq >= 1 THEN format('%s dead-lettered messages, alert at %s', s.dead_lettered, q.alert_dlq_depth) END,
+               CASE WHEN a.age >= 1 THEN format('oldest visible message waiting %s s, alert at %s s',
+                                                round(s.oldest_visible_age_sec::numeric, 1), q.alert_oldest_age) END), ''),
+           s.dead_lettered, s.oldest_visible_age_sec, q.alert_dlq_depth, q.alert_oldest_age
+      FROM pgflow.get_queue_stats() s
+      JOIN pgflow.queues q ON q.queue_name = s.queue_name
+     CROSS JOIN LATERAL (SELECT
+               -- how many times its threshold each figure has reached (0, 1, or 2 for twice)
+               CASE WHEN q.alert_dlq_depth = 0 THEN 0
+                    ELSE least(2, floor(s.dead_lettered::double precision / q.alert_dlq_depth)) END AS dlq,
+               CASE WHEN q.alert_oldest_age = 0 THEN 0
+                    ELSE least(2, floor(s.oldest_visible_age_sec / q.alert_oldest_age)) END AS age) a
+     ORDER BY s.queue_name;
+$$;
+COMMENT ON FUNCTION pgflow.get_queue_health() IS
+'Health of every queue against its alert thresholds (pgflow.alter_queue alert_dlq_depth, alert_oldest_age): status ok, warning (a threshold reached) or critical (twice a threshold), the reason naming what fired, and the figures compared. The view pgflow.queue_health shows the same.';
+
+CREATE VIEW pgflow.queue_health AS
+SELECT * FROM pgflow.get_queue_health();
+COMMENT ON VIEW pgflow.queue_health IS
+'pgflow: health of every queue against its alert thresholds (see pgflow.get_queue_health).';
+
+-- One metric family: its HELP and TYPE lines and its samples (NULL: none).
+CREATE FUNCTION pgflow._metric_family(name text, kind text, help text, samples text) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format(E'# HELP %s %s\n# TYPE %s %s\n', name, help, name, kind)
+           || coalesce(samples || E'\n', '');
+$$;
+
+-- Labels need no escaping: queue names and flow slugs are ASCII letters, digits and
+-- underscores (pgflow._check_name), statuses fixed words.
+CREATE FUNCTION pgflow.metrics() RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    stats pgflow.queue_stats[] := ARRAY(SELECT s FROM pgflow.get_queue_stats() s);
+    out text;
+BEGIN
+    out := pgflow._metric_family('pgflow_queue_depth', 'gauge',
+        'Live messages of a queue, in any state.',
+        (SELECT string_agg(format('pgflow_queue_depth{queue="%s"} %s', s.queue_name, s.depth), E'\n')
+           FROM unnest(stats) s))
+        || pgflow._metric_family('pgflow_queue_messages', 'gauge',
+        'Live messages of a queue by state: visible (can be read now), in_flight (leased, or waiting out a retry backoff), delayed (not yet due).',
+        (SELECT string_agg(format('pgflow_queue_messages{queue="%s",state="%s"} %s', s.queue_name, x.state, x.n), E'\n')
+           FROM unnest(stats) s,
+                LATERAL (VALUES ('visible', s.visible), ('in_flight', s.in_flight), ('delayed', s.delayed)) x(state, n)))
+        || pgflow._metric_family('pgflow_queue_dlq_messages', 'gauge',
+        'Dead-lettered messages of a queue, kept in pgflow.dlq until retried or purged.',
+        (SELECT string_agg(format('pgflow_queue_dlq_messages{queue="%s"} %s', s.queue_name, s.dead_lettered), E'\n')
+           FROM unnest(stats) s))
+        || pgflow._metric_family('pgflow_queue_archived_messages', 'gauge',
+        'Archived messages of a queue, kept in pgflow.archive until retention deletes them.',
+        (SELECT string_agg(format('pgflow_queue_archived_messages{queue="%s"} %s', s.queue_name, s.archived), E'\n')
+           FROM unnest(stats) s))
+        || pgflow._metric_family('pgflow_queue_oldest_visible_age_seconds', 'gauge',
+        'How long the oldest visible message of a queue has waited to be read (0: none visible).',
+        (SELECT string_agg(format('pgflow_queue_oldest_visible_age_seconds{queue="%s"} %s', s.queue_name,
+                                  round(s.oldest_visible_age_sec::numeric, 3)), E'\n')
+           FROM unnest(stats) s))
+        || pgflow._metric_family('pgflow_queue_oldest_message_age_seconds', 'gauge',
+        'Age of the oldest live message of a queue, in any state (0: none).',
+        (SELECT string_agg(format('pgflow_queue_oldest_message_age_seconds{queue="%s"} %s', s.queue_name,
+                                  round(coalesce(s.oldest_msg_age_sec, 0)::numeric, 3)), E'\n')
+           FROM unnest(stats) s))
+        || pgflow._metric_family('pgflow_queue_sent_total', 'counter',
+        'Messages sent to a queue: the ids its sequence issued (a rolled-back send counts; starts again if the queue is dropped and created again).',
+        (SELECT string_agg(format('pgflow_queue_sent_total{queue="%s"} %s', s.queue_name, s.total_sent), E'\n')
+           FROM unnest(stats) s))
+        || pgflow._metric_family('pgflow_queue_health', 'gauge',
+        'Health of a queue against its alert thresholds (pgflow.queue_health): 0 ok, 1 warning, 2 critical.',
+        (SELECT string_agg(format('pgflow_queue_health{queue="%s"} %s', h.queue_name,
+                                  CASE h.status WHEN 'ok' THEN 0 WHEN 'warning' THEN 1 ELSE 2 END), E'\n')
+           FROM pgflow.get_queue_health() h))
+        || pgflow._metric_family('pgflow_flow_runs', 'gauge',
+        'Workflow runs by flow and status (runs kept until pgflow.run_retention deletes finished ones).',
+        (SELECT string_agg(format('pgflow_flow_runs{flow="%s",status="%s"} %s', r.flow_slug, r.status, r.n), E'\n'
+                           ORDER BY r.flow_slug, r.status)
+           FROM (SELECT x.flow_slug, x.status, count(*) AS n FROM pgflow.runs x GROUP BY 1, 2) r))
+        || pgflow._metric_family('pgflow_flow_tasks', 'gauge',
+        'Workflow tasks by flow and status.',
+        (SELECT string_agg(format('pgflow_flow_tasks{flow="%s",status="%s"} %s', t.flow_slug, t.status, t.n), E'\n'
+                           ORDER BY t.flow_slug, t.status)
+           FROM (SELECT x.flow_slug, x.status, count(*) AS n FROM pgflow.step_tasks x GROUP BY 1, 2) t));
+    RETURN out;
+END
+$$;
+COMMENT ON FUNCTION pgflow.metrics() IS
+'Every queue''s and flow''s figures in the Prometheus text exposition format (version 0.0.4): depth, messages by state, dead-lettered, archived, age of the oldest visible and oldest live message, messages sent, health, and runs and tasks by flow and status. Counted when called (nothing is counted on the send path); serve it from an HTTP exporter or a scrape job that runs SELECT pgflow.metrics().';
+
+-- One home for sending a single message (src/queue/ insert_message): pgflow._send, the insert of
+-- the PL/pgSQL paths, is a C function over the insert send uses.
+CREATE OR REPLACE FUNCTION pgflow._send(q pgflow.queues, message jsonb, visible_at timestamptz, priority integer, headers jsonb)
+RETURNS bigint
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'pgflow_send_internal';
+
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule
 -- and every upgrade script ends by applying it.
@@ -1466,6 +1631,8 @@ BEGIN
     GRANT USAGE ON SCHEMA pgflow TO pgflow_producer, pgflow_consumer, pgflow_admin;
     GRANT pgflow_producer, pgflow_consumer TO pgflow_admin;
     GRANT SELECT ON ALL TABLES IN SCHEMA pgflow TO pgflow_admin;
+    -- the figures every role may count (get_queue_stats, get_queue_health, metrics)
+    GRANT SELECT ON pgflow.queue_health TO pgflow_producer, pgflow_consumer;
     FOR f IN
         SELECT p.oid::regprocedure::text AS sig, p.proname::text AS name
           FROM pg_catalog.pg_proc p
@@ -1476,11 +1643,12 @@ BEGIN
         roles := ARRAY['pgflow_admin'];
         IF f.name IN ('send', 'send_batch', 'send_with_notify', 'publish', 'publish_batch',
                       'queue_channel', 'flow_channel', 'start_flow', 'get_queue_stats',
-                      'wakeups_enabled') THEN
+                      'get_queue_health', 'metrics', 'wakeups_enabled') THEN
             roles := roles || 'pgflow_producer'::text;
         END IF;
         IF f.name IN ('read', 'read_with_poll', 'wait_for_messages', 'pop', 'delete', 'archive', 'set_vt', 'nack',
                       'ack_and_read', 'queue_channel', 'flow_channel', 'get_queue_stats',
+                      'get_queue_health', 'metrics',
                       'wakeups_enabled', 'start_tasks', 'poll_for_tasks', 'complete_task',
                       'fail_task', 'get_run_with_states') THEN
             roles := roles || 'pgflow_consumer'::text;

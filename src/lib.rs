@@ -100,6 +100,11 @@ extension_sql_file!(
     requires = ["workflow_tables"]
 );
 extension_sql_file!(
+    "../sql/monitoring.sql",
+    name = "monitoring",
+    requires = ["queue_api", "workflow_tables"]
+);
+extension_sql_file!(
     "../sql/retention.sql",
     name = "retention",
     requires = ["queue_tables", "workflow_tables"]

@@ -192,13 +192,36 @@ BEGIN
 END
 $$;
 
+-- The alert thresholds of pgflow.queue_health: 0 (none) or a positive bound.
+CREATE FUNCTION pgflow._check_alerts(alert_dlq_depth integer, alert_oldest_age integer) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF alert_dlq_depth IS NULL THEN
+        RAISE EXCEPTION 'alert_dlq_depth must not be null' USING ERRCODE = '22004';
+    ELSIF alert_dlq_depth < 0 OR alert_dlq_depth > 1000000000 THEN
+        RAISE EXCEPTION 'alert_dlq_depth must be between 0 and 1000000000, not %', alert_dlq_depth
+            USING ERRCODE = '22023', HINT = '0 turns the alert off.';
+    END IF;
+    IF alert_oldest_age IS NULL THEN
+        RAISE EXCEPTION 'alert_oldest_age must not be null' USING ERRCODE = '22004';
+    ELSIF alert_oldest_age < 0 OR alert_oldest_age > 31536000 THEN
+        RAISE EXCEPTION 'alert_oldest_age must be between 0 and 31536000 seconds, not %', alert_oldest_age
+            USING ERRCODE = '22023', HINT = '0 turns the alert off.';
+    END IF;
+END
+$$;
+
 CREATE FUNCTION pgflow.alter_queue(
     queue_name text,
     max_retries integer DEFAULT NULL,
     retry_delay_ms integer DEFAULT NULL,
     max_retry_delay_ms integer DEFAULT NULL,
     retry_jitter double precision DEFAULT NULL,
-    notify boolean DEFAULT NULL
+    notify boolean DEFAULT NULL,
+    alert_dlq_depth integer DEFAULT NULL,
+    alert_oldest_age integer DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -213,16 +236,20 @@ BEGIN
     q.max_retry_delay_ms := coalesce(alter_queue.max_retry_delay_ms, q.max_retry_delay_ms);
     q.retry_jitter := coalesce(alter_queue.retry_jitter, q.retry_jitter);
     q.notify := coalesce(alter_queue.notify, q.notify);
+    q.alert_dlq_depth := coalesce(alter_queue.alert_dlq_depth, q.alert_dlq_depth);
+    q.alert_oldest_age := coalesce(alter_queue.alert_oldest_age, q.alert_oldest_age);
     PERFORM pgflow._check_queue_options(q.max_retries, q.retry_delay_ms, q.max_retry_delay_ms,
                                         q.retry_jitter, q.notify);
+    PERFORM pgflow._check_alerts(q.alert_dlq_depth, q.alert_oldest_age);
     UPDATE pgflow.queues
        SET max_retries = q.max_retries, retry_delay_ms = q.retry_delay_ms,
-           max_retry_delay_ms = q.max_retry_delay_ms, retry_jitter = q.retry_jitter, notify = q.notify
+           max_retry_delay_ms = q.max_retry_delay_ms, retry_jitter = q.retry_jitter, notify = q.notify,
+           alert_dlq_depth = q.alert_dlq_depth, alert_oldest_age = q.alert_oldest_age
      WHERE queue_id = q.queue_id;
 END
 $$;
-COMMENT ON FUNCTION pgflow.alter_queue(text, integer, integer, integer, double precision, boolean) IS
-'Change options of an existing queue; a NULL argument keeps the current value. Takes effect for messages read or failed from then on.';
+COMMENT ON FUNCTION pgflow.alter_queue(text, integer, integer, integer, double precision, boolean, integer, integer) IS
+'Change options of an existing queue; a NULL argument keeps the current value. Takes effect for messages read or failed from then on. alert_dlq_depth (dead-lettered messages) and alert_oldest_age (seconds the oldest visible message has waited) are the thresholds of pgflow.queue_health: warning at the threshold, critical at twice it; 0 turns an alert off.';
 
 CREATE FUNCTION pgflow.drop_queue(queue_name text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -285,28 +312,14 @@ COMMENT ON FUNCTION pgflow.list_queues() IS 'Every queue with its creation time 
 -- Sending
 ---------------------------------------------------------------------------------------------
 
--- The one insert path of single messages. Announcements and wake-ups happen in the statement
--- trigger on pgflow.messages (sql/events/notify.sql), so every path that inserts is covered.
+-- The one insert path of single messages, in Rust (src/queue/ insert_message, which send uses
+-- too): the message check, the insert, and a later visibility remembered for the maintenance
+-- worker. Announcements and wake-ups happen in the row trigger on pgflow.messages
+-- (sql/queue/triggers.sql), so every path that inserts is covered.
 CREATE FUNCTION pgflow._send(q pgflow.queues, message jsonb, visible_at timestamptz, priority integer, headers jsonb)
 RETURNS bigint
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-AS $$
-#variable_conflict use_column
-DECLARE
-    id bigint;
-BEGIN
-    PERFORM pgflow._check_message(_send.message);
-    INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message, headers)
-    VALUES (q.queue_id, nextval(q.msg_seq), visible_at, _send.priority, _send.message, _send.headers)
-    RETURNING msg_id INTO id;
-    IF visible_at > clock_timestamp() THEN
-        PERFORM pgflow._due_at(q.queue_id, visible_at);
-    END IF;
-    RETURN id;
-END
-$$;
-
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'pgflow_send_internal';
 -- send, read, archive and delete of one message, and ack_and_read: the hot path, in Rust
 -- (src/queue/), each one statement planned once per backend. Their argument checks raise
 -- the same errors as the PL/pgSQL helpers above. They carry no SET clauses: src/pg/spi.rs parses
@@ -436,54 +449,6 @@ COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], timestamptz, integer, jsonb
 -- Reading
 ---------------------------------------------------------------------------------------------
 
--- Take up to qty visible messages of queue q for pop, in delivery order (priority descending,
--- then msg_id), deleting them at once (at-most-once). A message already delivered
--- max_retries + 1 times whose lease expired without an ack is moved to the dead-letter queue
--- instead (SQS's maxReceiveCount), and another message is looked for in its place. Leasing
--- reads (read, read_with_poll, ack_and_read) claim through the Rust statement of src/queue/.
---
--- Planned once per backend: with the limit a parameter, the plan cache's cost comparison
--- always favoured a custom plan, so the claim statement was planned again at every call
--- (about 0.2 ms, three times its execution). The generic plan is kept instead, pinned to
--- the shape that is right at every queue depth: an ordered scan of messages_delivery_order
--- stopping at the limit, and a nested loop over the primary key for the rows taken (no hash
--- or merge join of the whole table, whatever it held when the plan was made).
-CREATE FUNCTION pgflow._pop(q pgflow.queues, qty integer)
-RETURNS SETOF pgflow.message_record
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
-AS $$
-#variable_conflict use_column
-DECLARE
-    want integer := qty;
-    n_dead bigint;
-    got pgflow.message_record[];
-BEGIN
-    LOOP
-        WITH c AS (
-            SELECT m.msg_id, m.read_ct FROM pgflow.messages m
-             WHERE m.queue_id = q.queue_id AND m.vt <= clock_timestamp()
-             ORDER BY m.priority DESC, m.msg_id
-             LIMIT want
-               FOR UPDATE SKIP LOCKED
-        ), dead AS (
-            SELECT pgflow._dead_letter(q, c.msg_id, NULL) FROM c WHERE c.read_ct > q.max_retries
-        ), taken AS (
-            DELETE FROM pgflow.messages m USING c
-             WHERE m.queue_id = q.queue_id AND m.msg_id = c.msg_id AND c.read_ct <= q.max_retries
-            RETURNING m.msg_id, m.read_ct + 1 AS read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority
-        )
-        SELECT (SELECT count(*) FROM dead),
-               coalesce(array_agg(ROW(t.*)::pgflow.message_record ORDER BY t.priority DESC, t.msg_id), '{}')
-          INTO n_dead, got FROM taken t;
-        RETURN QUERY SELECT * FROM unnest(got);
-        want := want - cardinality(got);
-        EXIT WHEN n_dead = 0 OR want <= 0;
-    END LOOP;
-END
-$$;
-
 CREATE FUNCTION pgflow.read(queue_name text, vt integer, qty integer DEFAULT 1)
 RETURNS SETOF pgflow.message_record
 LANGUAGE c VOLATILE SECURITY DEFINER
@@ -531,16 +496,12 @@ AS 'MODULE_PATHNAME', 'pgflow_wait_for_messages';
 COMMENT ON PROCEDURE pgflow.wait_for_messages(text, integer, integer) IS
 'Wait up to max_poll_seconds until the queue (or a flow''s queue, named by its flow slug) has a message to read, holding no snapshot while waiting, so VACUUM goes on; then call pgflow.read or pgflow.poll_for_tasks. CALL it outside a transaction block (it commits between its looks). Wakes at the commit of a send with pgflow preloaded, else looks every poll_interval_ms.';
 
+-- pop: the claim of read (src/queue/, delivery order, the dead-letter threshold), then the
+-- claimed messages deleted in the same transaction.
 CREATE FUNCTION pgflow.pop(queue_name text, qty integer DEFAULT 1)
 RETURNS SETOF pgflow.message_record
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-AS $$
-BEGIN
-    PERFORM pgflow._check_lease(0, qty);
-    RETURN QUERY SELECT * FROM pgflow._pop(pgflow._api_queue(queue_name, 'pop'), qty);
-END
-$$;
+LANGUAGE c VOLATILE SECURITY DEFINER
+AS 'MODULE_PATHNAME', 'pgflow_pop';
 COMMENT ON FUNCTION pgflow.pop(text, integer) IS
 'Read and delete up to qty visible messages at once (at-most-once delivery: a consumer that fails after pop has lost the message).';
 
@@ -637,7 +598,8 @@ AS $$
            extract(epoch FROM t.now - min(m.enqueued_at))::double precision,
            extract(epoch FROM t.now - max(m.enqueued_at))::double precision,
            coalesce(pg_sequence_last_value(q.msg_seq), 0),
-           t.now
+           t.now,
+           coalesce(extract(epoch FROM t.now - min(m.vt) FILTER (WHERE m.vt <= t.now))::double precision, 0)
       FROM (SELECT clock_timestamp() AS now) t
       LEFT JOIN pgflow.messages m ON m.queue_id = q.queue_id
      GROUP BY t.now;
@@ -654,7 +616,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.get_queue_stats(text) IS
-'Statistics of one queue: depth (live messages), visible now, in_flight (leased, or waiting out a retry backoff), delayed (never delivered, not yet due), archived, dead_lettered, age in seconds of the oldest and newest live message, total_sent (msg_ids issued: like pgmq, a rolled-back send counts) and the time of the count.';
+'Statistics of one queue: depth (live messages), visible now, in_flight (leased, or waiting out a retry backoff), delayed (never delivered, not yet due), archived, dead_lettered, age in seconds of the oldest and newest live message, total_sent (msg_ids issued: like pgmq, a rolled-back send counts), the time of the count, and oldest_visible_age_sec: how long the oldest visible message has been waiting to be read (0 if none).';
 
 -- A queue whose drop_queue is in progress is passed over rather than waited for: waiting while
 -- holding the locks of the queues already counted could deadlock with a transaction dropping

@@ -18,11 +18,17 @@ CREATE TABLE pgflow.queues (
     -- the layer whose functions alone move this queue's messages: 'flow' for the queue that
     -- carries a flow's tasks (set by the workflow layer); NULL for a queue of the queue API
     managed_by         text CONSTRAINT queues_managed_by_known CHECK (managed_by = 'flow'),
+    -- alert thresholds of pgflow.queue_health (0: none): dead-lettered messages, and seconds the
+    -- oldest visible message has waited
+    alert_dlq_depth    integer NOT NULL DEFAULT 0,
+    alert_oldest_age   integer NOT NULL DEFAULT 0,
     CONSTRAINT queues_name_allowed CHECK (queue_name ~ '^[A-Za-z0-9_]{1,48}$'),
     CONSTRAINT queues_max_retries_range CHECK (max_retries BETWEEN 0 AND 100),
     CONSTRAINT queues_retry_delay_range CHECK (retry_delay_ms BETWEEN 0 AND 86400000),
     CONSTRAINT queues_max_retry_delay_range CHECK (max_retry_delay_ms BETWEEN 0 AND 604800000),
-    CONSTRAINT queues_jitter_range CHECK (retry_jitter >= 0 AND retry_jitter <= 1)
+    CONSTRAINT queues_jitter_range CHECK (retry_jitter >= 0 AND retry_jitter <= 1),
+    CONSTRAINT queues_alert_dlq_depth_range CHECK (alert_dlq_depth BETWEEN 0 AND 1000000000),
+    CONSTRAINT queues_alert_oldest_age_range CHECK (alert_oldest_age BETWEEN 0 AND 31536000)
 );
 COMMENT ON TABLE pgflow.queues IS 'pgflow: one row per queue with its retry and notify options.';
 COMMENT ON COLUMN pgflow.queues.managed_by IS 'pgflow: ''flow'' for the queue carrying a flow''s tasks, whose messages only the workflow functions move; NULL for other queues.';
@@ -105,7 +111,8 @@ CREATE TYPE pgflow.queue_stats AS (
     oldest_msg_age_sec   double precision,
     newest_msg_age_sec   double precision,
     total_sent           bigint,
-    scraped_at           timestamptz
+    scraped_at           timestamptz,
+    oldest_visible_age_sec double precision
 );
 COMMENT ON TYPE pgflow.queue_stats IS 'pgflow: statistics of one queue, as returned by pgflow.get_queue_stats.';
 

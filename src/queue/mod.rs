@@ -98,10 +98,29 @@ enum Stmt {
 }
 
 /// The visibility rule of a queue's messages, for the row alias `$t`: in queue `$1` and not
-/// leased, delayed or waiting out a retry. One text for the claim and the wait.
+/// leased, delayed or waiting out a retry. One text for the claims (`read` and `pop` here, the
+/// workflow's task claim) and the wait.
+#[macro_export]
 macro_rules! visible {
     ($t:literal) => {
         concat!($t, ".queue_id = $1 AND ", $t, ".vt <= clock_timestamp()")
+    };
+}
+
+/// The delivery order of a queue's visible messages, for the row alias `$t`: higher priority
+/// first, then FIFO by msg_id. What every claim selects before its `LIMIT` and `FOR UPDATE SKIP
+/// LOCKED`.
+#[macro_export]
+macro_rules! deliverable {
+    ($t:literal) => {
+        concat!(
+            $crate::visible!($t),
+            " ORDER BY ",
+            $t,
+            ".priority DESC, ",
+            $t,
+            ".msg_id"
+        )
     };
 }
 
@@ -126,18 +145,20 @@ impl Statement for Stmt {
                 &[INT8],
             ),
             // $1 queue_id, $2 sequence, $3 delay s, $4 priority, $5 message, $6 headers
+            // $1 queue_id, $2 its sequence, $3 when it becomes visible (NULL: now), $4 priority,
+            // $5 message, $6 headers
             Stmt::Send => (
                 "INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message, headers)
-                 VALUES ($1, nextval($2), clock_timestamp() + make_interval(secs => $3), $4, $5, $6)
-                 RETURNING msg_id, vt",
-                &[INT8, REGCLASS, INT4, INT4, JSONB, JSONB],
+                 VALUES ($1, nextval($2), coalesce($3, clock_timestamp()), $4, $5, $6)
+                 RETURNING msg_id",
+                &[INT8, REGCLASS, TIMESTAMPTZ, INT4, JSONB, JSONB],
             ),
             // $1 queue_id, $2 when: as pgflow._due_at
             Stmt::DueAt => ("SELECT pgflow._due_at($1, $2)", &[INT8, TIMESTAMPTZ]),
-            // $1 queue_id, $2 vt s, $3 how many. The shape of the plain-SQL claim: lock the
-            // first visible rows in delivery order, lease them by primary key. A row whose
-            // read_ct comes back above max_retries + 1 had exhausted its deliveries: it is
-            // dead-lettered by the caller, not delivered.
+            // $1 queue_id, $2 vt s, $3 how many, $4 msg_ids to pass over (NULL: none). The shape
+            // of the plain-SQL claim: lock the first visible rows in delivery order, lease them
+            // by primary key. A row whose read_ct comes back above max_retries + 1 had exhausted
+            // its deliveries: it is dead-lettered by the caller, not delivered.
             //
             // Every attempt leaves its entry in errors: a nack writes its own; a delivery
             // that is claimed again without one had its lease run out (the consumer crashed
@@ -156,15 +177,14 @@ impl Statement for Stmt {
                                       ELSE m.errors END
                   WHERE m.queue_id = $1 AND m.msg_id = ANY (ARRAY(
                         SELECT c.msg_id FROM pgflow.messages c
-                         WHERE ",
-                    visible!("c"),
+                         WHERE ($4::int8[] IS NULL OR c.msg_id <> ALL ($4)) AND ",
+                    deliverable!("c"),
                     "
-                         ORDER BY c.priority DESC, c.msg_id
                          LIMIT $3
                            FOR UPDATE SKIP LOCKED))
                  RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority"
                 ),
-                &[INT8, INT4, INT4],
+                &[INT8, INT4, INT4, INT8ARRAY],
             ),
             // $1 queue_id, $2 msg_ids whose lease expired after their last delivery: take back
             // the read_ct the claim added, then dead-letter them as pgflow._dead_letter does.
@@ -529,6 +549,16 @@ pub(crate) const C_FUNCTIONS: &[CFunction] = &[
         result: "bigint",
     },
     CFunction {
+        symbol: "pgflow_send_internal",
+        signature: "pgflow._send(pgflow.queues,jsonb,timestamp with time zone,integer,jsonb)",
+        result: "bigint",
+    },
+    CFunction {
+        symbol: "pgflow_pop",
+        signature: "pgflow.pop(text,integer)",
+        result: "SETOF pgflow.message_record",
+    },
+    CFunction {
         symbol: "pgflow_read",
         signature: "pgflow.read(text,integer,integer)",
         result: "SETOF pgflow.message_record",
@@ -659,30 +689,94 @@ pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
         }
         let q = queue(name.as_deref(), name_datum, Some("send"));
         let message = check_message(arg(fcinfo, 1));
+        let visible_at = (delay > 0)
+            .then(|| Datum::from(pg_sys::GetCurrentTimestamp() + i64::from(delay) * 1_000_000));
+        insert_message(q.id, q.seq, visible_at, priority, message, headers)
+    }
+}
+
+/// Send one message to the queue `queue_id` (numbered by `seq`), visible from `visible_at` (a
+/// timestamptz datum; None: now): the one home of sending a single message, for `send` and,
+/// through `pgflow._send`, every PL/pgSQL path (the timestamptz form of send, send_with_notify,
+/// publish, retrying dead-lettered messages). A later visibility is remembered so that readers
+/// are woken and listeners told when it comes due. Returns the msg_id.
+///
+/// # Safety
+/// Inside an SPI connection; `priority` is an int4 datum, `message` a non-null jsonb datum,
+/// `headers` a jsonb datum.
+unsafe fn insert_message(
+    queue_id: i64,
+    seq: Oid,
+    visible_at: Option<Datum>,
+    priority: Datum,
+    message: Datum,
+    headers: Option<Datum>,
+) -> Datum {
+    // SAFETY: the caller's contract; the statement's parameters get datums of their declared
+    // types, and a timestamptz datum is an int64 by value, compared as such.
+    unsafe {
         run(
             Stmt::Send,
             &[
-                Some(Datum::from(q.id)),
-                Some(Datum::from(q.seq)),
-                Some(Datum::from(delay)),
+                Some(Datum::from(queue_id)),
+                Some(Datum::from(seq)),
+                visible_at,
                 Some(priority),
                 Some(message),
                 headers,
             ],
         );
         let msg_id = column(0, 1).unwrap_or(Datum::from(0));
-        if delay > 0 {
-            let visible_at = column(0, 2);
-            run(Stmt::DueAt, &[Some(Datum::from(q.id)), visible_at]);
+        if let Some(at) = visible_at {
+            if at.value() as i64 > pg_sys::GetCurrentTimestamp() {
+                due_at(queue_id, at);
+            }
         }
         msg_id
+    }
+}
+
+v1!(pg_finfo_pgflow_send_internal);
+/// Internal `pgflow._send(q pgflow.queues, message, visible_at, priority, headers) -> bigint`:
+/// [`insert_message`] for the PL/pgSQL paths, which have checked the queue and the options.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_send_internal(fcinfo: FunctionCallInfo) -> Datum {
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for pgflow._send as
+    // C_FUNCTIONS lists it (checked against pg_proc by a test): argument 0 is a pgflow.queues
+    // composite, detoasted before its fields are read by name; the statements run inside the
+    // SpiScope.
+    unsafe {
+        let Some(q) = arg(fcinfo, 0) else {
+            null_error("q", None)
+        };
+        let message = check_message(arg(fcinfo, 1));
+        let tuple = pg_sys::pg_detoast_datum(q.cast_mut_ptr()) as pg_sys::HeapTupleHeader;
+        let field = |name: &std::ffi::CStr| {
+            let mut isnull = false;
+            let d = pg_sys::GetAttributeByName(tuple, name.as_ptr(), &mut isnull);
+            (!isnull).then_some(d)
+        };
+        let (Some(queue_id), Some(seq)) = (field(c"queue_id"), field(c"msg_seq")) else {
+            null_error("q.queue_id and q.msg_seq", None)
+        };
+        let priority = arg(fcinfo, 3).unwrap_or(Datum::from(0));
+        let _spi = SpiScope::connect();
+        insert_message(
+            queue_id.value() as i64,
+            Oid::from(seq.value() as u32),
+            arg(fcinfo, 2),
+            priority,
+            message,
+            arg(fcinfo, 4),
+        )
     }
 }
 
 /// Lease up to `qty` messages of `q` for `vt` seconds into the function's result set, in
 /// delivery order (as `pgflow._claim` without consume): exhausted messages met on the way are
 /// dead-lettered and others looked for in their place.
-unsafe fn claim_into(fcinfo: FunctionCallInfo, q: &QueueInfo, vt: i32, qty: i32) {
+unsafe fn claim_into(fcinfo: FunctionCallInfo, q: &QueueInfo, vt: i32, qty: i32) -> Vec<i64> {
     // SAFETY: fcinfo is the call information of a set-returning function on which
     // InitMaterializedSRF has been called (the caller's contract), so resultinfo is a
     // ReturnSetInfo with a tuple store and descriptor of message_record; the statement runs inside
@@ -690,13 +784,21 @@ unsafe fn claim_into(fcinfo: FunctionCallInfo, q: &QueueInfo, vt: i32, qty: i32)
     unsafe {
         let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
         let mut want = qty;
+        let mut ids = Vec::new();
         loop {
+            // A later look (after dead-lettering) passes over what this call delivered: with
+            // vt = 0 those rows are visible again, and this transaction's own locks do not hide
+            // them.
+            let delivered_so_far = (!ids.is_empty())
+                .then(|| ids.clone().into_datum())
+                .flatten();
             let n = run(
                 Stmt::Claim,
                 &[
                     Some(Datum::from(q.id)),
                     Some(Datum::from(vt)),
                     Some(Datum::from(want)),
+                    delivered_so_far,
                 ],
             );
             // (priority, msg_id, row) of the delivered rows, to return them in delivery order.
@@ -712,7 +814,8 @@ unsafe fn claim_into(fcinfo: FunctionCallInfo, q: &QueueInfo, vt: i32, qty: i32)
                 }
             }
             delivered.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-            for &(_, _, row) in &delivered {
+            for &(_, msg_id, row) in &delivered {
+                ids.push(msg_id);
                 let mut values = [Datum::from(0); 7];
                 let mut nulls = [false; 7];
                 for col in 0..7 {
@@ -733,7 +836,7 @@ unsafe fn claim_into(fcinfo: FunctionCallInfo, q: &QueueInfo, vt: i32, qty: i32)
                 if !exhausted.is_empty() {
                     dead_letter(q, &exhausted);
                 }
-                break;
+                return ids;
             }
             dead_letter(q, &exhausted);
         }
@@ -772,6 +875,32 @@ pub unsafe extern "C-unwind" fn pgflow_read(fcinfo: FunctionCallInfo) -> Datum {
         let _spi = SpiScope::connect();
         let q = queue(name.as_deref(), name_datum, None);
         claim_into(fcinfo, &q, vt, qty);
+        Datum::from(0)
+    }
+}
+
+v1!(pg_finfo_pgflow_pop);
+/// `pgflow.pop(queue_name, qty) -> SETOF pgflow.message_record`: the claim of `read`, then the
+/// claimed messages deleted in the same transaction (at-most-once delivery).
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_pop(fcinfo: FunctionCallInfo) -> Datum {
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for pgflow.pop as
+    // C_FUNCTIONS lists it (checked against pg_proc by a test), so the argument positions and
+    // types read here are those; every SPI statement runs inside the SpiScope, and the id array
+    // passed to the delete is built by pgrx from the claimed ids.
+    unsafe {
+        let (_, qty) = check_lease(Some(0), arg(fcinfo, 1).map(|d| d.value() as i32));
+        pg_sys::InitMaterializedSRF(fcinfo, 0);
+        let name_datum = arg(fcinfo, 0);
+        let name = text_arg(fcinfo, 0);
+        let _spi = SpiScope::connect();
+        let q = queue(name.as_deref(), name_datum, Some("pop"));
+        let ids = claim_into(fcinfo, &q, 0, qty);
+        if !ids.is_empty() {
+            let ids_datum = ids.clone().into_datum().unwrap_or(Datum::from(0));
+            ack(&q, &ids, ids_datum, &None, None, false);
+        }
         Datum::from(0)
     }
 }

@@ -120,8 +120,9 @@ impl Statement for Stmt {
                 concat!(
                     "WITH c AS (
                          SELECT m.msg_id FROM pgflow.messages m
-                          WHERE m.queue_id = $1 AND m.vt <= clock_timestamp()
-                          ORDER BY m.priority DESC, m.msg_id
+                          WHERE ",
+                    crate::deliverable!("m"),
+                    "
                           LIMIT $3
                             FOR UPDATE SKIP LOCKED
                      )

@@ -199,6 +199,21 @@ def test_pop_dead_letters_an_exhausted_message_too(conn, make_queue):
     assert conn.execute("SELECT msg_id, attempts FROM pgflow.dlq WHERE queue_name = %s", (q,)).fetchall() == [(first, 1)]
 
 
+def test_a_zero_lease_read_past_a_dead_letter_delivers_each_message_once(conn, make_queue):
+    # With vt = 0 what a read delivered is visible again at once; the look that replaces a
+    # dead-lettered message must not take it a second time (and dead-letter it).
+    q = make_queue(max_retries=0)
+    first = conn.execute("SELECT pgflow.send(%s, '{}')", (q,)).fetchone()[0]
+    assert read1(conn, q, vt=0) == (first, 1)
+    second = conn.execute("SELECT pgflow.send(%s, '{}')", (q,)).fetchone()[0]
+    third = conn.execute("SELECT pgflow.send(%s, '{}')", (q,)).fetchone()[0]
+    rows = conn.execute("SELECT msg_id, read_ct FROM pgflow.read(%s, 0, 5)", (q,)).fetchall()
+    assert rows == [(second, 1), (third, 1)]
+    assert conn.execute("SELECT msg_id FROM pgflow.dlq WHERE queue_name = %s", (q,)).fetchall() == [(first,)]
+    assert conn.execute("SELECT count(*) FROM pgflow.messages m JOIN pgflow.queues x USING (queue_id) "
+                        "WHERE x.queue_name = %s", (q,)).fetchone()[0] == 2
+
+
 def test_dead_lettered_message_skipped_in_favour_of_the_next(conn, make_queue):
     q = make_queue(max_retries=0)
     first = conn.execute("SELECT pgflow.send(%s, '{}')", (q,)).fetchone()[0]

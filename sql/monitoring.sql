@@ -1,0 +1,110 @@
+-- Monitoring from SQL: each queue's health against its alert thresholds, and every figure in
+-- the Prometheus text exposition format. Both read what pgflow.get_queue_stats() counts (the
+-- one home of a queue's figures) and the workflow tables; nothing here writes, and nothing is
+-- counted on the hot path: the figures are counted when asked for.
+
+-- The health rule: a threshold reached is a warning, twice the threshold critical; the worst of
+-- a queue's alerts is its status, and reason says which alerts fired. A threshold of 0 is off.
+CREATE FUNCTION pgflow.get_queue_health()
+RETURNS TABLE (queue_name text, status text, reason text, dlq_depth bigint,
+               oldest_visible_age_sec double precision, alert_dlq_depth integer, alert_oldest_age integer)
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT s.queue_name,
+           CASE WHEN a.dlq >= 2 OR a.age >= 2 THEN 'critical'
+                WHEN a.dlq >= 1 OR a.age >= 1 THEN 'warning'
+                ELSE 'ok' END,
+           nullif(concat_ws('; ',
+               CASE WHEN a.dlq >= 1 THEN format('%s dead-lettered messages, alert at %s', s.dead_lettered, q.alert_dlq_depth) END,
+               CASE WHEN a.age >= 1 THEN format('oldest visible message waiting %s s, alert at %s s',
+                                                round(s.oldest_visible_age_sec::numeric, 1), q.alert_oldest_age) END), ''),
+           s.dead_lettered, s.oldest_visible_age_sec, q.alert_dlq_depth, q.alert_oldest_age
+      FROM pgflow.get_queue_stats() s
+      JOIN pgflow.queues q ON q.queue_name = s.queue_name
+     CROSS JOIN LATERAL (SELECT
+               -- how many times its threshold each figure has reached (0, 1, or 2 for twice)
+               CASE WHEN q.alert_dlq_depth = 0 THEN 0
+                    ELSE least(2, floor(s.dead_lettered::double precision / q.alert_dlq_depth)) END AS dlq,
+               CASE WHEN q.alert_oldest_age = 0 THEN 0
+                    ELSE least(2, floor(s.oldest_visible_age_sec / q.alert_oldest_age)) END AS age) a
+     ORDER BY s.queue_name;
+$$;
+COMMENT ON FUNCTION pgflow.get_queue_health() IS
+'Health of every queue against its alert thresholds (pgflow.alter_queue alert_dlq_depth, alert_oldest_age): status ok, warning (a threshold reached) or critical (twice a threshold), the reason naming what fired, and the figures compared. The view pgflow.queue_health shows the same.';
+
+CREATE VIEW pgflow.queue_health AS
+SELECT * FROM pgflow.get_queue_health();
+COMMENT ON VIEW pgflow.queue_health IS
+'pgflow: health of every queue against its alert thresholds (see pgflow.get_queue_health).';
+
+-- One metric family: its HELP and TYPE lines and its samples (NULL: none).
+CREATE FUNCTION pgflow._metric_family(name text, kind text, help text, samples text) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format(E'# HELP %s %s\n# TYPE %s %s\n', name, help, name, kind)
+           || coalesce(samples || E'\n', '');
+$$;
+
+-- Labels need no escaping: queue names and flow slugs are ASCII letters, digits and
+-- underscores (pgflow._check_name), statuses fixed words.
+CREATE FUNCTION pgflow.metrics() RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    stats pgflow.queue_stats[] := ARRAY(SELECT s FROM pgflow.get_queue_stats() s);
+    out text;
+BEGIN
+    out := pgflow._metric_family('pgflow_queue_depth', 'gauge',
+        'Live messages of a queue, in any state.',
+        (SELECT string_agg(format('pgflow_queue_depth{queue="%s"} %s', s.queue_name, s.depth), E'\n')
+           FROM unnest(stats) s))
+        || pgflow._metric_family('pgflow_queue_messages', 'gauge',
+        'Live messages of a queue by state: visible (can be read now), in_flight (leased, or waiting out a retry backoff), delayed (not yet due).',
+        (SELECT string_agg(format('pgflow_queue_messages{queue="%s",state="%s"} %s', s.queue_name, x.state, x.n), E'\n')
+           FROM unnest(stats) s,
+                LATERAL (VALUES ('visible', s.visible), ('in_flight', s.in_flight), ('delayed', s.delayed)) x(state, n)))
+        || pgflow._metric_family('pgflow_queue_dlq_messages', 'gauge',
+        'Dead-lettered messages of a queue, kept in pgflow.dlq until retried or purged.',
+        (SELECT string_agg(format('pgflow_queue_dlq_messages{queue="%s"} %s', s.queue_name, s.dead_lettered), E'\n')
+           FROM unnest(stats) s))
+        || pgflow._metric_family('pgflow_queue_archived_messages', 'gauge',
+        'Archived messages of a queue, kept in pgflow.archive until retention deletes them.',
+        (SELECT string_agg(format('pgflow_queue_archived_messages{queue="%s"} %s', s.queue_name, s.archived), E'\n')
+           FROM unnest(stats) s))
+        || pgflow._metric_family('pgflow_queue_oldest_visible_age_seconds', 'gauge',
+        'How long the oldest visible message of a queue has waited to be read (0: none visible).',
+        (SELECT string_agg(format('pgflow_queue_oldest_visible_age_seconds{queue="%s"} %s', s.queue_name,
+                                  round(s.oldest_visible_age_sec::numeric, 3)), E'\n')
+           FROM unnest(stats) s))
+        || pgflow._metric_family('pgflow_queue_oldest_message_age_seconds', 'gauge',
+        'Age of the oldest live message of a queue, in any state (0: none).',
+        (SELECT string_agg(format('pgflow_queue_oldest_message_age_seconds{queue="%s"} %s', s.queue_name,
+                                  round(coalesce(s.oldest_msg_age_sec, 0)::numeric, 3)), E'\n')
+           FROM unnest(stats) s))
+        || pgflow._metric_family('pgflow_queue_sent_total', 'counter',
+        'Messages sent to a queue: the ids its sequence issued (a rolled-back send counts; starts again if the queue is dropped and created again).',
+        (SELECT string_agg(format('pgflow_queue_sent_total{queue="%s"} %s', s.queue_name, s.total_sent), E'\n')
+           FROM unnest(stats) s))
+        || pgflow._metric_family('pgflow_queue_health', 'gauge',
+        'Health of a queue against its alert thresholds (pgflow.queue_health): 0 ok, 1 warning, 2 critical.',
+        (SELECT string_agg(format('pgflow_queue_health{queue="%s"} %s', h.queue_name,
+                                  CASE h.status WHEN 'ok' THEN 0 WHEN 'warning' THEN 1 ELSE 2 END), E'\n')
+           FROM pgflow.get_queue_health() h))
+        || pgflow._metric_family('pgflow_flow_runs', 'gauge',
+        'Workflow runs by flow and status (runs kept until pgflow.run_retention deletes finished ones).',
+        (SELECT string_agg(format('pgflow_flow_runs{flow="%s",status="%s"} %s', r.flow_slug, r.status, r.n), E'\n'
+                           ORDER BY r.flow_slug, r.status)
+           FROM (SELECT x.flow_slug, x.status, count(*) AS n FROM pgflow.runs x GROUP BY 1, 2) r))
+        || pgflow._metric_family('pgflow_flow_tasks', 'gauge',
+        'Workflow tasks by flow and status.',
+        (SELECT string_agg(format('pgflow_flow_tasks{flow="%s",status="%s"} %s', t.flow_slug, t.status, t.n), E'\n'
+                           ORDER BY t.flow_slug, t.status)
+           FROM (SELECT x.flow_slug, x.status, count(*) AS n FROM pgflow.step_tasks x GROUP BY 1, 2) t));
+    RETURN out;
+END
+$$;
+COMMENT ON FUNCTION pgflow.metrics() IS
+'Every queue''s and flow''s figures in the Prometheus text exposition format (version 0.0.4): depth, messages by state, dead-lettered, archived, age of the oldest visible and oldest live message, messages sent, health, and runs and tasks by flow and status. Counted when called (nothing is counted on the send path); serve it from an HTTP exporter or a scrape job that runs SELECT pgflow.metrics().';

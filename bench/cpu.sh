@@ -10,7 +10,7 @@ DIR=${BENCH_DIR:-/tmp/pgflow-bench-cpu}
 PORT=${BENCH_PORT:-5457}
 DB=bench
 ensure_tools
-[ -n "${BENCH_NO_INSTALL:-}" ] || install_extension >&2
+bench_install
 start_cluster "$DIR" "$PORT" "$DB"
 trap 'stop_cluster "$DIR"' EXIT
 psql_() { as_root runuser -u postgres -- "$PGBIN/psql" -h "$DIR" -p "$PORT" -U postgres -d "$DB" -qAtX -v ON_ERROR_STOP=1 "$@"; }

@@ -13,6 +13,7 @@
 # order rotating), and the table reports the median of the per-round ratios, all ÷ off.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"
+bench_install
 
 DIR=${BENCH_DIR:-/tmp/pgflow-bench-events}
 PORT=${BENCH_PORT:-5453}

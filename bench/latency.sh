@@ -7,6 +7,7 @@
 #   LAT_MESSAGES=5000 LAT_WAITERS=200 bash bench/latency.sh   # (d), (e): that many waiting at once
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"
+bench_install
 
 DIR=${LAT_DIR:-/tmp/pgflow-bench-lat}
 PORT=${LAT_PORT:-5452}

@@ -20,6 +20,7 @@
 # each measurement; the rate is tasks completed in the window.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"
+bench_install
 
 DIR=${BENCH_DIR:-/tmp/pgflow-bench-peers}
 PORT=${BENCH_PORT:-5454}

@@ -25,6 +25,7 @@
 # (rows added to the side's archive), not pgbench transactions.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"
+bench_install
 
 DIR=${BENCH_DIR:-/tmp/pgflow-bench}
 PORT=${BENCH_PORT:-5450}

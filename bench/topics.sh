@@ -8,6 +8,7 @@
 #   ROUNDS=5 DURATION=20 CLIENTS=8 bash bench/topics.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"
+bench_install
 
 DIR=${BENCH_DIR:-/tmp/pgflow-bench-topics}
 PORT=${BENCH_PORT:-5455}

@@ -14,6 +14,7 @@
 # events are switched with pgflow.workflow_events (all | runs | off).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"
+bench_install
 
 DIR=${BENCH_DIR:-/tmp/pgflow-bench-wf}
 PORT=${BENCH_PORT:-5451}

@@ -82,6 +82,15 @@ ensure_tools() {
     ensure_python_modules
 }
 
+# Benchmarks measure the release build of this tree: install it first (the unit tier's
+# `cargo pgrx test` leaves a debug build installed). BENCH_NO_INSTALL=1 keeps what is
+# installed, to compare builds installed by hand.
+bench_install() {
+    if [ "${BENCH_NO_INSTALL:-0}" != 1 ]; then
+        install_extension >&2
+    fi
+}
+
 # Build the extension (release) and install it into PostgreSQL $PG_MAJOR.
 install_extension() {
     say "building and installing the pgflow extension for PostgreSQL $PG_MAJOR"

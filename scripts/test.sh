@@ -157,6 +157,9 @@ if wants unit; then
     n_bad=$(grep -E '^test result:' "$TEST_DIR.unit.log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | awk '{s+=$1} END {print s+0}')
     if ! grep -q '^test result: ok' "$TEST_DIR.unit.log"; then n_bad=$((n_bad > 0 ? n_bad : 1)); fi
     record unit "$n_ok" "$n_bad"
+    # cargo pgrx test installed its debug build: put the release build back, so that the demo
+    # and the benchmarks that follow run what was tested above
+    install_extension >/dev/null
 fi
 
 say "summary"

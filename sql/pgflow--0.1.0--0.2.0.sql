@@ -200,27 +200,6 @@ END
 $$;
 COMMENT ON FUNCTION pgflow.purge_queue(text) IS
 'Delete every live message of a queue (waiting, delayed or leased); archive and dead-letter queue are untouched. Returns how many were deleted.';
-CREATE OR REPLACE FUNCTION pgflow.send(queue_name text, message jsonb, delay timestamptz,
-                            priority integer DEFAULT 0, headers jsonb DEFAULT NULL)
-RETURNS bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-AS $$
-BEGIN
-    IF delay IS NULL THEN
-        RAISE EXCEPTION 'delay must not be null' USING ERRCODE = '22004',
-            HINT = 'Pass the time at which the message becomes readable.';
-    ELSIF NOT isfinite(delay) THEN
-        RAISE EXCEPTION 'delay must be a finite time, not %', delay USING ERRCODE = '22023',
-            HINT = 'Pass the time at which the message becomes readable.';
-    END IF;
-    PERFORM pgflow._check_send(0, priority, headers);
-    PERFORM pgflow._lock_queue_name(queue_name, false);
-    RETURN pgflow._send(pgflow._api_queue(queue_name, 'send'), message, delay, priority, headers);
-END
-$$;
-COMMENT ON FUNCTION pgflow.send(text, jsonb, timestamptz, integer, jsonb) IS
-'Send a message that becomes readable at the given time (a finite timestamptz; a time in the past means now); returns its msg_id.';
 CREATE OR REPLACE FUNCTION pgflow.send_batch(queue_name text, messages jsonb[], delay integer DEFAULT 0,
                                   priority integer DEFAULT 0, headers jsonb[] DEFAULT NULL)
 RETURNS SETOF bigint
@@ -1057,7 +1036,8 @@ END
 $$;
 
 CREATE FUNCTION pgflow.publish(routing_key text, message jsonb, delay integer DEFAULT 0,
-                               priority integer DEFAULT 0, headers jsonb DEFAULT NULL)
+                               priority integer DEFAULT 0, headers jsonb DEFAULT NULL,
+                               dedup_key text DEFAULT NULL)
 RETURNS TABLE (queue_name text, msg_id bigint)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -1069,15 +1049,17 @@ BEGIN
     PERFORM pgflow._check_topic(publish.routing_key, 'routing_key', false);
     PERFORM pgflow._check_message(publish.message);
     PERFORM pgflow._check_send(publish.delay, publish.priority, publish.headers);
+    PERFORM pgflow._check_dedup_key(publish.dedup_key);
     FOR target IN SELECT pgflow._topic_queues(publish.routing_key) LOOP
         queue_name := target;
-        msg_id := pgflow.send(target, publish.message, publish.delay, publish.priority, publish.headers);
+        msg_id := pgflow.send(target, publish.message, publish.delay, publish.priority, publish.headers,
+                              publish.dedup_key);
         RETURN NEXT;
     END LOOP;
 END
 $$;
-COMMENT ON FUNCTION pgflow.publish(text, jsonb, integer, integer, jsonb) IS
-'Send a copy of a message to every queue bound to a pattern matching routing_key (dot-separated words, no wildcards), in this transaction: all copies or none. Returns one row per queue reached (queue_name, msg_id), by queue name; none if no binding matches. Queues with notify on announce the copy as for send.';
+COMMENT ON FUNCTION pgflow.publish(text, jsonb, integer, integer, jsonb, text) IS
+'Send a copy of a message to every queue bound to a pattern matching routing_key (dot-separated words, no wildcards), in this transaction: all copies or none. Returns one row per queue reached (queue_name, msg_id), by queue name; none if no binding matches. Queues with notify on announce the copy as for send. dedup_key: per queue, as for send (a queue already holding a live message with that key returns its msg_id).';
 
 CREATE FUNCTION pgflow.publish_batch(routing_key text, messages jsonb[], delay integer DEFAULT 0,
                                      priority integer DEFAULT 0)
@@ -1114,26 +1096,6 @@ RETURNS void
 LANGUAGE c IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'pgflow_check_ids';
-
-CREATE OR REPLACE FUNCTION pgflow._send(q pgflow.queues, message jsonb, visible_at timestamptz, priority integer, headers jsonb)
-RETURNS bigint
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-AS $$
-#variable_conflict use_column
-DECLARE
-    id bigint;
-BEGIN
-    PERFORM pgflow._check_message(_send.message);
-    INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message, headers)
-    VALUES (q.queue_id, nextval(q.msg_seq), visible_at, _send.priority, _send.message, _send.headers)
-    RETURNING msg_id INTO id;
-    IF visible_at > clock_timestamp() THEN
-        PERFORM pgflow._due_at(q.queue_id, visible_at);
-    END IF;
-    RETURN id;
-END
-$$;
 
 -- Acking several messages is the Rust rule of the hot path (src/queue/ ack), called by the
 -- array forms of delete and archive above; its PL/pgSQL twin is gone.
@@ -1606,10 +1568,58 @@ COMMENT ON FUNCTION pgflow.metrics() IS
 
 -- One home for sending a single message (src/queue/ insert_message): pgflow._send, the insert of
 -- the PL/pgSQL paths, is a C function over the insert send uses.
-CREATE OR REPLACE FUNCTION pgflow._send(q pgflow.queues, message jsonb, visible_at timestamptz, priority integer, headers jsonb)
+DROP FUNCTION pgflow._send(pgflow.queues, jsonb, timestamptz, integer, jsonb);
+CREATE FUNCTION pgflow._send(q pgflow.queues, message jsonb, visible_at timestamptz, priority integer, headers jsonb,
+                             dedup_key text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'pgflow_send_internal';
+
+-- Deduplication: a send's dedup_key (pgflow.messages.dedup_key, unique per queue among live
+-- messages). send (both forms), pgflow._send and publish take it as a last argument.
+ALTER TABLE pgflow.messages ADD COLUMN dedup_key text;
+CREATE FUNCTION pgflow."_check_dedup_key"(
+	"dedup_key" TEXT /* Option < & str > */
+) RETURNS void
+IMMUTABLE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'check_dedup_key_sql_wrapper';
+-- At most one live message per deduplication key and queue. Partial: a send without a key
+-- writes no entry, and a read (vt, read_ct) leaves the column alone, so it stays HOT.
+CREATE UNIQUE INDEX messages_dedup_key ON pgflow.messages (queue_id, dedup_key) WHERE dedup_key IS NOT NULL;
+DROP FUNCTION pgflow.send(text, jsonb, integer, integer, jsonb);
+CREATE FUNCTION pgflow.send(queue_name text, message jsonb, delay integer DEFAULT 0,
+                            priority integer DEFAULT 0, headers jsonb DEFAULT NULL,
+                            dedup_key text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE c VOLATILE SECURITY DEFINER
+AS 'MODULE_PATHNAME', 'pgflow_send';
+COMMENT ON FUNCTION pgflow.send(text, jsonb, integer, integer, jsonb, text) IS
+'Send a message; returns its msg_id. It becomes readable when the sending transaction commits and delay seconds have passed. Higher priority is delivered first, FIFO by msg_id within a priority. headers: a JSON object or null. dedup_key (1-128 bytes): while a message sent with that key is live in the queue (visible, delayed or leased), a send with the same key sends nothing and returns that message''s msg_id; concurrent sends of one key send one message.';
+DROP FUNCTION pgflow.send(text, jsonb, timestamptz, integer, jsonb);
+CREATE FUNCTION pgflow.send(queue_name text, message jsonb, delay timestamptz,
+                            priority integer DEFAULT 0, headers jsonb DEFAULT NULL,
+                            dedup_key text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    IF delay IS NULL THEN
+        RAISE EXCEPTION 'delay must not be null' USING ERRCODE = '22004',
+            HINT = 'Pass the time at which the message becomes readable.';
+    ELSIF NOT isfinite(delay) THEN
+        RAISE EXCEPTION 'delay must be a finite time, not %', delay USING ERRCODE = '22023',
+            HINT = 'Pass the time at which the message becomes readable.';
+    END IF;
+    PERFORM pgflow._check_send(0, priority, headers);
+    PERFORM pgflow._lock_queue_name(queue_name, false);
+    RETURN pgflow._send(pgflow._api_queue(queue_name, 'send'), message, delay, priority, headers, dedup_key);
+END
+$$;
+COMMENT ON FUNCTION pgflow.send(text, jsonb, timestamptz, integer, jsonb, text) IS
+'Send a message that becomes readable at the given time (a finite timestamptz; a time in the past means now); returns its msg_id. dedup_key as for send with a delay in seconds.';
 
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule

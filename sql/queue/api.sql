@@ -316,7 +316,8 @@ COMMENT ON FUNCTION pgflow.list_queues() IS 'Every queue with its creation time 
 -- too): the message check, the insert, and a later visibility remembered for the maintenance
 -- worker. Announcements and wake-ups happen in the row trigger on pgflow.messages
 -- (sql/queue/triggers.sql), so every path that inserts is covered.
-CREATE FUNCTION pgflow._send(q pgflow.queues, message jsonb, visible_at timestamptz, priority integer, headers jsonb)
+CREATE FUNCTION pgflow._send(q pgflow.queues, message jsonb, visible_at timestamptz, priority integer, headers jsonb,
+                             dedup_key text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'pgflow_send_internal';
@@ -327,15 +328,17 @@ AS 'MODULE_PATHNAME', 'pgflow_send_internal';
 -- plans are index plans whatever the caller's settings and whatever the tables held when they
 -- were planned, without the cost of a SET scope at every call.
 CREATE FUNCTION pgflow.send(queue_name text, message jsonb, delay integer DEFAULT 0,
-                            priority integer DEFAULT 0, headers jsonb DEFAULT NULL)
+                            priority integer DEFAULT 0, headers jsonb DEFAULT NULL,
+                            dedup_key text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE c VOLATILE SECURITY DEFINER
 AS 'MODULE_PATHNAME', 'pgflow_send';
-COMMENT ON FUNCTION pgflow.send(text, jsonb, integer, integer, jsonb) IS
-'Send a message; returns its msg_id. It becomes readable when the sending transaction commits and delay seconds have passed. Higher priority is delivered first, FIFO by msg_id within a priority. headers: a JSON object or null.';
+COMMENT ON FUNCTION pgflow.send(text, jsonb, integer, integer, jsonb, text) IS
+'Send a message; returns its msg_id. It becomes readable when the sending transaction commits and delay seconds have passed. Higher priority is delivered first, FIFO by msg_id within a priority. headers: a JSON object or null. dedup_key (1-128 bytes): while a message sent with that key is live in the queue (visible, delayed or leased), a send with the same key sends nothing and returns that message''s msg_id; concurrent sends of one key send one message.';
 
 CREATE FUNCTION pgflow.send(queue_name text, message jsonb, delay timestamptz,
-                            priority integer DEFAULT 0, headers jsonb DEFAULT NULL)
+                            priority integer DEFAULT 0, headers jsonb DEFAULT NULL,
+                            dedup_key text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
@@ -350,11 +353,11 @@ BEGIN
     END IF;
     PERFORM pgflow._check_send(0, priority, headers);
     PERFORM pgflow._lock_queue_name(queue_name, false);
-    RETURN pgflow._send(pgflow._api_queue(queue_name, 'send'), message, delay, priority, headers);
+    RETURN pgflow._send(pgflow._api_queue(queue_name, 'send'), message, delay, priority, headers, dedup_key);
 END
 $$;
-COMMENT ON FUNCTION pgflow.send(text, jsonb, timestamptz, integer, jsonb) IS
-'Send a message that becomes readable at the given time (a finite timestamptz; a time in the past means now); returns its msg_id.';
+COMMENT ON FUNCTION pgflow.send(text, jsonb, timestamptz, integer, jsonb, text) IS
+'Send a message that becomes readable at the given time (a finite timestamptz; a time in the past means now); returns its msg_id. dedup_key as for send with a delay in seconds.';
 
 CREATE FUNCTION pgflow._send_batch(q pgflow.queues, messages jsonb[], visible_at timestamptz,
                                    priority integer, headers jsonb[])

@@ -58,10 +58,16 @@ CREATE TABLE pgflow.messages (
     headers      jsonb,
     -- one entry per failed attempt: {"attempt", "error", "at"}; bounded by max_retries + 1
     errors       jsonb,
+    -- the send's deduplication key: while this message lives, a send with the same key sends
+    -- nothing and gets this msg_id
+    dedup_key    text,
     PRIMARY KEY (queue_id, msg_id)
 ) WITH (fillfactor = 80);
 -- Delivery order: higher priority first, then FIFO by msg_id; vt is filtered, not indexed.
 CREATE INDEX messages_delivery_order ON pgflow.messages (queue_id, priority DESC, msg_id);
+-- At most one live message per deduplication key and queue. Partial: a send without a key
+-- writes no entry, and a read (vt, read_ct) leaves the column alone, so it stays HOT.
+CREATE UNIQUE INDEX messages_dedup_key ON pgflow.messages (queue_id, dedup_key) WHERE dedup_key IS NOT NULL;
 COMMENT ON TABLE pgflow.messages IS 'pgflow: live messages of every queue (waiting, delayed or leased).';
 
 -- Messages a consumer archived instead of deleting: kept for inspection and replay.

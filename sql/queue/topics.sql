@@ -71,7 +71,8 @@ END
 $$;
 
 CREATE FUNCTION pgflow.publish(routing_key text, message jsonb, delay integer DEFAULT 0,
-                               priority integer DEFAULT 0, headers jsonb DEFAULT NULL)
+                               priority integer DEFAULT 0, headers jsonb DEFAULT NULL,
+                               dedup_key text DEFAULT NULL)
 RETURNS TABLE (queue_name text, msg_id bigint)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -83,15 +84,17 @@ BEGIN
     PERFORM pgflow._check_topic(publish.routing_key, 'routing_key', false);
     PERFORM pgflow._check_message(publish.message);
     PERFORM pgflow._check_send(publish.delay, publish.priority, publish.headers);
+    PERFORM pgflow._check_dedup_key(publish.dedup_key);
     FOR target IN SELECT pgflow._topic_queues(publish.routing_key) LOOP
         queue_name := target;
-        msg_id := pgflow.send(target, publish.message, publish.delay, publish.priority, publish.headers);
+        msg_id := pgflow.send(target, publish.message, publish.delay, publish.priority, publish.headers,
+                              publish.dedup_key);
         RETURN NEXT;
     END LOOP;
 END
 $$;
-COMMENT ON FUNCTION pgflow.publish(text, jsonb, integer, integer, jsonb) IS
-'Send a copy of a message to every queue bound to a pattern matching routing_key (dot-separated words, no wildcards), in this transaction: all copies or none. Returns one row per queue reached (queue_name, msg_id), by queue name; none if no binding matches. Queues with notify on announce the copy as for send.';
+COMMENT ON FUNCTION pgflow.publish(text, jsonb, integer, integer, jsonb, text) IS
+'Send a copy of a message to every queue bound to a pattern matching routing_key (dot-separated words, no wildcards), in this transaction: all copies or none. Returns one row per queue reached (queue_name, msg_id), by queue name; none if no binding matches. Queues with notify on announce the copy as for send. dedup_key: per queue, as for send (a queue already holding a live message with that key returns its msg_id).';
 
 CREATE FUNCTION pgflow.publish_batch(routing_key text, messages jsonb[], delay integer DEFAULT 0,
                                      priority integer DEFAULT 0)

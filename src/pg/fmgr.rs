@@ -15,6 +15,20 @@ pub unsafe fn arg(fcinfo: FunctionCallInfo, i: usize) -> Option<Datum> {
     }
 }
 
+/// Argument `i` of a V1 call whose SQL declaration may predate it (an older release's
+/// declaration has fewer arguments): None when it is not declared, or SQL NULL.
+pub unsafe fn optional_arg(fcinfo: FunctionCallInfo, i: usize) -> Option<Datum> {
+    // SAFETY: fcinfo is the valid call information PostgreSQL passed to a V1 function (the
+    // caller's contract); arg is called only for an index below its nargs.
+    unsafe {
+        if i < (*fcinfo).nargs as usize {
+            arg(fcinfo, i)
+        } else {
+            None
+        }
+    }
+}
+
 /// A text datum as a Rust string.
 pub unsafe fn text_to_string(d: Datum) -> String {
     // SAFETY: the caller passes a non-null text datum (a varlena, possibly toasted, which

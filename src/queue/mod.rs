@@ -28,9 +28,9 @@ use crate::events;
 use crate::locks::{self, Space};
 use crate::names::check_name;
 use crate::pg::{
-    arg, as_user, column, int_column, json_type, run, text_arg, text_column, text_to_string,
-    CFunction, SpiScope, Statement, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB, OID, REGCLASS, TEXT,
-    TIMESTAMPTZ,
+    arg, as_user, column, int_column, json_type, optional_arg, run, text_arg, text_column,
+    text_to_string, CFunction, SpiScope, Statement, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB, OID,
+    REGCLASS, TEXT, TIMESTAMPTZ,
 };
 use crate::v1;
 use pgrx::pg_sys::{self, Datum, FunctionCallInfo, Oid};
@@ -84,6 +84,8 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: Datum, _relid: Oid) {
 enum Stmt {
     LookupByName,
     RaiseQueue,
+    FindDedup,
+    SendDedup,
     LookupById,
     Send,
     DueAt,
@@ -152,6 +154,20 @@ impl Statement for Stmt {
                  VALUES ($1, nextval($2), coalesce($3, clock_timestamp()), $4, $5, $6)
                  RETURNING msg_id",
                 &[INT8, REGCLASS, TIMESTAMPTZ, INT4, JSONB, JSONB],
+            ),
+            // $1 queue_id, $2 a deduplication key: the live message holding it
+            Stmt::FindDedup => (
+                "SELECT msg_id FROM pgflow.messages WHERE queue_id = $1 AND dedup_key = $2",
+                &[INT8, TEXT],
+            ),
+            // Stmt::Send with $7 a deduplication key: nothing if a live message holds it (a
+            // concurrent send of the same key is waited for, then found by FindDedup)
+            Stmt::SendDedup => (
+                "INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message, headers, dedup_key)
+                 VALUES ($1, nextval($2), coalesce($3, clock_timestamp()), $4, $5, $6, $7)
+                 ON CONFLICT (queue_id, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
+                 RETURNING msg_id",
+                &[INT8, REGCLASS, TIMESTAMPTZ, INT4, JSONB, JSONB, TEXT],
             ),
             // $1 queue_id, $2 when: as pgflow._due_at
             Stmt::DueAt => ("SELECT pgflow._due_at($1, $2)", &[INT8, TIMESTAMPTZ]),
@@ -311,6 +327,39 @@ pub(crate) fn check_poll(
 #[search_path(pg_catalog, pg_temp)]
 fn check_lease_sql(vt: Option<i32>, qty: Option<i32>) {
     check_lease(vt, qty);
+}
+
+/// Longest deduplication key, in bytes.
+const MAX_DEDUP_KEY_BYTES: usize = 128;
+
+/// A deduplication key, if given: 1 to 128 bytes (22023 empty, 54000 longer).
+fn check_dedup_key(key: Option<&str>) {
+    let Some(key) = key else { return };
+    if key.is_empty() {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "dedup_key must not be empty".into(),
+            Some("Pass NULL to send without deduplication."),
+        );
+    }
+    if key.len() > MAX_DEDUP_KEY_BYTES {
+        raise(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "dedup_key is {} bytes long, the limit is {MAX_DEDUP_KEY_BYTES}",
+                key.len()
+            ),
+            Some("Use a hash of a longer key."),
+        );
+    }
+}
+
+/// Internal `pgflow._check_dedup_key(dedup_key)`: [`check_dedup_key`] for publish, which checks
+/// its arguments before it knows which queues it sends to.
+#[pg_extern(immutable, parallel_safe, name = "_check_dedup_key")]
+#[search_path(pg_catalog, pg_temp)]
+fn check_dedup_key_sql(dedup_key: Option<&str>) {
+    check_dedup_key(dedup_key);
 }
 
 /// A message to send: NULL is refused (22004).
@@ -545,12 +594,12 @@ unsafe fn lock_queue_name(name_datum: Datum) {
 pub(crate) const C_FUNCTIONS: &[CFunction] = &[
     CFunction {
         symbol: "pgflow_send",
-        signature: "pgflow.send(text,jsonb,integer,integer,jsonb)",
+        signature: "pgflow.send(text,jsonb,integer,integer,jsonb,text)",
         result: "bigint",
     },
     CFunction {
         symbol: "pgflow_send_internal",
-        signature: "pgflow._send(pgflow.queues,jsonb,timestamp with time zone,integer,jsonb)",
+        signature: "pgflow._send(pgflow.queues,jsonb,timestamp with time zone,integer,jsonb,text)",
         result: "bigint",
     },
     CFunction {
@@ -681,6 +730,8 @@ pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
     unsafe {
         let headers = arg(fcinfo, 4);
         let (delay, priority) = check_send(arg(fcinfo, 2), arg(fcinfo, 3), headers);
+        let dedup_key = optional_arg(fcinfo, 5);
+        check_dedup_key(dedup_key.map(|k| text_to_string(k)).as_deref());
         let name_datum = arg(fcinfo, 0);
         let name = text_arg(fcinfo, 0);
         let _spi = SpiScope::connect();
@@ -691,7 +742,9 @@ pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
         let message = check_message(arg(fcinfo, 1));
         let visible_at = (delay > 0)
             .then(|| Datum::from(pg_sys::GetCurrentTimestamp() + i64::from(delay) * 1_000_000));
-        insert_message(q.id, q.seq, visible_at, priority, message, headers)
+        insert_message(
+            q.id, q.seq, visible_at, priority, message, headers, dedup_key,
+        )
     }
 }
 
@@ -699,11 +752,13 @@ pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
 /// timestamptz datum; None: now): the one home of sending a single message, for `send` and,
 /// through `pgflow._send`, every PL/pgSQL path (the timestamptz form of send, send_with_notify,
 /// publish, retrying dead-lettered messages). A later visibility is remembered so that readers
-/// are woken and listeners told when it comes due. Returns the msg_id.
+/// are woken and listeners told when it comes due. Returns the msg_id. With a deduplication
+/// key (checked by the caller) that a live message of the queue holds, nothing is sent and that
+/// message's msg_id is returned.
 ///
 /// # Safety
 /// Inside an SPI connection; `priority` is an int4 datum, `message` a non-null jsonb datum,
-/// `headers` a jsonb datum.
+/// `headers` a jsonb datum, `dedup_key` a text datum.
 unsafe fn insert_message(
     queue_id: i64,
     seq: Oid,
@@ -711,22 +766,50 @@ unsafe fn insert_message(
     priority: Datum,
     message: Datum,
     headers: Option<Datum>,
+    dedup_key: Option<Datum>,
 ) -> Datum {
-    // SAFETY: the caller's contract; the statement's parameters get datums of their declared
+    // SAFETY: the caller's contract; the statements' parameters get datums of their declared
     // types, and a timestamptz datum is an int64 by value, compared as such.
     unsafe {
-        run(
-            Stmt::Send,
-            &[
-                Some(Datum::from(queue_id)),
-                Some(Datum::from(seq)),
-                visible_at,
-                Some(priority),
-                Some(message),
-                headers,
-            ],
-        );
-        let msg_id = column(0, 1).unwrap_or(Datum::from(0));
+        let params = [
+            Some(Datum::from(queue_id)),
+            Some(Datum::from(seq)),
+            visible_at,
+            Some(priority),
+            Some(message),
+            headers,
+            dedup_key,
+        ];
+        let msg_id = match dedup_key {
+            None => {
+                run(Stmt::Send, &params[..6]);
+                column(0, 1).unwrap_or(Datum::from(0))
+            }
+            Some(key) => {
+                // The live message holding the key, or ours. A send of the same key that
+                // commits while we insert makes the insert do nothing: then it is found; one
+                // that is acked in that instant makes us try again.
+                let mut sent = None;
+                for _ in 0..3 {
+                    if run(Stmt::FindDedup, &[Some(Datum::from(queue_id)), Some(key)]) == 1 {
+                        return column(0, 1).unwrap_or(Datum::from(0));
+                    }
+                    if run(Stmt::SendDedup, &params) == 1 {
+                        sent = column(0, 1);
+                        break;
+                    }
+                }
+                let Some(id) = sent else {
+                    raise(
+                        PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                        "dedup_key is being sent and acknowledged by other sessions at this moment"
+                            .into(),
+                        Some("Retry the send."),
+                    )
+                };
+                id
+            }
+        };
         if let Some(at) = visible_at {
             if at.value() as i64 > pg_sys::GetCurrentTimestamp() {
                 due_at(queue_id, at);
@@ -737,7 +820,8 @@ unsafe fn insert_message(
 }
 
 v1!(pg_finfo_pgflow_send_internal);
-/// Internal `pgflow._send(q pgflow.queues, message, visible_at, priority, headers) -> bigint`:
+/// Internal `pgflow._send(q pgflow.queues, message, visible_at, priority, headers, dedup_key)
+/// -> bigint`:
 /// [`insert_message`] for the PL/pgSQL paths, which have checked the queue and the options.
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -762,6 +846,8 @@ pub unsafe extern "C-unwind" fn pgflow_send_internal(fcinfo: FunctionCallInfo) -
         };
         let priority = arg(fcinfo, 3).unwrap_or(Datum::from(0));
         let _spi = SpiScope::connect();
+        let dedup_key = optional_arg(fcinfo, 5);
+        check_dedup_key(dedup_key.map(|k| text_to_string(k)).as_deref());
         insert_message(
             queue_id.value() as i64,
             Oid::from(seq.value() as u32),
@@ -769,6 +855,7 @@ pub unsafe extern "C-unwind" fn pgflow_send_internal(fcinfo: FunctionCallInfo) -
             priority,
             message,
             arg(fcinfo, 4),
+            dedup_key,
         )
     }
 }

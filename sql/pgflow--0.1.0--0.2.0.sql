@@ -200,40 +200,6 @@ END
 $$;
 COMMENT ON FUNCTION pgflow.purge_queue(text) IS
 'Delete every live message of a queue (waiting, delayed or leased); archive and dead-letter queue are untouched. Returns how many were deleted.';
-CREATE OR REPLACE FUNCTION pgflow.send_batch(queue_name text, messages jsonb[], delay integer DEFAULT 0,
-                                  priority integer DEFAULT 0, headers jsonb[] DEFAULT NULL)
-RETURNS SETOF bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-AS $$
-BEGIN
-    PERFORM pgflow._check_send(delay, priority, NULL);
-    PERFORM pgflow._lock_queue_name(queue_name, false);
-    RETURN QUERY SELECT pgflow._send_batch(pgflow._api_queue(queue_name, 'send_batch'), messages,
-                        clock_timestamp() + make_interval(secs => delay), priority, headers);
-END
-$$;
-COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], integer, integer, jsonb[]) IS
-'Send several messages in one statement; returns their msg_ids in array order (ids ascend in that order, so FIFO keeps it). At most pgflow.max_batch_size (default 10000) messages; headers, if given, has one object or null per message.';
-CREATE OR REPLACE FUNCTION pgflow.send_batch(queue_name text, messages jsonb[], delay timestamptz,
-                                  priority integer DEFAULT 0, headers jsonb[] DEFAULT NULL)
-RETURNS SETOF bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-AS $$
-BEGIN
-    IF delay IS NULL THEN
-        RAISE EXCEPTION 'delay must not be null' USING ERRCODE = '22004';
-    ELSIF NOT isfinite(delay) THEN
-        RAISE EXCEPTION 'delay must be a finite time, not %', delay USING ERRCODE = '22023';
-    END IF;
-    PERFORM pgflow._check_send(0, priority, NULL);
-    PERFORM pgflow._lock_queue_name(queue_name, false);
-    RETURN QUERY SELECT pgflow._send_batch(pgflow._api_queue(queue_name, 'send_batch'), messages, delay, priority, headers);
-END
-$$;
-COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], timestamptz, integer, jsonb[]) IS
-'Send several messages in one statement, readable from the given time (a finite timestamptz; a time in the past means now); returns their msg_ids in array order.';
 -- pop is the claim of read (src/queue/) followed by a delete of what it claimed: one home for
 -- the claim (0.1.0's pop had a claim of its own).
 CREATE OR REPLACE FUNCTION pgflow.pop(queue_name text, qty integer DEFAULT 1)
@@ -1037,7 +1003,7 @@ $$;
 
 CREATE FUNCTION pgflow.publish(routing_key text, message jsonb, delay integer DEFAULT 0,
                                priority integer DEFAULT 0, headers jsonb DEFAULT NULL,
-                               dedup_key text DEFAULT NULL)
+                               dedup_key text DEFAULT NULL, group_id text DEFAULT NULL)
 RETURNS TABLE (queue_name text, msg_id bigint)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -1050,19 +1016,20 @@ BEGIN
     PERFORM pgflow._check_message(publish.message);
     PERFORM pgflow._check_send(publish.delay, publish.priority, publish.headers);
     PERFORM pgflow._check_dedup_key(publish.dedup_key);
+    PERFORM pgflow._check_group_id(publish.group_id);
     FOR target IN SELECT pgflow._topic_queues(publish.routing_key) LOOP
         queue_name := target;
         msg_id := pgflow.send(target, publish.message, publish.delay, publish.priority, publish.headers,
-                              publish.dedup_key);
+                              publish.dedup_key, publish.group_id);
         RETURN NEXT;
     END LOOP;
 END
 $$;
-COMMENT ON FUNCTION pgflow.publish(text, jsonb, integer, integer, jsonb, text) IS
-'Send a copy of a message to every queue bound to a pattern matching routing_key (dot-separated words, no wildcards), in this transaction: all copies or none. Returns one row per queue reached (queue_name, msg_id), by queue name; none if no binding matches. Queues with notify on announce the copy as for send. dedup_key: per queue, as for send (a queue already holding a live message with that key returns its msg_id).';
+COMMENT ON FUNCTION pgflow.publish(text, jsonb, integer, integer, jsonb, text, text) IS
+'Send a copy of a message to every queue bound to a pattern matching routing_key (dot-separated words, no wildcards), in this transaction: all copies or none. Returns one row per queue reached (queue_name, msg_id), by queue name; none if no binding matches. Queues with notify on announce the copy as for send. dedup_key: per queue, as for send (a queue already holding a live message with that key returns its msg_id). group_id: each copy joins that message group of its queue.';
 
 CREATE FUNCTION pgflow.publish_batch(routing_key text, messages jsonb[], delay integer DEFAULT 0,
-                                     priority integer DEFAULT 0)
+                                     priority integer DEFAULT 0, group_id text DEFAULT NULL)
 RETURNS TABLE (queue_name text, msg_id bigint)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -1073,15 +1040,16 @@ DECLARE
 BEGIN
     PERFORM pgflow._check_topic(publish_batch.routing_key, 'routing_key', false);
     PERFORM pgflow._check_send(publish_batch.delay, publish_batch.priority, NULL);
+    PERFORM pgflow._check_group_id(publish_batch.group_id);
     FOR target IN SELECT pgflow._topic_queues(publish_batch.routing_key) LOOP
         RETURN QUERY SELECT target, id
                        FROM pgflow.send_batch(target, publish_batch.messages, publish_batch.delay,
-                                              publish_batch.priority) id;
+                                              publish_batch.priority, NULL, publish_batch.group_id) id;
     END LOOP;
 END
 $$;
-COMMENT ON FUNCTION pgflow.publish_batch(text, jsonb[], integer, integer) IS
-'publish for several messages: each queue bound to a pattern matching routing_key gets the whole batch through send_batch, in this transaction. Returns (queue_name, msg_id) per message copy, by queue name and then in array order.';
+COMMENT ON FUNCTION pgflow.publish_batch(text, jsonb[], integer, integer, text) IS
+'publish for several messages: each queue bound to a pattern matching routing_key gets the whole batch through send_batch, in this transaction. Returns (queue_name, msg_id) per message copy, by queue name and then in array order. group_id: each queue''s copies join that message group, in array order.';
 
 -- One home for three rules of the queue layer, in src/queue/: the ids checks, the message
 -- check and a send's options (0.1.0 had PL/pgSQL twins of all three).
@@ -1570,7 +1538,7 @@ COMMENT ON FUNCTION pgflow.metrics() IS
 -- the PL/pgSQL paths, is a C function over the insert send uses.
 DROP FUNCTION pgflow._send(pgflow.queues, jsonb, timestamptz, integer, jsonb);
 CREATE FUNCTION pgflow._send(q pgflow.queues, message jsonb, visible_at timestamptz, priority integer, headers jsonb,
-                             dedup_key text DEFAULT NULL)
+                             dedup_key text DEFAULT NULL, group_id text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'pgflow_send_internal';
@@ -1591,16 +1559,16 @@ CREATE UNIQUE INDEX messages_dedup_key ON pgflow.messages (queue_id, dedup_key) 
 DROP FUNCTION pgflow.send(text, jsonb, integer, integer, jsonb);
 CREATE FUNCTION pgflow.send(queue_name text, message jsonb, delay integer DEFAULT 0,
                             priority integer DEFAULT 0, headers jsonb DEFAULT NULL,
-                            dedup_key text DEFAULT NULL)
+                            dedup_key text DEFAULT NULL, group_id text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE c VOLATILE SECURITY DEFINER
 AS 'MODULE_PATHNAME', 'pgflow_send';
-COMMENT ON FUNCTION pgflow.send(text, jsonb, integer, integer, jsonb, text) IS
-'Send a message; returns its msg_id. It becomes readable when the sending transaction commits and delay seconds have passed. Higher priority is delivered first, FIFO by msg_id within a priority. headers: a JSON object or null. dedup_key (1-128 bytes): while a message sent with that key is live in the queue (visible, delayed or leased), a send with the same key sends nothing and returns that message''s msg_id; concurrent sends of one key send one message.';
+COMMENT ON FUNCTION pgflow.send(text, jsonb, integer, integer, jsonb, text, text) IS
+'Send a message; returns its msg_id. It becomes readable when the sending transaction commits and delay seconds have passed. Higher priority is delivered first, FIFO by msg_id within a priority. headers: a JSON object or null. dedup_key (1-128 bytes): while a message sent with that key is live in the queue (visible, delayed or leased), a send with the same key sends nothing and returns that message''s msg_id; concurrent sends of one key send one message. group_id (1-128 bytes): messages of one group are delivered in send order, one at a time (a later one waits while an earlier one is live: visible, leased, delayed or waiting out a retry); other groups and ungrouped messages are not held up.';
 DROP FUNCTION pgflow.send(text, jsonb, timestamptz, integer, jsonb);
 CREATE FUNCTION pgflow.send(queue_name text, message jsonb, delay timestamptz,
                             priority integer DEFAULT 0, headers jsonb DEFAULT NULL,
-                            dedup_key text DEFAULT NULL)
+                            dedup_key text DEFAULT NULL, group_id text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
@@ -1615,11 +1583,121 @@ BEGIN
     END IF;
     PERFORM pgflow._check_send(0, priority, headers);
     PERFORM pgflow._lock_queue_name(queue_name, false);
-    RETURN pgflow._send(pgflow._api_queue(queue_name, 'send'), message, delay, priority, headers, dedup_key);
+    RETURN pgflow._send(pgflow._api_queue(queue_name, 'send'), message, delay, priority, headers, dedup_key,
+                        group_id);
 END
 $$;
-COMMENT ON FUNCTION pgflow.send(text, jsonb, timestamptz, integer, jsonb, text) IS
-'Send a message that becomes readable at the given time (a finite timestamptz; a time in the past means now); returns its msg_id. dedup_key as for send with a delay in seconds.';
+COMMENT ON FUNCTION pgflow.send(text, jsonb, timestamptz, integer, jsonb, text, text) IS
+'Send a message that becomes readable at the given time (a finite timestamptz; a time in the past means now); returns its msg_id. dedup_key and group_id as for send with a delay in seconds.';
+
+-- Message groups: a send's group_id (pgflow.messages.group_id); the claim delivers a group's
+-- messages in order, one at a time. send (both forms), pgflow._send, send_batch (both forms),
+-- publish and publish_batch take it as a last argument.
+ALTER TABLE pgflow.messages ADD COLUMN group_id text;
+-- A group's messages in order, for the claim's test that no earlier message of the group is
+-- live. Partial, like the one above.
+CREATE INDEX messages_group_order ON pgflow.messages (queue_id, group_id, msg_id) WHERE group_id IS NOT NULL;
+CREATE FUNCTION pgflow."_check_group_id"(
+	"group_id" TEXT /* Option < & str > */
+) RETURNS void
+IMMUTABLE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'check_group_id_sql_wrapper';
+DROP FUNCTION pgflow._send_batch(pgflow.queues, jsonb[], timestamptz, integer, jsonb[]);
+CREATE FUNCTION pgflow._send_batch(q pgflow.queues, messages jsonb[], visible_at timestamptz,
+                                   priority integer, headers jsonb[], group_id text DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    n integer := cardinality(messages);
+    bad integer;
+BEGIN
+    IF messages IS NULL THEN
+        RAISE EXCEPTION 'messages must not be null' USING ERRCODE = '22004';
+    ELSIF n = 0 THEN
+        RAISE EXCEPTION 'messages must not be empty' USING ERRCODE = '22023',
+            HINT = 'Send at least one message.';
+    ELSIF n > pgflow._max_batch_size() THEN
+        RAISE EXCEPTION 'messages holds % messages, more than the batch limit of %', n, pgflow._max_batch_size()
+            USING ERRCODE = '54000', HINT = 'Split the batch, or raise pgflow.max_batch_size.';
+    ELSIF array_ndims(messages) > 1 THEN
+        RAISE EXCEPTION 'messages must be a one-dimensional array' USING ERRCODE = '22023';
+    END IF;
+    bad := array_position(messages, NULL);
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'messages[%] is null', bad USING ERRCODE = '22004';
+    END IF;
+    IF headers IS NOT NULL THEN
+        IF array_ndims(headers) > 1 THEN
+            RAISE EXCEPTION 'headers must be a one-dimensional array' USING ERRCODE = '22023';
+        ELSIF cardinality(headers) <> n THEN
+            RAISE EXCEPTION 'headers has % elements but messages has %', cardinality(headers), n
+                USING ERRCODE = '22023', HINT = 'Give one headers object (or null) per message.';
+        END IF;
+        SELECT i INTO bad FROM unnest(headers) WITH ORDINALITY AS h(v, i)
+         WHERE v IS NOT NULL AND jsonb_typeof(v) <> 'object' LIMIT 1;
+        IF bad IS NOT NULL THEN
+            RAISE EXCEPTION 'headers[%] must be a JSON object or null', bad USING ERRCODE = '22023';
+        END IF;
+    END IF;
+    IF visible_at > clock_timestamp() THEN
+        PERFORM pgflow._due_at(q.queue_id, visible_at);
+    END IF;
+    RETURN QUERY
+    INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message, headers, group_id)
+    -- headers are matched by position, whatever the arrays' lower bounds ('[0:1]={...}').
+    SELECT q.queue_id, nextval(q.msg_seq), visible_at, _send_batch.priority, m.body,
+           headers[array_lower(headers, 1) + m.i - 1], _send_batch.group_id
+      FROM unnest(messages) WITH ORDINALITY AS m(body, i)
+     ORDER BY m.i
+    RETURNING msg_id;
+END
+$$;
+DROP FUNCTION pgflow.send_batch(text, jsonb[], integer, integer, jsonb[]);
+CREATE FUNCTION pgflow.send_batch(queue_name text, messages jsonb[], delay integer DEFAULT 0,
+                                  priority integer DEFAULT 0, headers jsonb[] DEFAULT NULL,
+                                  group_id text DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    PERFORM pgflow._check_send(delay, priority, NULL);
+    PERFORM pgflow._check_group_id(group_id);
+    PERFORM pgflow._lock_queue_name(queue_name, false);
+    RETURN QUERY SELECT pgflow._send_batch(pgflow._api_queue(queue_name, 'send_batch'), messages,
+                        clock_timestamp() + make_interval(secs => delay), priority, headers, group_id);
+END
+$$;
+COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], integer, integer, jsonb[], text) IS
+'Send several messages in one statement; returns their msg_ids in array order (ids ascend in that order, so FIFO keeps it). At most pgflow.max_batch_size (default 10000) messages; headers, if given, has one object or null per message. group_id: all of them in that message group, in array order.';
+DROP FUNCTION pgflow.send_batch(text, jsonb[], timestamptz, integer, jsonb[]);
+CREATE FUNCTION pgflow.send_batch(queue_name text, messages jsonb[], delay timestamptz,
+                                  priority integer DEFAULT 0, headers jsonb[] DEFAULT NULL,
+                                  group_id text DEFAULT NULL)
+RETURNS SETOF bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    IF delay IS NULL THEN
+        RAISE EXCEPTION 'delay must not be null' USING ERRCODE = '22004';
+    ELSIF NOT isfinite(delay) THEN
+        RAISE EXCEPTION 'delay must be a finite time, not %', delay USING ERRCODE = '22023';
+    END IF;
+    PERFORM pgflow._check_send(0, priority, NULL);
+    PERFORM pgflow._check_group_id(group_id);
+    PERFORM pgflow._lock_queue_name(queue_name, false);
+    RETURN QUERY SELECT pgflow._send_batch(pgflow._api_queue(queue_name, 'send_batch'), messages, delay, priority, headers,
+                                           group_id);
+END
+$$;
+COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], timestamptz, integer, jsonb[], text) IS
+'Send several messages in one statement, readable from the given time (a finite timestamptz; a time in the past means now); returns their msg_ids in array order. group_id: all of them in that message group, in array order.';
 
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule

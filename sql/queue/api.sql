@@ -317,7 +317,7 @@ COMMENT ON FUNCTION pgflow.list_queues() IS 'Every queue with its creation time 
 -- worker. Announcements and wake-ups happen in the row trigger on pgflow.messages
 -- (sql/queue/triggers.sql), so every path that inserts is covered.
 CREATE FUNCTION pgflow._send(q pgflow.queues, message jsonb, visible_at timestamptz, priority integer, headers jsonb,
-                             dedup_key text DEFAULT NULL)
+                             dedup_key text DEFAULT NULL, group_id text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'pgflow_send_internal';
@@ -329,16 +329,16 @@ AS 'MODULE_PATHNAME', 'pgflow_send_internal';
 -- were planned, without the cost of a SET scope at every call.
 CREATE FUNCTION pgflow.send(queue_name text, message jsonb, delay integer DEFAULT 0,
                             priority integer DEFAULT 0, headers jsonb DEFAULT NULL,
-                            dedup_key text DEFAULT NULL)
+                            dedup_key text DEFAULT NULL, group_id text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE c VOLATILE SECURITY DEFINER
 AS 'MODULE_PATHNAME', 'pgflow_send';
-COMMENT ON FUNCTION pgflow.send(text, jsonb, integer, integer, jsonb, text) IS
-'Send a message; returns its msg_id. It becomes readable when the sending transaction commits and delay seconds have passed. Higher priority is delivered first, FIFO by msg_id within a priority. headers: a JSON object or null. dedup_key (1-128 bytes): while a message sent with that key is live in the queue (visible, delayed or leased), a send with the same key sends nothing and returns that message''s msg_id; concurrent sends of one key send one message.';
+COMMENT ON FUNCTION pgflow.send(text, jsonb, integer, integer, jsonb, text, text) IS
+'Send a message; returns its msg_id. It becomes readable when the sending transaction commits and delay seconds have passed. Higher priority is delivered first, FIFO by msg_id within a priority. headers: a JSON object or null. dedup_key (1-128 bytes): while a message sent with that key is live in the queue (visible, delayed or leased), a send with the same key sends nothing and returns that message''s msg_id; concurrent sends of one key send one message. group_id (1-128 bytes): messages of one group are delivered in send order, one at a time (a later one waits while an earlier one is live: visible, leased, delayed or waiting out a retry); other groups and ungrouped messages are not held up.';
 
 CREATE FUNCTION pgflow.send(queue_name text, message jsonb, delay timestamptz,
                             priority integer DEFAULT 0, headers jsonb DEFAULT NULL,
-                            dedup_key text DEFAULT NULL)
+                            dedup_key text DEFAULT NULL, group_id text DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
@@ -353,14 +353,15 @@ BEGIN
     END IF;
     PERFORM pgflow._check_send(0, priority, headers);
     PERFORM pgflow._lock_queue_name(queue_name, false);
-    RETURN pgflow._send(pgflow._api_queue(queue_name, 'send'), message, delay, priority, headers, dedup_key);
+    RETURN pgflow._send(pgflow._api_queue(queue_name, 'send'), message, delay, priority, headers, dedup_key,
+                        group_id);
 END
 $$;
-COMMENT ON FUNCTION pgflow.send(text, jsonb, timestamptz, integer, jsonb, text) IS
-'Send a message that becomes readable at the given time (a finite timestamptz; a time in the past means now); returns its msg_id. dedup_key as for send with a delay in seconds.';
+COMMENT ON FUNCTION pgflow.send(text, jsonb, timestamptz, integer, jsonb, text, text) IS
+'Send a message that becomes readable at the given time (a finite timestamptz; a time in the past means now); returns its msg_id. dedup_key and group_id as for send with a delay in seconds.';
 
 CREATE FUNCTION pgflow._send_batch(q pgflow.queues, messages jsonb[], visible_at timestamptz,
-                                   priority integer, headers jsonb[])
+                                   priority integer, headers jsonb[], group_id text DEFAULT NULL)
 RETURNS SETOF bigint
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
@@ -402,10 +403,10 @@ BEGIN
         PERFORM pgflow._due_at(q.queue_id, visible_at);
     END IF;
     RETURN QUERY
-    INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message, headers)
+    INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message, headers, group_id)
     -- headers are matched by position, whatever the arrays' lower bounds ('[0:1]={...}').
     SELECT q.queue_id, nextval(q.msg_seq), visible_at, _send_batch.priority, m.body,
-           headers[array_lower(headers, 1) + m.i - 1]
+           headers[array_lower(headers, 1) + m.i - 1], _send_batch.group_id
       FROM unnest(messages) WITH ORDINALITY AS m(body, i)
      ORDER BY m.i
     RETURNING msg_id;
@@ -413,23 +414,26 @@ END
 $$;
 
 CREATE FUNCTION pgflow.send_batch(queue_name text, messages jsonb[], delay integer DEFAULT 0,
-                                  priority integer DEFAULT 0, headers jsonb[] DEFAULT NULL)
+                                  priority integer DEFAULT 0, headers jsonb[] DEFAULT NULL,
+                                  group_id text DEFAULT NULL)
 RETURNS SETOF bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     PERFORM pgflow._check_send(delay, priority, NULL);
+    PERFORM pgflow._check_group_id(group_id);
     PERFORM pgflow._lock_queue_name(queue_name, false);
     RETURN QUERY SELECT pgflow._send_batch(pgflow._api_queue(queue_name, 'send_batch'), messages,
-                        clock_timestamp() + make_interval(secs => delay), priority, headers);
+                        clock_timestamp() + make_interval(secs => delay), priority, headers, group_id);
 END
 $$;
-COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], integer, integer, jsonb[]) IS
-'Send several messages in one statement; returns their msg_ids in array order (ids ascend in that order, so FIFO keeps it). At most pgflow.max_batch_size (default 10000) messages; headers, if given, has one object or null per message.';
+COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], integer, integer, jsonb[], text) IS
+'Send several messages in one statement; returns their msg_ids in array order (ids ascend in that order, so FIFO keeps it). At most pgflow.max_batch_size (default 10000) messages; headers, if given, has one object or null per message. group_id: all of them in that message group, in array order.';
 
 CREATE FUNCTION pgflow.send_batch(queue_name text, messages jsonb[], delay timestamptz,
-                                  priority integer DEFAULT 0, headers jsonb[] DEFAULT NULL)
+                                  priority integer DEFAULT 0, headers jsonb[] DEFAULT NULL,
+                                  group_id text DEFAULT NULL)
 RETURNS SETOF bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
@@ -441,12 +445,14 @@ BEGIN
         RAISE EXCEPTION 'delay must be a finite time, not %', delay USING ERRCODE = '22023';
     END IF;
     PERFORM pgflow._check_send(0, priority, NULL);
+    PERFORM pgflow._check_group_id(group_id);
     PERFORM pgflow._lock_queue_name(queue_name, false);
-    RETURN QUERY SELECT pgflow._send_batch(pgflow._api_queue(queue_name, 'send_batch'), messages, delay, priority, headers);
+    RETURN QUERY SELECT pgflow._send_batch(pgflow._api_queue(queue_name, 'send_batch'), messages, delay, priority, headers,
+                                           group_id);
 END
 $$;
-COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], timestamptz, integer, jsonb[]) IS
-'Send several messages in one statement, readable from the given time (a finite timestamptz; a time in the past means now); returns their msg_ids in array order.';
+COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], timestamptz, integer, jsonb[], text) IS
+'Send several messages in one statement, readable from the given time (a finite timestamptz; a time in the past means now); returns their msg_ids in array order. group_id: all of them in that message group, in array order.';
 
 ---------------------------------------------------------------------------------------------
 -- Reading

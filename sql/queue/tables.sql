@@ -61,6 +61,9 @@ CREATE TABLE pgflow.messages (
     -- the send's deduplication key: while this message lives, a send with the same key sends
     -- nothing and gets this msg_id
     dedup_key    text,
+    -- the send's message group: a grouped message is delivered only after every earlier
+    -- message of its group has left the queue
+    group_id     text,
     PRIMARY KEY (queue_id, msg_id)
 ) WITH (fillfactor = 80);
 -- Delivery order: higher priority first, then FIFO by msg_id; vt is filtered, not indexed.
@@ -68,6 +71,9 @@ CREATE INDEX messages_delivery_order ON pgflow.messages (queue_id, priority DESC
 -- At most one live message per deduplication key and queue. Partial: a send without a key
 -- writes no entry, and a read (vt, read_ct) leaves the column alone, so it stays HOT.
 CREATE UNIQUE INDEX messages_dedup_key ON pgflow.messages (queue_id, dedup_key) WHERE dedup_key IS NOT NULL;
+-- A group's messages in order, for the claim's test that no earlier message of the group is
+-- live. Partial, like the one above.
+CREATE INDEX messages_group_order ON pgflow.messages (queue_id, group_id, msg_id) WHERE group_id IS NOT NULL;
 COMMENT ON TABLE pgflow.messages IS 'pgflow: live messages of every queue (waiting, delayed or leased).';
 
 -- Messages a consumer archived instead of deleting: kept for inspection and replay.

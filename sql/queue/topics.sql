@@ -72,7 +72,7 @@ $$;
 
 CREATE FUNCTION pgflow.publish(routing_key text, message jsonb, delay integer DEFAULT 0,
                                priority integer DEFAULT 0, headers jsonb DEFAULT NULL,
-                               dedup_key text DEFAULT NULL)
+                               dedup_key text DEFAULT NULL, group_id text DEFAULT NULL)
 RETURNS TABLE (queue_name text, msg_id bigint)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -85,19 +85,20 @@ BEGIN
     PERFORM pgflow._check_message(publish.message);
     PERFORM pgflow._check_send(publish.delay, publish.priority, publish.headers);
     PERFORM pgflow._check_dedup_key(publish.dedup_key);
+    PERFORM pgflow._check_group_id(publish.group_id);
     FOR target IN SELECT pgflow._topic_queues(publish.routing_key) LOOP
         queue_name := target;
         msg_id := pgflow.send(target, publish.message, publish.delay, publish.priority, publish.headers,
-                              publish.dedup_key);
+                              publish.dedup_key, publish.group_id);
         RETURN NEXT;
     END LOOP;
 END
 $$;
-COMMENT ON FUNCTION pgflow.publish(text, jsonb, integer, integer, jsonb, text) IS
-'Send a copy of a message to every queue bound to a pattern matching routing_key (dot-separated words, no wildcards), in this transaction: all copies or none. Returns one row per queue reached (queue_name, msg_id), by queue name; none if no binding matches. Queues with notify on announce the copy as for send. dedup_key: per queue, as for send (a queue already holding a live message with that key returns its msg_id).';
+COMMENT ON FUNCTION pgflow.publish(text, jsonb, integer, integer, jsonb, text, text) IS
+'Send a copy of a message to every queue bound to a pattern matching routing_key (dot-separated words, no wildcards), in this transaction: all copies or none. Returns one row per queue reached (queue_name, msg_id), by queue name; none if no binding matches. Queues with notify on announce the copy as for send. dedup_key: per queue, as for send (a queue already holding a live message with that key returns its msg_id). group_id: each copy joins that message group of its queue.';
 
 CREATE FUNCTION pgflow.publish_batch(routing_key text, messages jsonb[], delay integer DEFAULT 0,
-                                     priority integer DEFAULT 0)
+                                     priority integer DEFAULT 0, group_id text DEFAULT NULL)
 RETURNS TABLE (queue_name text, msg_id bigint)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -108,12 +109,13 @@ DECLARE
 BEGIN
     PERFORM pgflow._check_topic(publish_batch.routing_key, 'routing_key', false);
     PERFORM pgflow._check_send(publish_batch.delay, publish_batch.priority, NULL);
+    PERFORM pgflow._check_group_id(publish_batch.group_id);
     FOR target IN SELECT pgflow._topic_queues(publish_batch.routing_key) LOOP
         RETURN QUERY SELECT target, id
                        FROM pgflow.send_batch(target, publish_batch.messages, publish_batch.delay,
-                                              publish_batch.priority) id;
+                                              publish_batch.priority, NULL, publish_batch.group_id) id;
     END LOOP;
 END
 $$;
-COMMENT ON FUNCTION pgflow.publish_batch(text, jsonb[], integer, integer) IS
-'publish for several messages: each queue bound to a pattern matching routing_key gets the whole batch through send_batch, in this transaction. Returns (queue_name, msg_id) per message copy, by queue name and then in array order.';
+COMMENT ON FUNCTION pgflow.publish_batch(text, jsonb[], integer, integer, text) IS
+'publish for several messages: each queue bound to a pattern matching routing_key gets the whole batch through send_batch, in this transaction. Returns (queue_name, msg_id) per message copy, by queue name and then in array order. group_id: each queue''s copies join that message group, in array order.';

@@ -56,6 +56,8 @@ struct QueueCache {
     by_name: HashMap<String, QueueInfo>,
     /// queue_id -> (queue_name, notify), for the row trigger.
     by_id: HashMap<i64, (String, bool)>,
+    /// whether pgflow.messages has message groups (None: not looked yet)
+    groups: Option<bool>,
 }
 
 thread_local! {
@@ -85,7 +87,7 @@ enum Stmt {
     LookupByName,
     RaiseQueue,
     FindDedup,
-    SendDedup,
+    SendKeyed,
     LookupById,
     Send,
     DueAt,
@@ -96,6 +98,9 @@ enum Stmt {
     ArchiveMany,
     DeleteMany,
     AnyVisible,
+    AnyVisibleGrouped,
+    HasGroups,
+    ClaimGrouped,
     ProcOwner,
 }
 
@@ -115,13 +120,59 @@ macro_rules! visible {
 #[macro_export]
 macro_rules! deliverable {
     ($t:literal) => {
+        concat!($crate::visible!($t), $crate::delivery_order!($t))
+    };
+}
+
+#[macro_export]
+macro_rules! delivery_order {
+    ($t:literal) => {
+        concat!(" ORDER BY ", $t, ".priority DESC, ", $t, ".msg_id")
+    };
+}
+
+/// [`deliverable!`] for a schema with message groups: a grouped message is deliverable only as
+/// its group's head, when no earlier message of the group is live (visible, leased, delayed or
+/// waiting out a retry). So a group is delivered in order and one message at a time; other
+/// groups and ungrouped messages are not held up.
+macro_rules! deliverable_grouped {
+    ($t:literal) => {
         concat!(
             $crate::visible!($t),
-            " ORDER BY ",
+            " AND (",
             $t,
-            ".priority DESC, ",
+            ".group_id IS NULL OR NOT EXISTS (SELECT 1 FROM pgflow.messages g WHERE g.queue_id = ",
             $t,
-            ".msg_id"
+            ".queue_id AND g.group_id = ",
+            $t,
+            ".group_id AND g.msg_id < ",
+            $t,
+            ".msg_id))",
+            $crate::delivery_order!($t)
+        )
+    };
+}
+
+/// The claim: `$deliverable` chooses its messages (see Stmt::Claim).
+macro_rules! claim_sql {
+    ($deliverable:expr) => {
+        concat!(
+            "UPDATE pgflow.messages m
+                    SET vt = clock_timestamp() + make_interval(secs => $2), read_ct = m.read_ct + 1,
+                        errors = CASE WHEN m.read_ct > 0 AND NOT coalesce(
+                                           m.errors @> jsonb_build_array(jsonb_build_object('attempt', m.read_ct)), false)
+                                      THEN coalesce(m.errors, '[]'::jsonb) || jsonb_build_array(jsonb_build_object(
+                                           'attempt', m.read_ct, 'error', 'visibility timeout expired without ack or nack',
+                                           'at', m.vt))
+                                      ELSE m.errors END
+                  WHERE m.queue_id = $1 AND m.msg_id = ANY (ARRAY(
+                        SELECT c.msg_id FROM pgflow.messages c
+                         WHERE ($4::int8[] IS NULL OR c.msg_id <> ALL ($4)) AND ",
+            $deliverable,
+            "
+                         LIMIT $3
+                           FOR UPDATE SKIP LOCKED))
+                 RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority"
         )
     };
 }
@@ -160,14 +211,15 @@ impl Statement for Stmt {
                 "SELECT msg_id FROM pgflow.messages WHERE queue_id = $1 AND dedup_key = $2",
                 &[INT8, TEXT],
             ),
-            // Stmt::Send with $7 a deduplication key: nothing if a live message holds it (a
-            // concurrent send of the same key is waited for, then found by FindDedup)
-            Stmt::SendDedup => (
-                "INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message, headers, dedup_key)
-                 VALUES ($1, nextval($2), coalesce($3, clock_timestamp()), $4, $5, $6, $7)
+            // Stmt::Send with $7 a deduplication key and $8 a message group (either may be NULL):
+            // nothing if a live message holds the key (a concurrent send of the same key is
+            // waited for, then found by FindDedup)
+            Stmt::SendKeyed => (
+                "INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message, headers, dedup_key, group_id)
+                 VALUES ($1, nextval($2), coalesce($3, clock_timestamp()), $4, $5, $6, $7, $8)
                  ON CONFLICT (queue_id, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
                  RETURNING msg_id",
-                &[INT8, REGCLASS, TIMESTAMPTZ, INT4, JSONB, JSONB, TEXT],
+                &[INT8, REGCLASS, TIMESTAMPTZ, INT4, JSONB, JSONB, TEXT, TEXT],
             ),
             // $1 queue_id, $2 when: as pgflow._due_at
             Stmt::DueAt => ("SELECT pgflow._due_at($1, $2)", &[INT8, TIMESTAMPTZ]),
@@ -181,25 +233,10 @@ impl Statement for Stmt {
             // or hung), and gets "visibility timeout expired" with the time its lease ended.
             // Only redeliveries pay for the test; errors is not indexed, so the update stays
             // HOT. Written here, not in a function, so that a database still at 0.1.0 runs it.
-            Stmt::Claim => (
-                concat!(
-                    "UPDATE pgflow.messages m
-                    SET vt = clock_timestamp() + make_interval(secs => $2), read_ct = m.read_ct + 1,
-                        errors = CASE WHEN m.read_ct > 0 AND NOT coalesce(
-                                           m.errors @> jsonb_build_array(jsonb_build_object('attempt', m.read_ct)), false)
-                                      THEN coalesce(m.errors, '[]'::jsonb) || jsonb_build_array(jsonb_build_object(
-                                           'attempt', m.read_ct, 'error', 'visibility timeout expired without ack or nack',
-                                           'at', m.vt))
-                                      ELSE m.errors END
-                  WHERE m.queue_id = $1 AND m.msg_id = ANY (ARRAY(
-                        SELECT c.msg_id FROM pgflow.messages c
-                         WHERE ($4::int8[] IS NULL OR c.msg_id <> ALL ($4)) AND ",
-                    deliverable!("c"),
-                    "
-                         LIMIT $3
-                           FOR UPDATE SKIP LOCKED))
-                 RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message, m.headers, m.priority"
-                ),
+            Stmt::Claim => (claim_sql!(deliverable!("c")), &[INT8, INT4, INT4, INT8ARRAY]),
+            // the claim on a schema with message groups (0.2.0 on)
+            Stmt::ClaimGrouped => (
+                claim_sql!(deliverable_grouped!("c")),
                 &[INT8, INT4, INT4, INT8ARRAY],
             ),
             // $1 queue_id, $2 msg_ids whose lease expired after their last delivery: take back
@@ -260,6 +297,21 @@ impl Statement for Stmt {
                     " LIMIT 1"
                 ),
                 &[INT8],
+            ),
+            Stmt::AnyVisibleGrouped => (
+                concat!(
+                    "SELECT 1 FROM pgflow.messages c WHERE ",
+                    deliverable_grouped!("c"),
+                    " LIMIT 1"
+                ),
+                &[INT8],
+            ),
+            // whether pgflow.messages has message groups (a 0.1.0 schema has not)
+            Stmt::HasGroups => (
+                "SELECT count(*) FROM pg_catalog.pg_attribute
+                  WHERE attrelid = 'pgflow.messages'::pg_catalog.regclass AND attname = 'group_id'
+                    AND NOT attisdropped",
+                &[],
             ),
             // $1 a function's oid: its owner, whose rights a procedure's statements run with
             Stmt::ProcOwner => (
@@ -329,24 +381,25 @@ fn check_lease_sql(vt: Option<i32>, qty: Option<i32>) {
     check_lease(vt, qty);
 }
 
-/// Longest deduplication key, in bytes.
-const MAX_DEDUP_KEY_BYTES: usize = 128;
+/// Longest deduplication key or message group, in bytes.
+const MAX_KEY_BYTES: usize = 128;
 
-/// A deduplication key, if given: 1 to 128 bytes (22023 empty, 54000 longer).
-fn check_dedup_key(key: Option<&str>) {
+/// A deduplication key or message group (argument `arg`), if given: 1 to 128 bytes (22023
+/// empty, 54000 longer).
+fn check_key(key: Option<&str>, arg: &str) {
     let Some(key) = key else { return };
     if key.is_empty() {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            "dedup_key must not be empty".into(),
-            Some("Pass NULL to send without deduplication."),
+            format!("{arg} must not be empty"),
+            Some("Pass NULL for none."),
         );
     }
-    if key.len() > MAX_DEDUP_KEY_BYTES {
+    if key.len() > MAX_KEY_BYTES {
         raise(
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             format!(
-                "dedup_key is {} bytes long, the limit is {MAX_DEDUP_KEY_BYTES}",
+                "{arg} is {} bytes long, the limit is {MAX_KEY_BYTES}",
                 key.len()
             ),
             Some("Use a hash of a longer key."),
@@ -354,12 +407,41 @@ fn check_dedup_key(key: Option<&str>) {
     }
 }
 
-/// Internal `pgflow._check_dedup_key(dedup_key)`: [`check_dedup_key`] for publish, which checks
+/// The optional keys of a send, from arguments `dedup_at` and `group_at` (NULL or not declared:
+/// none), checked: (dedup_key, group_id).
+///
+/// # Safety
+/// `fcinfo` is the call information of a function whose arguments at those positions, where
+/// declared, are text.
+unsafe fn send_keys(
+    fcinfo: FunctionCallInfo,
+    dedup_at: usize,
+    group_at: usize,
+) -> (Option<Datum>, Option<Datum>) {
+    // SAFETY: the caller's contract; optional_arg reads only declared arguments, and the datums
+    // are text, read by text_to_string.
+    unsafe {
+        let dedup_key = optional_arg(fcinfo, dedup_at);
+        let group_id = optional_arg(fcinfo, group_at);
+        check_key(dedup_key.map(|k| text_to_string(k)).as_deref(), "dedup_key");
+        check_key(group_id.map(|k| text_to_string(k)).as_deref(), "group_id");
+        (dedup_key, group_id)
+    }
+}
+
+/// Internal `pgflow._check_dedup_key(dedup_key)`: [`check_key`] for publish, which checks
 /// its arguments before it knows which queues it sends to.
 #[pg_extern(immutable, parallel_safe, name = "_check_dedup_key")]
 #[search_path(pg_catalog, pg_temp)]
 fn check_dedup_key_sql(dedup_key: Option<&str>) {
-    check_dedup_key(dedup_key);
+    check_key(dedup_key, "dedup_key");
+}
+
+/// Internal `pgflow._check_group_id(group_id)`: [`check_key`] for send_batch and publish.
+#[pg_extern(immutable, parallel_safe, name = "_check_group_id")]
+#[search_path(pg_catalog, pg_temp)]
+fn check_group_id_sql(group_id: Option<&str>) {
+    check_key(group_id, "group_id");
 }
 
 /// A message to send: NULL is refused (22004).
@@ -575,6 +657,24 @@ pub(crate) unsafe fn due_at(queue_id: i64, at: Datum) {
     }
 }
 
+/// Whether the schema has message groups (pgflow.messages.group_id, from 0.2.0): a database still
+/// at 0.1.0 runs the claims without them. Looked up once, again after any invalidation.
+///
+/// # Safety
+/// Inside an SPI connection.
+unsafe fn has_groups() -> bool {
+    // SAFETY: the caller's contract; the statement has no parameters and returns one count.
+    unsafe {
+        if let Some(g) = QUEUES.with(|c| c.borrow().groups) {
+            return g;
+        }
+        run(Stmt::HasGroups, &[]);
+        let g = int_column(0, 1).unwrap_or(0) > 0;
+        QUEUES.with(|c| c.borrow_mut().groups = Some(g));
+        g
+    }
+}
+
 /// Take the queue-name lock shared (as `pgflow._lock_queue_name(name, false)`), then process
 /// pending invalidations, so that a drop_queue that committed while we waited is seen.
 unsafe fn lock_queue_name(name_datum: Datum) {
@@ -594,12 +694,13 @@ unsafe fn lock_queue_name(name_datum: Datum) {
 pub(crate) const C_FUNCTIONS: &[CFunction] = &[
     CFunction {
         symbol: "pgflow_send",
-        signature: "pgflow.send(text,jsonb,integer,integer,jsonb,text)",
+        signature: "pgflow.send(text,jsonb,integer,integer,jsonb,text,text)",
         result: "bigint",
     },
     CFunction {
         symbol: "pgflow_send_internal",
-        signature: "pgflow._send(pgflow.queues,jsonb,timestamp with time zone,integer,jsonb,text)",
+        signature:
+            "pgflow._send(pgflow.queues,jsonb,timestamp with time zone,integer,jsonb,text,text)",
         result: "bigint",
     },
     CFunction {
@@ -730,8 +831,7 @@ pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
     unsafe {
         let headers = arg(fcinfo, 4);
         let (delay, priority) = check_send(arg(fcinfo, 2), arg(fcinfo, 3), headers);
-        let dedup_key = optional_arg(fcinfo, 5);
-        check_dedup_key(dedup_key.map(|k| text_to_string(k)).as_deref());
+        let (dedup_key, group_id) = send_keys(fcinfo, 5, 6);
         let name_datum = arg(fcinfo, 0);
         let name = text_arg(fcinfo, 0);
         let _spi = SpiScope::connect();
@@ -742,10 +842,19 @@ pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
         let message = check_message(arg(fcinfo, 1));
         let visible_at = (delay > 0)
             .then(|| Datum::from(pg_sys::GetCurrentTimestamp() + i64::from(delay) * 1_000_000));
-        insert_message(
-            q.id, q.seq, visible_at, priority, message, headers, dedup_key,
-        )
+        let keys = Keys {
+            dedup_key,
+            group_id,
+        };
+        insert_message(q.id, q.seq, visible_at, priority, message, headers, keys)
     }
+}
+
+/// The optional keys of a send: a deduplication key and a message group (text datums).
+#[derive(Clone, Copy)]
+struct Keys {
+    dedup_key: Option<Datum>,
+    group_id: Option<Datum>,
 }
 
 /// Send one message to the queue `queue_id` (numbered by `seq`), visible from `visible_at` (a
@@ -753,12 +862,12 @@ pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
 /// through `pgflow._send`, every PL/pgSQL path (the timestamptz form of send, send_with_notify,
 /// publish, retrying dead-lettered messages). A later visibility is remembered so that readers
 /// are woken and listeners told when it comes due. Returns the msg_id. With a deduplication
-/// key (checked by the caller) that a live message of the queue holds, nothing is sent and that
-/// message's msg_id is returned.
+/// key that a live message of the queue holds, nothing is sent and that message's msg_id is
+/// returned. A message group makes the message wait for the group's earlier ones.
 ///
 /// # Safety
 /// Inside an SPI connection; `priority` is an int4 datum, `message` a non-null jsonb datum,
-/// `headers` a jsonb datum, `dedup_key` a text datum.
+/// `headers` a jsonb datum, the keys text datums (checked by the caller).
 unsafe fn insert_message(
     queue_id: i64,
     seq: Oid,
@@ -766,7 +875,7 @@ unsafe fn insert_message(
     priority: Datum,
     message: Datum,
     headers: Option<Datum>,
-    dedup_key: Option<Datum>,
+    keys: Keys,
 ) -> Datum {
     // SAFETY: the caller's contract; the statements' parameters get datums of their declared
     // types, and a timestamptz datum is an int64 by value, compared as such.
@@ -778,14 +887,19 @@ unsafe fn insert_message(
             Some(priority),
             Some(message),
             headers,
-            dedup_key,
+            keys.dedup_key,
+            keys.group_id,
         ];
-        let msg_id = match dedup_key {
-            None => {
+        let msg_id = match (keys.dedup_key, keys.group_id) {
+            (None, None) => {
                 run(Stmt::Send, &params[..6]);
                 column(0, 1).unwrap_or(Datum::from(0))
             }
-            Some(key) => {
+            (None, Some(_)) => {
+                run(Stmt::SendKeyed, &params);
+                column(0, 1).unwrap_or(Datum::from(0))
+            }
+            (Some(key), _) => {
                 // The live message holding the key, or ours. A send of the same key that
                 // commits while we insert makes the insert do nothing: then it is found; one
                 // that is acked in that instant makes us try again.
@@ -794,7 +908,7 @@ unsafe fn insert_message(
                     if run(Stmt::FindDedup, &[Some(Datum::from(queue_id)), Some(key)]) == 1 {
                         return column(0, 1).unwrap_or(Datum::from(0));
                     }
-                    if run(Stmt::SendDedup, &params) == 1 {
+                    if run(Stmt::SendKeyed, &params) == 1 {
                         sent = column(0, 1);
                         break;
                     }
@@ -820,8 +934,8 @@ unsafe fn insert_message(
 }
 
 v1!(pg_finfo_pgflow_send_internal);
-/// Internal `pgflow._send(q pgflow.queues, message, visible_at, priority, headers, dedup_key)
-/// -> bigint`:
+/// Internal `pgflow._send(q pgflow.queues, message, visible_at, priority, headers, dedup_key,
+/// group_id) -> bigint`:
 /// [`insert_message`] for the PL/pgSQL paths, which have checked the queue and the options.
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -846,8 +960,7 @@ pub unsafe extern "C-unwind" fn pgflow_send_internal(fcinfo: FunctionCallInfo) -
         };
         let priority = arg(fcinfo, 3).unwrap_or(Datum::from(0));
         let _spi = SpiScope::connect();
-        let dedup_key = optional_arg(fcinfo, 5);
-        check_dedup_key(dedup_key.map(|k| text_to_string(k)).as_deref());
+        let (dedup_key, group_id) = send_keys(fcinfo, 5, 6);
         insert_message(
             queue_id.value() as i64,
             Oid::from(seq.value() as u32),
@@ -855,7 +968,10 @@ pub unsafe extern "C-unwind" fn pgflow_send_internal(fcinfo: FunctionCallInfo) -
             priority,
             message,
             arg(fcinfo, 4),
-            dedup_key,
+            Keys {
+                dedup_key,
+                group_id,
+            },
         )
     }
 }
@@ -879,8 +995,13 @@ unsafe fn claim_into(fcinfo: FunctionCallInfo, q: &QueueInfo, vt: i32, qty: i32)
             let delivered_so_far = (!ids.is_empty())
                 .then(|| ids.clone().into_datum())
                 .flatten();
+            let claim = if has_groups() {
+                Stmt::ClaimGrouped
+            } else {
+                Stmt::Claim
+            };
             let n = run(
-                Stmt::Claim,
+                claim,
                 &[
                     Some(Datum::from(q.id)),
                     Some(Datum::from(vt)),
@@ -1243,7 +1364,14 @@ pub unsafe extern "C-unwind" fn pgflow_wait_for_messages(fcinfo: FunctionCallInf
                 (
                     q.id,
                     epoch,
-                    run(Stmt::AnyVisible, &[Some(Datum::from(q.id))]) > 0,
+                    run(
+                        if has_groups() {
+                            Stmt::AnyVisibleGrouped
+                        } else {
+                            Stmt::AnyVisible
+                        },
+                        &[Some(Datum::from(q.id))],
+                    ) > 0,
                 )
             });
             // ends the look's transaction: no snapshot is held from here on

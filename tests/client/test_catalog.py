@@ -130,7 +130,7 @@ def test_security_definer_functions_pin_search_path_and_public_has_no_execute(co
 
 def test_roles_can_run_their_functions(conn):
     can = dict(conn.execute("""
-        SELECT r, has_function_privilege(r, 'pgflow.send(text, jsonb, integer, integer, jsonb, text)', 'EXECUTE')
+        SELECT r, has_function_privilege(r, 'pgflow.send(text, jsonb, integer, integer, jsonb, text, text)', 'EXECUTE')
           FROM unnest(ARRAY['pgflow_producer', 'pgflow_consumer', 'pgflow_admin']) r""").fetchall())
     assert can == {"pgflow_producer": True, "pgflow_consumer": False, "pgflow_admin": True}
     can = dict(conn.execute("""

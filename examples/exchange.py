@@ -1,36 +1,43 @@
 #!/usr/bin/env python3
-"""Two services exchanging messages through pgflow queues.
+"""Two services exchanging messages through pgflow queues, topics and message groups.
 
 Instances (here `singularity_1`, `singularity_2`) send proposals, metrics and patterns to a
-central service; the central service answers each proposal with a consensus result and can send
-rollback triggers (high priority) and safety profiles back to an instance.
+central service; the central service answers each proposal with a consensus result, and sends
+rollback triggers (high priority) and safety profiles to one instance or to all of them.
 
-    instance -> central   proposals_for_consensus_queue, metrics_to_guardian_queue,
-                          patterns_for_aggregator_queue
-    central -> instance   consensus_results_queue, rollback_triggers_queue,
-                          guardian_safety_profiles_queue   (one queue per instance, see below)
+    instance -> central   proposals_for_consensus_queue (grouped by instance),
+                          metrics_to_guardian_queue, patterns_for_aggregator_queue
+    central -> instance   one inbox queue per instance, `inbox__<instance_id>`, reached through
+                          topics: routing keys `<kind>.<instance_id>` or `<kind>.all`
 
 Design decisions, each one a consequence of how a queue works:
 
-* **Routing back to the right instance.** A consumer leases whatever is first in a queue; a
-  queue cannot be read "only for me". If all instances read one shared consensus_results_queue,
-  an instance would lease other instances' results and have to hand them back, spending their
-  delivery attempts until they land in the dead-letter queue. So every central -> instance queue
-  exists once per instance, named `<queue>__<instance_id>` (e.g.
-  `consensus_results_queue__singularity_1`, at most 48 bytes, so instance ids up to 16 bytes).
-  Messages still carry `instance_id` in their body and in their headers; an instance refuses a
-  message addressed to another one (it would be a routing bug, and the message goes to the DLQ
-  where an operator sees it).
-* **Exactly one result per proposal.** The central service sends the result and archives the
-  proposal in one transaction, passing the proposal's read_ct: if its lease expired and another
-  worker took the proposal, the archive returns false and the transaction is rolled back, so no
-  second result is ever committed.
+* **Routing back to the right instance: topics.** A consumer leases whatever is first in a
+  queue; a queue cannot be read "only for me". So each instance reads its own inbox, bound to
+  the patterns `*.<instance_id>` and `*.all`. The central service publishes a result to
+  `result.<instance_id>`, a rollback to `rollback.<instance_id>` and a safety profile to
+  `safety.all`: one publish, one copy in every inbox it concerns, all in one transaction.
+  Two instances need five queues (three to the central service, one inbox each) instead of
+  nine, and no sender loops over instances. Messages still carry `instance_id`; an instance
+  refuses a message addressed to another one (a routing bug: it goes to the DLQ, where an
+  operator sees it).
+* **Order per instance: message groups.** Proposals are sent with `group_id` = the instance,
+  so the central service's workers take one instance's proposals in the order sent, one at a
+  time, while proposals of other instances go on in parallel. Results in an inbox are grouped
+  too (`results`), so an instance applies them in order.
+* **Exactly one result per proposal.** The central service publishes the result and archives
+  the proposal in one transaction, passing the proposal's read_ct: if its lease expired and
+  another worker took the proposal, the archive returns false and the transaction is rolled
+  back, so no second result is ever committed.
 * **Failures.** A handler that raises nacks the message with the error text; the queue retries it
   with exponential backoff (`retry_delay_ms` * 2^(attempt-1)); after `max_retries` + 1 = 4
   deliveries it is dead-lettered with the error of every attempt. A worker that dies holding a
   lease loses nothing: the lease expires and the message is delivered again.
-* **Priority.** Rollback triggers are sent with priority 10, and every instance worker looks at
-  its rollback queue before anything else, so a rollback overtakes any backlog of results.
+* **Priority.** Rollback triggers are published with priority 10 and no group: in an inbox they
+  come before any backlog of results.
+* **Alerts.** Every queue alerts at one dead-lettered message (`alter_queue(...,
+  alert_dlq_depth => 1)`): `SELECT * FROM pgflow.queue_health` names the queue and why, and
+  `pgflow.metrics()` exports the same for Prometheus.
 * **Waiting.** An idle worker blocks in `read_with_poll` on its main queue, which returns as
   soon as a send to it commits (pgflow preloaded) and otherwise polls.
 
@@ -52,15 +59,14 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 TO_CENTRAL = ["proposals_for_consensus_queue", "metrics_to_guardian_queue", "patterns_for_aggregator_queue"]
-TO_INSTANCE = ["rollback_triggers_queue", "consensus_results_queue", "guardian_safety_profiles_queue"]
 MAX_RETRIES = 3
 RETRY_DELAY_MS = 1000
 ROLLBACK_PRIORITY = 10
 
 
-def inbox(queue, instance_id):
-    """The queue of one instance for a central -> instance message kind."""
-    return f"{queue}__{instance_id}"
+def inbox(instance_id):
+    """The queue an instance reads everything the central service sends it from."""
+    return f"inbox__{instance_id}"
 
 
 def now():
@@ -68,13 +74,18 @@ def now():
 
 
 def setup(conn, instance_ids, retry_delay_ms=RETRY_DELAY_MS):
-    """Create every queue of the exchange (idempotent); returns their names."""
-    names = list(TO_CENTRAL) + [inbox(q, i) for i in instance_ids for q in TO_INSTANCE]
+    """Create every queue of the exchange and the inboxes' topic bindings (idempotent); returns
+    the queue names."""
+    names = list(TO_CENTRAL) + [inbox(i) for i in instance_ids]
     for name in names:
         conn.execute(
             "SELECT pgflow.create_queue(%s, max_retries => %s, retry_delay_ms => %s)",
             (name, MAX_RETRIES, retry_delay_ms),
         )
+        conn.execute("SELECT pgflow.alter_queue(%s, alert_dlq_depth => 1)", (name,))
+    for i in instance_ids:
+        for pattern in (f"*.{i}", "*.all"):
+            conn.execute("SELECT pgflow.bind_topic(%s, %s)", (pattern, inbox(i)))
     return names
 
 
@@ -168,6 +179,7 @@ class Central(Service):
         self.lock = threading.Lock()
         self.metrics = []
         self.patterns = []
+        self.voted = []  # (instance_id, proposal_id), in the order voted on
 
     def routes(self):
         return [
@@ -179,6 +191,8 @@ class Central(Service):
     def on_proposal(self, conn, proposal, headers, attempt):
         if self.proposal_hook:
             self.proposal_hook(proposal, attempt)
+        with self.lock:
+            self.voted.append((proposal["instance_id"], proposal["proposal_id"]))
         votes = {"safety_agent": "approve", "performance_agent": "approve",
                  "architecture_agent": "approve" if proposal["risk_score"] < 5 else "reject"}
         approvals = sum(v == "approve" for v in votes.values())
@@ -191,7 +205,7 @@ class Central(Service):
             "confidence": 0.95 if approvals == len(votes) else 0.6,
             "timestamp": now(),
         }
-        send_to_instance(conn, "consensus_results_queue", result)
+        publish(conn, f"result.{proposal['instance_id']}", result, group="results")
 
     def on_metrics(self, conn, metrics, headers, attempt):
         with self.lock:
@@ -202,29 +216,32 @@ class Central(Service):
             self.patterns.append(pattern)
 
 
-def send_to_instance(conn, queue, message, priority=0):
-    instance_id = message["instance_id"]
-    return conn.execute(
-        "SELECT pgflow.send(%s, %s, 0, %s, %s)",
-        (inbox(queue, instance_id), Jsonb(message), priority, Jsonb({"instance_id": instance_id})),
-    ).fetchone()[0]
+def publish(conn, routing_key, message, priority=0, group=None):
+    """Publish to the inboxes bound to routing_key; returns how many got a copy."""
+    return len(conn.execute(
+        "SELECT msg_id FROM pgflow.publish(%s, %s, 0, %s, %s, group_id => %s)",
+        (routing_key, Jsonb(message), priority, Jsonb({"instance_id": message["instance_id"]}), group),
+    ).fetchall())
 
 
 def send_rollback(conn, instance_id, proposal_id, reason):
-    return send_to_instance(conn, "rollback_triggers_queue", {
+    """A rollback trigger to one instance (instance_id) or to every instance ("all")."""
+    return publish(conn, f"rollback.{instance_id}", {
         "type": "rollback_trigger", "proposal_id": proposal_id, "instance_id": instance_id,
         "reason": reason, "timestamp": now()}, priority=ROLLBACK_PRIORITY)
 
 
 def send_safety_profile(conn, instance_id, profile):
-    return send_to_instance(conn, "guardian_safety_profiles_queue", {
+    """A safety profile to one instance, or to every instance ("all"): one publish."""
+    return publish(conn, f"safety.{instance_id}", {
         "type": "guardian_safety_profile", "instance_id": instance_id, "profile": profile, "timestamp": now()})
 
 
 class Instance(Service):
-    """Sends proposals; receives its own results, rollback triggers and safety profiles."""
+    """Sends proposals; receives its own results, rollback triggers and safety profiles in its
+    inbox."""
 
-    main_route = 1  # wait on consensus results
+    main_route = 0
 
     def __init__(self, dsn, instance_id, workers=3):
         super().__init__(dsn, workers)
@@ -233,12 +250,12 @@ class Instance(Service):
         self.received = []  # (kind, message), in the order handled
 
     def routes(self):
-        # rollback triggers first: they overtake any backlog
-        return [(inbox(q, self.instance_id), self.on_message) for q in TO_INSTANCE]
+        return [(inbox(self.instance_id), self.on_message)]
 
     def on_message(self, conn, message, headers, attempt):
-        if message.get("instance_id") != self.instance_id or headers.get("instance_id") != self.instance_id:
-            raise ValueError(f"message for {message.get('instance_id')!r} delivered to {self.instance_id!r}")
+        addressed = message.get("instance_id")
+        if addressed not in (self.instance_id, "all") or headers.get("instance_id") != addressed:
+            raise ValueError(f"message for {addressed!r} delivered to {self.instance_id!r}")
         with self.lock:
             self.received.append((message["type"], message))
 
@@ -248,7 +265,8 @@ class Instance(Service):
 
     def propose(self, conn, code_change, impact_score=8.0, risk_score=1.0, agent_type="BugFixerAgent"):
         proposal_id = str(uuid.uuid4())
-        conn.execute("SELECT pgflow.send(%s, %s, 0, 0, %s)", ("proposals_for_consensus_queue", Jsonb({
+        # grouped by instance: the central service takes this instance's proposals in order
+        conn.execute("SELECT pgflow.send(%s, %s, 0, 0, %s, group_id => %s)", ("proposals_for_consensus_queue", Jsonb({
             "type": "proposal_for_consensus",
             "proposal_id": proposal_id,
             "instance_id": self.instance_id,
@@ -257,7 +275,7 @@ class Instance(Service):
             "impact_score": impact_score,
             "risk_score": risk_score,
             "timestamp": now(),
-        }), Jsonb({"instance_id": self.instance_id})))
+        }), Jsonb({"instance_id": self.instance_id}), self.instance_id))
         return proposal_id
 
     def send_metrics(self, conn, metrics):
@@ -280,6 +298,7 @@ def main(dsn):
                 for i in ids}
         instances["singularity_1"].send_metrics(conn, {"cpu": 0.42})
         send_rollback(conn, "singularity_2", sent["singularity_2"][0], "error rate above threshold")
+        print("safety profile published to", send_safety_profile(conn, "all", {"max_risk": 5}), "inboxes")
         deadline = time.time() + 30
         while time.time() < deadline and any(len(instances[i].results()) < 10 for i in ids):
             time.sleep(0.1)
@@ -288,12 +307,14 @@ def main(dsn):
             inst.stop()
         for i in ids:
             results = instances[i].results()
-            print(f"{i}: {len(results)} consensus results, "
-                  f"{sum(1 for k, _ in instances[i].received if k == 'rollback_trigger')} rollback trigger(s)")
+            kinds = [k for k, _ in instances[i].received]
+            print(f"{i}: {len(results)} consensus results, {kinds.count('rollback_trigger')} rollback trigger(s), "
+                  f"{kinds.count('guardian_safety_profile')} safety profile(s)")
             print("  e.g.", json.dumps(results[0]) if results else "-")
         print("central: metrics received:", len(central.metrics))
-        dlq = conn.execute("SELECT count(*) FROM pgflow.dlq").fetchone()[0]
-        print("dead-lettered messages:", dlq)
+        for row in conn.execute("SELECT queue_name, status, reason FROM pgflow.queue_health "
+                                "WHERE queue_name = ANY(%s)", (setup(conn, ids),)).fetchall():
+            print("health:", *[v for v in row if v is not None])
 
 
 if __name__ == "__main__":

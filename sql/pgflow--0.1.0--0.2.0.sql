@@ -1463,73 +1463,59 @@ SELECT * FROM pgflow.get_queue_health();
 COMMENT ON VIEW pgflow.queue_health IS
 'pgflow: health of every queue against its alert thresholds (see pgflow.get_queue_health).';
 
--- One metric family: its HELP and TYPE lines and its samples (NULL: none).
-CREATE FUNCTION pgflow._metric_family(name text, kind text, help text, samples text) RETURNS text
-LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT format(E'# HELP %s %s\n# TYPE %s %s\n', name, help, name, kind)
-           || coalesce(samples || E'\n', '');
-$$;
-
--- Labels need no escaping: queue names and flow slugs are ASCII letters, digits and
--- underscores (pgflow._check_name), statuses fixed words.
+-- The metric families, then every sample as a row (family, labels, value); each family with
+-- samples is printed as its HELP and TYPE lines followed by them. Labels need no escaping: queue
+-- names and flow slugs are ASCII letters, digits and underscores (pgflow._check_name), states
+-- and statuses fixed words. A family without samples (no queue, no run) is left out.
 CREATE FUNCTION pgflow.metrics() RETURNS text
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    stats pgflow.queue_stats[] := ARRAY(SELECT s FROM pgflow.get_queue_stats() s);
-    out text;
-BEGIN
-    out := pgflow._metric_family('pgflow_queue_depth', 'gauge',
-        'Live messages of a queue, in any state.',
-        (SELECT string_agg(format('pgflow_queue_depth{queue="%s"} %s', s.queue_name, s.depth), E'\n')
-           FROM unnest(stats) s))
-        || pgflow._metric_family('pgflow_queue_messages', 'gauge',
-        'Live messages of a queue by state: visible (can be read now), in_flight (leased, or waiting out a retry backoff), delayed (not yet due).',
-        (SELECT string_agg(format('pgflow_queue_messages{queue="%s",state="%s"} %s', s.queue_name, x.state, x.n), E'\n')
-           FROM unnest(stats) s,
-                LATERAL (VALUES ('visible', s.visible), ('in_flight', s.in_flight), ('delayed', s.delayed)) x(state, n)))
-        || pgflow._metric_family('pgflow_queue_dlq_messages', 'gauge',
-        'Dead-lettered messages of a queue, kept in pgflow.dlq until retried or purged.',
-        (SELECT string_agg(format('pgflow_queue_dlq_messages{queue="%s"} %s', s.queue_name, s.dead_lettered), E'\n')
-           FROM unnest(stats) s))
-        || pgflow._metric_family('pgflow_queue_archived_messages', 'gauge',
-        'Archived messages of a queue, kept in pgflow.archive until retention deletes them.',
-        (SELECT string_agg(format('pgflow_queue_archived_messages{queue="%s"} %s', s.queue_name, s.archived), E'\n')
-           FROM unnest(stats) s))
-        || pgflow._metric_family('pgflow_queue_oldest_visible_age_seconds', 'gauge',
-        'How long the oldest visible message of a queue has waited to be read (0: none visible).',
-        (SELECT string_agg(format('pgflow_queue_oldest_visible_age_seconds{queue="%s"} %s', s.queue_name,
-                                  round(s.oldest_visible_age_sec::numeric, 3)), E'\n')
-           FROM unnest(stats) s))
-        || pgflow._metric_family('pgflow_queue_oldest_message_age_seconds', 'gauge',
-        'Age of the oldest live message of a queue, in any state (0: none).',
-        (SELECT string_agg(format('pgflow_queue_oldest_message_age_seconds{queue="%s"} %s', s.queue_name,
-                                  round(coalesce(s.oldest_msg_age_sec, 0)::numeric, 3)), E'\n')
-           FROM unnest(stats) s))
-        || pgflow._metric_family('pgflow_queue_sent_total', 'counter',
-        'Messages sent to a queue: the ids its sequence issued (a rolled-back send counts; starts again if the queue is dropped and created again).',
-        (SELECT string_agg(format('pgflow_queue_sent_total{queue="%s"} %s', s.queue_name, s.total_sent), E'\n')
-           FROM unnest(stats) s))
-        || pgflow._metric_family('pgflow_queue_health', 'gauge',
-        'Health of a queue against its alert thresholds (pgflow.queue_health): 0 ok, 1 warning, 2 critical.',
-        (SELECT string_agg(format('pgflow_queue_health{queue="%s"} %s', h.queue_name,
-                                  CASE h.status WHEN 'ok' THEN 0 WHEN 'warning' THEN 1 ELSE 2 END), E'\n')
-           FROM pgflow.get_queue_health() h))
-        || pgflow._metric_family('pgflow_flow_runs', 'gauge',
-        'Workflow runs by flow and status (runs kept until pgflow.run_retention deletes finished ones).',
-        (SELECT string_agg(format('pgflow_flow_runs{flow="%s",status="%s"} %s', r.flow_slug, r.status, r.n), E'\n'
-                           ORDER BY r.flow_slug, r.status)
-           FROM (SELECT x.flow_slug, x.status, count(*) AS n FROM pgflow.runs x GROUP BY 1, 2) r))
-        || pgflow._metric_family('pgflow_flow_tasks', 'gauge',
-        'Workflow tasks by flow and status.',
-        (SELECT string_agg(format('pgflow_flow_tasks{flow="%s",status="%s"} %s', t.flow_slug, t.status, t.n), E'\n'
-                           ORDER BY t.flow_slug, t.status)
-           FROM (SELECT x.flow_slug, x.status, count(*) AS n FROM pgflow.step_tasks x GROUP BY 1, 2) t));
-    RETURN out;
-END
+    WITH families (ord, name, kind, help) AS (VALUES
+        (1, 'pgflow_queue_depth', 'gauge', 'Live messages of a queue, in any state.'),
+        (2, 'pgflow_queue_messages', 'gauge',
+         'Live messages of a queue by state: visible (can be read now), in_flight (leased, or waiting out a retry backoff), delayed (not yet due).'),
+        (3, 'pgflow_queue_dlq_messages', 'gauge',
+         'Dead-lettered messages of a queue, kept in pgflow.dlq until retried or purged.'),
+        (4, 'pgflow_queue_archived_messages', 'gauge',
+         'Archived messages of a queue, kept in pgflow.archive until retention deletes them.'),
+        (5, 'pgflow_queue_oldest_visible_age_seconds', 'gauge',
+         'How long the oldest visible message of a queue has waited to be read (0: none visible).'),
+        (6, 'pgflow_queue_oldest_message_age_seconds', 'gauge',
+         'Age of the oldest live message of a queue, in any state (0: none).'),
+        (7, 'pgflow_queue_sent_total', 'counter',
+         'Messages sent to a queue: the ids its sequence issued (a rolled-back send counts; starts again if the queue is dropped and created again).'),
+        (8, 'pgflow_queue_health', 'gauge',
+         'Health of a queue against its alert thresholds (pgflow.queue_health): 0 ok, 1 warning, 2 critical.'),
+        (9, 'pgflow_flow_runs', 'gauge',
+         'Workflow runs by flow and status (runs kept until pgflow.run_retention deletes finished ones).'),
+        (10, 'pgflow_flow_tasks', 'gauge', 'Workflow tasks by flow and status.')
+    ), samples (ord, labels, value) AS (
+        SELECT m.* FROM pgflow.get_queue_stats() s CROSS JOIN LATERAL (VALUES
+            (1, format('queue="%s"', s.queue_name), s.depth::numeric),
+            (2, format('queue="%s",state="visible"', s.queue_name), s.visible),
+            (2, format('queue="%s",state="in_flight"', s.queue_name), s.in_flight),
+            (2, format('queue="%s",state="delayed"', s.queue_name), s.delayed),
+            (3, format('queue="%s"', s.queue_name), s.dead_lettered),
+            (4, format('queue="%s"', s.queue_name), s.archived),
+            (5, format('queue="%s"', s.queue_name), round(s.oldest_visible_age_sec::numeric, 3)),
+            (6, format('queue="%s"', s.queue_name), round(coalesce(s.oldest_msg_age_sec, 0)::numeric, 3)),
+            (7, format('queue="%s"', s.queue_name), s.total_sent)) m
+        UNION ALL
+        SELECT 8, format('queue="%s"', h.queue_name), CASE h.status WHEN 'ok' THEN 0 WHEN 'warning' THEN 1 ELSE 2 END
+          FROM pgflow.get_queue_health() h
+        UNION ALL
+        SELECT 9, format('flow="%s",status="%s"', r.flow_slug, r.status), count(*)
+          FROM pgflow.runs r GROUP BY r.flow_slug, r.status
+        UNION ALL
+        SELECT 10, format('flow="%s",status="%s"', t.flow_slug, t.status), count(*)
+          FROM pgflow.step_tasks t GROUP BY t.flow_slug, t.status
+    )
+    SELECT coalesce(string_agg(format(E'# HELP %s %s\n# TYPE %s %s\n', f.name, f.help, f.name, f.kind) || x.lines,
+                               '' ORDER BY f.ord), '')
+      FROM families f
+      JOIN (SELECT p.ord, string_agg(format(E'%s{%s} %s\n', g.name, p.labels, p.value), '' ORDER BY p.labels) AS lines
+              FROM samples p JOIN families g ON g.ord = p.ord GROUP BY p.ord) x ON x.ord = f.ord;
 $$;
 COMMENT ON FUNCTION pgflow.metrics() IS
 'Every queue''s and flow''s figures in the Prometheus text exposition format (version 0.0.4): depth, messages by state, dead-lettered, archived, age of the oldest visible and oldest live message, messages sent, health, and runs and tasks by flow and status. Counted when called (nothing is counted on the send path); serve it from an HTTP exporter or a scrape job that runs SELECT pgflow.metrics().';

@@ -1,5 +1,6 @@
 """The two-service exchange of examples/exchange.py, end to end: two instances and one central
-service, each a pool of worker threads with their own connections.
+service, each a pool of worker threads with their own connections; topics route the central
+service's messages, groups keep each instance's proposals in order, queue_health raises alerts.
 
 Queue names are fixed by the exchange, so this module starts by dropping and recreating them.
 """
@@ -22,7 +23,7 @@ IDS = ["singularity_1", "singularity_2"]
 
 
 def all_queues():
-    return exchange.TO_CENTRAL + [inbox(q, i) for i in IDS for q in exchange.TO_INSTANCE]
+    return exchange.TO_CENTRAL + [inbox(i) for i in IDS]
 
 
 def reset(conn):
@@ -80,9 +81,13 @@ def depth(conn, q):
 def test_queues_have_the_exchange_options(admin):
     rows = {r[0]: r[1:] for r in admin.execute(
         "SELECT queue_name, max_retries, retry_delay_ms FROM pgflow.list_queues()").fetchall()}
+    assert len(all_queues()) == 5                 # nine with a queue per message kind and instance
     for name in all_queues():
         assert rows[name] == (3, 1000), name
         assert len(name.encode()) <= 48
+    bindings = admin.execute("SELECT pattern, queue_name FROM pgflow.list_topic_bindings() "
+                             "WHERE queue_name = ANY(%s) ORDER BY 2, 1", (all_queues(),)).fetchall()
+    assert bindings == [(p, inbox(i)) for i in IDS for p in ("*.all", f"*.{i}")]
 
 
 def test_hundred_concurrent_proposals_each_get_one_result_at_the_right_instance(admin, services):
@@ -125,26 +130,46 @@ def test_rollback_trigger_overtakes_a_backlog(admin, services):
     inst = Instance(DSN, i, workers=3)  # not started: its results pile up
     with connect() as c:
         pids = [inst.propose(c, {"n": k}) for k in range(30)]
-    results_q = inbox("consensus_results_queue", i)
-    wait_until(lambda: depth(admin, results_q) == 30, 20, "a backlog of 30 results")
+    wait_until(lambda: depth(admin, inbox(i)) == 30, 20, "a backlog of 30 results")
     central.stop()
-    exchange.send_rollback(admin, i, pids[0], "error rate above threshold")
+    assert exchange.send_rollback(admin, i, pids[0], "error rate above threshold") == 1
     t_start = admin.execute("SELECT clock_timestamp()").fetchone()[0]
     services(inst)
     wait_until(lambda: len(inst.received) == 31, 20, "backlog and rollback consumed")
     # Server-side lease times (archive keeps vt = lease time + 30 s).
     rows = admin.execute(
-        """SELECT q.queue_name, a.vt - interval '30 seconds' AS leased_at
+        """SELECT a.message ->> 'type', a.vt - interval '30 seconds' AS leased_at
              FROM pgflow.archive a JOIN pgflow.queues q USING (queue_id)
-            WHERE q.queue_name = ANY(%s) AND a.archived_at >= %s""",
-        ([results_q, inbox("rollback_triggers_queue", i)], t_start)).fetchall()
-    rollback_at = [t for n, t in rows if n.startswith("rollback")]
-    results_at = [t for n, t in rows if n.startswith("consensus")]
+            WHERE q.queue_name = %s AND a.archived_at >= %s""", (inbox(i), t_start)).fetchall()
+    rollback_at = [t for kind, t in rows if kind == "rollback_trigger"]
+    results_at = [t for kind, t in rows if kind == "consensus_result"]
     assert len(rollback_at) == 1 and len(results_at) == 30
-    # Every worker looks at the rollback queue first; only a worker that found the rollback
-    # already locked by another can lease a result before it, so at most workers - 1 results
-    # are leased earlier.
-    assert sum(1 for t in results_at if t < rollback_at[0]) <= 2
+    # The rollback has the higher priority; results are one group, leased one at a time, so at
+    # most the one a worker had already taken is leased before it.
+    assert sum(1 for t in results_at if t < rollback_at[0]) <= 1
+    # and the instance applied its results in the order it proposed
+    assert [r["proposal_id"] for r in inst.results()] == pids
+
+
+def test_one_publish_reaches_every_instance(admin, services):
+    instances = {i: services(Instance(DSN, i, workers=1)) for i in IDS}
+    assert exchange.send_safety_profile(admin, "all", {"max_risk": 5}) == 2
+    assert exchange.send_safety_profile(admin, "singularity_2", {"max_risk": 3}) == 1
+    wait_until(lambda: len(instances["singularity_2"].received) == 2 and len(instances["singularity_1"].received) == 1,
+               15, "the profiles")
+    assert [m["profile"] for _, m in instances["singularity_1"].received] == [{"max_risk": 5}]
+    assert sorted(m["profile"]["max_risk"] for _, m in instances["singularity_2"].received) == [3, 5]
+
+
+def test_each_instances_proposals_are_voted_on_in_order(admin, services):
+    central = Central(DSN, workers=3)
+    instances = {i: Instance(DSN, i, workers=1) for i in IDS}
+    with connect() as c:
+        sent = {i: [instances[i].propose(c, {"k": k}) for k in range(15)] for i in IDS}
+    services(central)
+    wait_until(lambda: len(central.voted) == 30, 20, "30 votes")
+    for i in IDS:
+        assert [p for inst, p in central.voted if inst == i] == sent[i]
 
 
 def test_handler_failing_three_times_then_succeeding_completes(admin, services):
@@ -193,6 +218,11 @@ def test_poison_message_goes_to_dlq_and_is_redriven(admin, services):
                     WHERE message->>'proposal_id' = %s""", (pid,)).fetchone()
 
         wait_until(lambda: dead() is not None, 15, "the dead-lettered proposal")
+        status, reason = admin.execute("SELECT status, reason FROM pgflow.queue_health "
+                                       "WHERE queue_name = 'proposals_for_consensus_queue'").fetchone()
+        assert status == "warning" and "1 dead-lettered" in reason
+        assert 'pgflow_queue_health{queue="proposals_for_consensus_queue"} 1' in \
+            admin.execute("SELECT pgflow.metrics()").fetchone()[0]
         dlq_id, attempts, errors = dead()
         assert attempts == 4
         assert [e["attempt"] for e in errors] == [1, 2, 3, 4]
@@ -204,6 +234,8 @@ def test_poison_message_goes_to_dlq_and_is_redriven(admin, services):
         wait_until(lambda: len(inst.results()) == 1, 15, "the result after redrive")
         assert inst.results()[0]["proposal_id"] == pid
         assert dead() is None
+        assert admin.execute("SELECT status FROM pgflow.queue_health "
+                             "WHERE queue_name = 'proposals_for_consensus_queue'").fetchone()[0] == "ok"
     finally:
         admin.execute("SELECT pgflow.alter_queue('proposals_for_consensus_queue', retry_delay_ms => 1000)")
 
@@ -242,15 +274,16 @@ def test_central_down_messages_wait_then_all_consumed(admin, services):
 
 
 def test_misrouted_message_is_refused_and_dead_lettered(admin, services):
-    admin.execute("SELECT pgflow.alter_queue(%s, retry_delay_ms => 0)", (inbox("consensus_results_queue", "singularity_1"),))
+    q = inbox("singularity_1")
+    admin.execute("SELECT pgflow.alter_queue(%s, retry_delay_ms => 0)", (q,))
     try:
         inst = services(Instance(DSN, "singularity_1", workers=1))
-        admin.execute("SELECT pgflow.send(%s, %s)", (inbox("consensus_results_queue", "singularity_1"),
-                      psycopg.types.json.Jsonb({"type": "consensus_result", "instance_id": "singularity_2"})))
+        admin.execute("SELECT pgflow.send(%s, %s)", (q, psycopg.types.json.Jsonb(
+            {"type": "consensus_result", "instance_id": "singularity_2"})))
         wait_until(lambda: admin.execute(
-            "SELECT count(*) FROM pgflow.dlq WHERE queue_name = %s",
-            (inbox("consensus_results_queue", "singularity_1"),)).fetchone()[0] == 1, 15, "dead-lettered")
+            "SELECT count(*) FROM pgflow.dlq WHERE queue_name = %s", (q,)).fetchone()[0] == 1, 15, "dead-lettered")
         assert inst.results() == []
+        assert admin.execute("SELECT status FROM pgflow.queue_health WHERE queue_name = %s", (q,)).fetchone()[0] \
+            == "warning"
     finally:
-        admin.execute("SELECT pgflow.alter_queue(%s, retry_delay_ms => 1000)",
-                      (inbox("consensus_results_queue", "singularity_1"),))
+        admin.execute("SELECT pgflow.alter_queue(%s, retry_delay_ms => 1000)", (q,))

@@ -65,7 +65,7 @@ BEGIN
         CONTINUE WHEN f.name LIKE '\_%';
         roles := ARRAY['pgflow_admin'];
         IF f.name IN ('send', 'send_batch', 'send_with_notify', 'publish', 'publish_batch',
-                      'queue_channel', 'flow_channel', 'start_flow', 'get_queue_stats',
+                      'queue_channel', 'flow_channel', 'start_flow', 'cancel_run', 'get_queue_stats',
                       'get_queue_health', 'metrics', 'wakeups_enabled') THEN
             roles := roles || 'pgflow_producer'::text;
         END IF;

@@ -573,86 +573,6 @@ BEGIN
     PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
 END
 $$;
-CREATE OR REPLACE FUNCTION pgflow.fail_task(run_id uuid, step_slug text, task_index integer, error_message text,
-                                 worker_id uuid DEFAULT NULL)
-RETURNS text
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
-SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
-AS $$
-#variable_conflict use_column
-DECLARE
-    r pgflow.runs;
-    t pgflow.step_tasks;
-    outcome text;
-    chk record;
-    f pgflow.flows;
-    st pgflow.steps;
-    q pgflow.queues;
-    err text := pgflow._error_text(fail_task.error_message);
-    max_att integer;
-    delay_s double precision;
-    at timestamptz;
-    now_ timestamptz;
-BEGIN
-    -- the flow lock, shared, before the run lock (the order of complete_task in src/workflow/)
-    PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = fail_task.run_id;
-    SELECT * INTO chk FROM pgflow._end_task_check(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
-                                                  fail_task.worker_id);
-    r := chk.r;
-    t := chk.t;
-    outcome := chk.outcome;
-    IF outcome IS NOT NULL THEN
-        RETURN outcome;
-    END IF;
-    now_ := clock_timestamp();
-    SELECT * INTO f FROM pgflow.flows x WHERE x.flow_slug = r.flow_slug;
-    SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = r.flow_slug AND s.step_slug = fail_task.step_slug;
-    SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
-    max_att := coalesce(st.opt_max_attempts, f.opt_max_attempts);
-    IF t.attempts_count < max_att THEN
-        -- retry after base_delay * 2^(attempt-1) seconds, at most one day
-        delay_s := least(coalesce(st.opt_base_delay, f.opt_base_delay) * power(2::double precision, t.attempts_count - 1),
-                         86400);
-        at := now_ + make_interval(secs => delay_s);
-        UPDATE pgflow.messages m SET vt = at
-         WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id
-           AND (fail_task.worker_id IS NULL OR m.read_ct = t.attempts_count);
-        IF NOT FOUND AND fail_task.worker_id IS NOT NULL THEN
-            RETURN pgflow._end_task_recheck(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
-                                            fail_task.worker_id, t.attempts_count);
-        END IF;
-        UPDATE pgflow.step_tasks x SET status = 'queued', error_message = err
-         WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
-        IF delay_s > 0 THEN
-            PERFORM pgflow._due_at(q.queue_id, at);
-        ELSE
-            PERFORM pgflow._on_commit_wake(q.queue_id);
-        END IF;
-        PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, fail_task.task_index, t.attempts_count, true, 'error');
-        RETURN 'retrying';
-    END IF;
-    -- Out of attempts: the task's message (only the caller's delivery, when it names its
-    -- worker_id), the run's other messages, the step state, the task; then the run fails.
-    DELETE FROM pgflow.messages m
-     WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id
-       AND (fail_task.worker_id IS NULL OR m.read_ct = t.attempts_count);
-    IF NOT FOUND AND fail_task.worker_id IS NOT NULL THEN
-        RETURN pgflow._end_task_recheck(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
-                                        fail_task.worker_id, t.attempts_count);
-    END IF;
-    PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
-    UPDATE pgflow.step_states s SET status = 'failed', failed_at = now_, error_message = err
-     WHERE s.run_id = fail_task.run_id AND s.step_slug = fail_task.step_slug;
-    UPDATE pgflow.step_tasks x SET status = 'failed', error_message = err, failed_at = now_
-     WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
-    PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, fail_task.task_index, t.attempts_count, false, 'error');
-    PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, fail_task.error_message);
-    RETURN 'failed';
-END
-$$;
-COMMENT ON FUNCTION pgflow.fail_task(uuid, text, integer, text, uuid) IS
-'Report a failed attempt of a started task. Returns retrying (the task is queued again and becomes claimable after base_delay * 2^(attempt-1) seconds, capped at 86400) or failed (it was the last of max_attempts: the task, its step and its run fail, and the run''s other queued tasks are no longer handed out); or, changing nothing, the no-op outcomes of complete_task (already_completed, already_failed, not_started, run_failed, stale). The error is kept on the task, truncated to 2000 characters.';
 
 -- add_step's error for a step depending on itself names the argument (deps_slugs[i]).
 CREATE OR REPLACE FUNCTION pgflow.add_step(flow_slug text, step_slug text, deps_slugs text[] DEFAULT '{}',
@@ -1685,6 +1605,225 @@ $$;
 COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], timestamptz, integer, jsonb[], text) IS
 'Send several messages in one statement, readable from the given time (a finite timestamptz; a time in the past means now); returns their msg_ids in array order. group_id: all of them in that message group, in array order.';
 
+-- Permanent failures: fail_task(..., retry => false) fails the task for good now, whatever
+-- attempts are left (task_failed's reason: permanent).
+DROP FUNCTION pgflow.fail_task(uuid, text, integer, text, uuid);
+CREATE FUNCTION pgflow.fail_task(run_id uuid, step_slug text, task_index integer, error_message text,
+                                 worker_id uuid DEFAULT NULL, retry boolean DEFAULT true)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    r pgflow.runs;
+    t pgflow.step_tasks;
+    outcome text;
+    chk record;
+    f pgflow.flows;
+    st pgflow.steps;
+    q pgflow.queues;
+    err text := pgflow._error_text(fail_task.error_message);
+    max_att integer;
+    delay_s double precision;
+    at timestamptz;
+    now_ timestamptz;
+BEGIN
+    IF fail_task.retry IS NULL THEN
+        RAISE EXCEPTION 'retry must not be null' USING ERRCODE = '22004',
+            HINT = 'Pass false for an error no retry can fix, true (the default) to retry while attempts last.';
+    END IF;
+    -- the flow lock, shared, before the run lock (the order of complete_task in src/workflow/)
+    PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = fail_task.run_id;
+    SELECT * INTO chk FROM pgflow._end_task_check(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
+                                                  fail_task.worker_id);
+    r := chk.r;
+    t := chk.t;
+    outcome := chk.outcome;
+    IF outcome IS NOT NULL THEN
+        RETURN outcome;
+    END IF;
+    now_ := clock_timestamp();
+    SELECT * INTO f FROM pgflow.flows x WHERE x.flow_slug = r.flow_slug;
+    SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = r.flow_slug AND s.step_slug = fail_task.step_slug;
+    SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
+    max_att := coalesce(st.opt_max_attempts, f.opt_max_attempts);
+    IF fail_task.retry AND t.attempts_count < max_att THEN
+        -- retry after base_delay * 2^(attempt-1) seconds, at most one day
+        delay_s := least(coalesce(st.opt_base_delay, f.opt_base_delay) * power(2::double precision, t.attempts_count - 1),
+                         86400);
+        at := now_ + make_interval(secs => delay_s);
+        UPDATE pgflow.messages m SET vt = at
+         WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id
+           AND (fail_task.worker_id IS NULL OR m.read_ct = t.attempts_count);
+        IF NOT FOUND AND fail_task.worker_id IS NOT NULL THEN
+            RETURN pgflow._end_task_recheck(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
+                                            fail_task.worker_id, t.attempts_count);
+        END IF;
+        UPDATE pgflow.step_tasks x SET status = 'queued', error_message = err
+         WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
+        IF delay_s > 0 THEN
+            PERFORM pgflow._due_at(q.queue_id, at);
+        ELSE
+            PERFORM pgflow._on_commit_wake(q.queue_id);
+        END IF;
+        PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, fail_task.task_index, t.attempts_count, true, 'error');
+        RETURN 'retrying';
+    END IF;
+    -- Out of attempts, or a permanent error (retry => false): the task's message (only the
+    -- caller's delivery, when it names its worker_id), the run's other messages, the step
+    -- state, the task; then the run fails.
+    DELETE FROM pgflow.messages m
+     WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id
+       AND (fail_task.worker_id IS NULL OR m.read_ct = t.attempts_count);
+    IF NOT FOUND AND fail_task.worker_id IS NOT NULL THEN
+        RETURN pgflow._end_task_recheck(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
+                                        fail_task.worker_id, t.attempts_count);
+    END IF;
+    PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
+    UPDATE pgflow.step_states s SET status = 'failed', failed_at = now_, error_message = err
+     WHERE s.run_id = fail_task.run_id AND s.step_slug = fail_task.step_slug;
+    UPDATE pgflow.step_tasks x SET status = 'failed', error_message = err, failed_at = now_
+     WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
+    PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, fail_task.task_index, t.attempts_count, false,
+                                     CASE WHEN fail_task.retry THEN 'error' ELSE 'permanent' END);
+    PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, fail_task.error_message);
+    RETURN 'failed';
+END
+$$;
+COMMENT ON FUNCTION pgflow.fail_task(uuid, text, integer, text, uuid, boolean) IS
+'Report a failed attempt of a started task. Returns retrying (the task is queued again and becomes claimable after base_delay * 2^(attempt-1) seconds, capped at 86400) or failed (it was the last of max_attempts, or retry => false said no retry can fix it: the task, its step and its run fail, and the run''s other queued tasks are no longer handed out); or, changing nothing, the no-op outcomes of complete_task (already_completed, already_failed, not_started, run_failed, run_cancelled, stale). The error is kept on the task, truncated to 2000 characters.';
+
+-- Cancelling runs: pgflow.cancel_run; runs, step states and tasks may be cancelled
+-- (runs.cancelled_at); prune_runs takes cancelled runs too; get_run_with_states counts
+-- cancelled tasks.
+ALTER TABLE pgflow.runs
+    ADD COLUMN cancelled_at timestamptz,
+    DROP CONSTRAINT runs_status_allowed,
+    ADD CONSTRAINT runs_status_allowed CHECK (status IN ('started', 'completed', 'failed', 'cancelled'));
+ALTER TABLE pgflow.step_states
+    DROP CONSTRAINT step_states_status_allowed,
+    ADD CONSTRAINT step_states_status_allowed CHECK (status IN ('created', 'started', 'completed', 'failed', 'cancelled'));
+ALTER TABLE pgflow.step_tasks
+    DROP CONSTRAINT step_tasks_status_allowed,
+    ADD CONSTRAINT step_tasks_status_allowed CHECK (status IN ('queued', 'started', 'completed', 'failed', 'cancelled'));
+COMMENT ON TABLE pgflow.runs IS 'pgflow: one row per flow run: status started, completed, failed or cancelled; output {<leaf step>: <its output>} once completed.';
+COMMENT ON TABLE pgflow.step_states IS 'pgflow: state of each step of each run: created (waiting for deps), started (tasks queued), completed, failed or cancelled (its run was cancelled before it finished).';
+COMMENT ON TABLE pgflow.step_tasks IS 'pgflow: one row per task (one per single step, one per array element of a map step): queued, started, completed, failed or cancelled, with attempts, output and last error.';
+CREATE FUNCTION pgflow.cancel_run(run_id uuid, reason text DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r pgflow.runs;
+    q pgflow.queues;
+    why text := pgflow._error_text(coalesce(cancel_run.reason, 'cancelled'));
+BEGIN
+    IF cancel_run.run_id IS NULL THEN
+        RAISE EXCEPTION 'run_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    -- the lock order of complete_task and fail_task: the flow, then the run
+    PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = cancel_run.run_id;
+    PERFORM pgflow._lock_run(cancel_run.run_id, true);
+    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = cancel_run.run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'run % does not exist', cancel_run.run_id USING ERRCODE = '42704',
+            HINT = 'Pass the run_id returned by pgflow.start_flow.';
+    END IF;
+    IF r.status <> 'started' THEN
+        RETURN 'already_' || r.status;
+    END IF;
+    SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
+    PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
+    UPDATE pgflow.step_tasks t SET status = 'cancelled'
+     WHERE t.run_id = r.run_id AND t.status IN ('queued', 'started');
+    UPDATE pgflow.step_states s SET status = 'cancelled', error_message = why
+     WHERE s.run_id = r.run_id AND s.status IN ('created', 'started');
+    UPDATE pgflow.runs x SET status = 'cancelled', cancelled_at = clock_timestamp() WHERE x.run_id = r.run_id;
+    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+        'event', 'workflow_cancelled', 'run_id', r.run_id, 'flow_slug', r.flow_slug));
+    RETURN 'cancelled';
+END
+$$;
+COMMENT ON FUNCTION pgflow.cancel_run(uuid, text) IS
+'Cancel a run under way: its queued and started tasks and its unfinished steps become cancelled (the steps keep the reason), its tasks'' messages are removed, and late complete_task or fail_task calls return run_cancelled and change nothing. Returns cancelled; for a run that has finished, changing nothing, already_completed, already_failed or already_cancelled. Unknown run: 42704.';
+COMMENT ON FUNCTION pgflow.complete_task(uuid, text, integer, jsonb, uuid) IS
+'Complete a started task with its output (any JSON value, not SQL NULL). Returns the outcome: completed; or, changing nothing: already_completed (the first completion wins), already_failed, not_started (queued, e.g. waiting for a retry), run_failed, run_cancelled, stale (worker_id given and the task was since handed to another worker). When its step''s last task completes, the step completes (a map step with the array of its task outputs), the dependents whose deps are all complete start, and once every step is complete the run completes with output {<leaf step>: <output>, ...}. Unknown run, step or task: 42704.';
+CREATE OR REPLACE FUNCTION pgflow.get_run_with_states(run_id uuid) RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r pgflow.runs;
+BEGIN
+    IF get_run_with_states.run_id IS NULL THEN
+        RAISE EXCEPTION 'run_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = get_run_with_states.run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'run % does not exist', get_run_with_states.run_id USING ERRCODE = '42704';
+    END IF;
+    -- the run's fields at the top level, and also under "run" (the layout of the pgflow SQL
+    -- project), then "steps"
+    RETURN to_jsonb(r) || jsonb_build_object('run', to_jsonb(r), 'steps', coalesce((
+        SELECT jsonb_agg(jsonb_build_object(
+                   'step_slug', s.step_slug, 'step_type', s.step_type, 'status', ss.status,
+                   'remaining_deps', ss.remaining_deps, 'remaining_tasks', ss.remaining_tasks,
+                   'initial_tasks', ss.initial_tasks, 'error_message', ss.error_message,
+                   'created_at', ss.created_at, 'started_at', ss.started_at,
+                   'completed_at', ss.completed_at, 'failed_at', ss.failed_at,
+                   'tasks', (SELECT jsonb_build_object(
+                                 'queued', count(*) FILTER (WHERE t.status = 'queued'),
+                                 'started', count(*) FILTER (WHERE t.status = 'started'),
+                                 'completed', count(*) FILTER (WHERE t.status = 'completed'),
+                                 'failed', count(*) FILTER (WHERE t.status = 'failed'),
+                                 'cancelled', count(*) FILTER (WHERE t.status = 'cancelled'),
+                                 'attempts', coalesce(sum(t.attempts_count), 0))
+                               FROM pgflow.step_tasks t WHERE t.run_id = r.run_id AND t.step_slug = s.step_slug))
+                 ORDER BY s.step_index)
+          FROM pgflow.steps s
+          JOIN pgflow.step_states ss ON ss.run_id = r.run_id AND ss.step_slug = s.step_slug
+         WHERE s.flow_slug = r.flow_slug), '[]'::jsonb));
+END
+$$;
+CREATE OR REPLACE FUNCTION pgflow.prune_runs(older_than interval, flow_slug text DEFAULT NULL, max_rows integer DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    f pgflow.flows;
+    ids uuid[];
+    n bigint;
+BEGIN
+    PERFORM pgflow._check_retention(older_than, max_rows);
+    IF prune_runs.flow_slug IS NOT NULL THEN
+        f := pgflow._flow(prune_runs.flow_slug);
+    END IF;
+    -- Only finished runs: a finished run has no messages left (its tasks' messages were
+    -- deleted as they completed, or all at once when it failed), so nothing else refers to it.
+    ids := ARRAY(SELECT r.run_id FROM pgflow.runs r
+                  WHERE r.status IN ('completed', 'failed', 'cancelled')
+                    AND coalesce(r.completed_at, r.failed_at, r.cancelled_at) < clock_timestamp() - older_than
+                    AND (f.flow_slug IS NULL OR r.flow_slug = f.flow_slug)
+                  LIMIT max_rows);
+    IF cardinality(ids) = 0 THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM pgflow.step_tasks t WHERE t.run_id = ANY (ids);
+    DELETE FROM pgflow.step_states s WHERE s.run_id = ANY (ids);
+    DELETE FROM pgflow.runs r WHERE r.run_id = ANY (ids);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION pgflow.prune_runs(interval, text, integer) IS
+'Delete workflow runs that completed, failed or were cancelled more than older_than ago, with their step states and tasks, of one flow or (flow_slug NULL) of all; at most max_rows runs (NULL: no limit). Runs still under way are never touched. Returns how many runs were deleted. A late complete_task or fail_task for a deleted run gets 42704, and its run_id can be started again. pgflow.run_retention has the maintenance worker do this once a minute.';
+
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule
 -- and every upgrade script ends by applying it.
@@ -1716,7 +1855,7 @@ BEGIN
         CONTINUE WHEN f.name LIKE '\_%';
         roles := ARRAY['pgflow_admin'];
         IF f.name IN ('send', 'send_batch', 'send_with_notify', 'publish', 'publish_batch',
-                      'queue_channel', 'flow_channel', 'start_flow', 'get_queue_stats',
+                      'queue_channel', 'flow_channel', 'start_flow', 'cancel_run', 'get_queue_stats',
                       'get_queue_health', 'metrics', 'wakeups_enabled') THEN
             roles := roles || 'pgflow_producer'::text;
         END IF;

@@ -68,8 +68,8 @@ BEGIN
     -- Only finished runs: a finished run has no messages left (its tasks' messages were
     -- deleted as they completed, or all at once when it failed), so nothing else refers to it.
     ids := ARRAY(SELECT r.run_id FROM pgflow.runs r
-                  WHERE r.status IN ('completed', 'failed')
-                    AND coalesce(r.completed_at, r.failed_at) < clock_timestamp() - older_than
+                  WHERE r.status IN ('completed', 'failed', 'cancelled')
+                    AND coalesce(r.completed_at, r.failed_at, r.cancelled_at) < clock_timestamp() - older_than
                     AND (f.flow_slug IS NULL OR r.flow_slug = f.flow_slug)
                   LIMIT max_rows);
     IF cardinality(ids) = 0 THEN
@@ -83,7 +83,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.prune_runs(interval, text, integer) IS
-'Delete workflow runs that completed or failed more than older_than ago, with their step states and tasks, of one flow or (flow_slug NULL) of all; at most max_rows runs (NULL: no limit). Runs still under way are never touched. Returns how many runs were deleted. A late complete_task or fail_task for a deleted run gets 42704, and its run_id can be started again. pgflow.run_retention has the maintenance worker do this once a minute.';
+'Delete workflow runs that completed, failed or were cancelled more than older_than ago, with their step states and tasks, of one flow or (flow_slug NULL) of all; at most max_rows runs (NULL: no limit). Runs still under way are never touched. Returns how many runs were deleted. A late complete_task or fail_task for a deleted run gets 42704, and its run_id can be started again. pgflow.run_retention has the maintenance worker do this once a minute.';
 
 CREATE FUNCTION pgflow.apply_retention() RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER

@@ -450,10 +450,10 @@ RETURNS text
 LANGUAGE c VOLATILE SECURITY DEFINER
 AS 'MODULE_PATHNAME', 'pgflow_complete_task';
 COMMENT ON FUNCTION pgflow.complete_task(uuid, text, integer, jsonb, uuid) IS
-'Complete a started task with its output (any JSON value, not SQL NULL). Returns the outcome: completed; or, changing nothing: already_completed (the first completion wins), already_failed, not_started (queued, e.g. waiting for a retry), run_failed, stale (worker_id given and the task was since handed to another worker). When its step''s last task completes, the step completes (a map step with the array of its task outputs), the dependents whose deps are all complete start, and once every step is complete the run completes with output {<leaf step>: <output>, ...}. Unknown run, step or task: 42704.';
+'Complete a started task with its output (any JSON value, not SQL NULL). Returns the outcome: completed; or, changing nothing: already_completed (the first completion wins), already_failed, not_started (queued, e.g. waiting for a retry), run_failed, run_cancelled, stale (worker_id given and the task was since handed to another worker). When its step''s last task completes, the step completes (a map step with the array of its task outputs), the dependents whose deps are all complete start, and once every step is complete the run completes with output {<leaf step>: <output>, ...}. Unknown run, step or task: 42704.';
 
 CREATE FUNCTION pgflow.fail_task(run_id uuid, step_slug text, task_index integer, error_message text,
-                                 worker_id uuid DEFAULT NULL)
+                                 worker_id uuid DEFAULT NULL, retry boolean DEFAULT true)
 RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
@@ -474,6 +474,10 @@ DECLARE
     at timestamptz;
     now_ timestamptz;
 BEGIN
+    IF fail_task.retry IS NULL THEN
+        RAISE EXCEPTION 'retry must not be null' USING ERRCODE = '22004',
+            HINT = 'Pass false for an error no retry can fix, true (the default) to retry while attempts last.';
+    END IF;
     -- the flow lock, shared, before the run lock (the order of complete_task in src/workflow/)
     PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = fail_task.run_id;
     SELECT * INTO chk FROM pgflow._end_task_check(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
@@ -489,7 +493,7 @@ BEGIN
     SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = r.flow_slug AND s.step_slug = fail_task.step_slug;
     SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
     max_att := coalesce(st.opt_max_attempts, f.opt_max_attempts);
-    IF t.attempts_count < max_att THEN
+    IF fail_task.retry AND t.attempts_count < max_att THEN
         -- retry after base_delay * 2^(attempt-1) seconds, at most one day
         delay_s := least(coalesce(st.opt_base_delay, f.opt_base_delay) * power(2::double precision, t.attempts_count - 1),
                          86400);
@@ -511,8 +515,9 @@ BEGIN
         PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, fail_task.task_index, t.attempts_count, true, 'error');
         RETURN 'retrying';
     END IF;
-    -- Out of attempts: the task's message (only the caller's delivery, when it names its
-    -- worker_id), the run's other messages, the step state, the task; then the run fails.
+    -- Out of attempts, or a permanent error (retry => false): the task's message (only the
+    -- caller's delivery, when it names its worker_id), the run's other messages, the step
+    -- state, the task; then the run fails.
     DELETE FROM pgflow.messages m
      WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id
        AND (fail_task.worker_id IS NULL OR m.read_ct = t.attempts_count);
@@ -525,13 +530,57 @@ BEGIN
      WHERE s.run_id = fail_task.run_id AND s.step_slug = fail_task.step_slug;
     UPDATE pgflow.step_tasks x SET status = 'failed', error_message = err, failed_at = now_
      WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
-    PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, fail_task.task_index, t.attempts_count, false, 'error');
+    PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, fail_task.task_index, t.attempts_count, false,
+                                     CASE WHEN fail_task.retry THEN 'error' ELSE 'permanent' END);
     PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, fail_task.error_message);
     RETURN 'failed';
 END
 $$;
-COMMENT ON FUNCTION pgflow.fail_task(uuid, text, integer, text, uuid) IS
-'Report a failed attempt of a started task. Returns retrying (the task is queued again and becomes claimable after base_delay * 2^(attempt-1) seconds, capped at 86400) or failed (it was the last of max_attempts: the task, its step and its run fail, and the run''s other queued tasks are no longer handed out); or, changing nothing, the no-op outcomes of complete_task (already_completed, already_failed, not_started, run_failed, stale). The error is kept on the task, truncated to 2000 characters.';
+COMMENT ON FUNCTION pgflow.fail_task(uuid, text, integer, text, uuid, boolean) IS
+'Report a failed attempt of a started task. Returns retrying (the task is queued again and becomes claimable after base_delay * 2^(attempt-1) seconds, capped at 86400) or failed (it was the last of max_attempts, or retry => false said no retry can fix it: the task, its step and its run fail, and the run''s other queued tasks are no longer handed out); or, changing nothing, the no-op outcomes of complete_task (already_completed, already_failed, not_started, run_failed, run_cancelled, stale). The error is kept on the task, truncated to 2000 characters.';
+
+-- Cancel a run: its queued and started tasks, its steps not yet finished and the run itself
+-- become cancelled, and the run's messages are removed, under the run lock (a complete_task or
+-- fail_task under way finishes first; a later one returns run_cancelled and changes nothing).
+-- The reason is kept on the cancelled steps (truncated like an error); events carry no reason.
+CREATE FUNCTION pgflow.cancel_run(run_id uuid, reason text DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r pgflow.runs;
+    q pgflow.queues;
+    why text := pgflow._error_text(coalesce(cancel_run.reason, 'cancelled'));
+BEGIN
+    IF cancel_run.run_id IS NULL THEN
+        RAISE EXCEPTION 'run_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    -- the lock order of complete_task and fail_task: the flow, then the run
+    PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = cancel_run.run_id;
+    PERFORM pgflow._lock_run(cancel_run.run_id, true);
+    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = cancel_run.run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'run % does not exist', cancel_run.run_id USING ERRCODE = '42704',
+            HINT = 'Pass the run_id returned by pgflow.start_flow.';
+    END IF;
+    IF r.status <> 'started' THEN
+        RETURN 'already_' || r.status;
+    END IF;
+    SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
+    PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
+    UPDATE pgflow.step_tasks t SET status = 'cancelled'
+     WHERE t.run_id = r.run_id AND t.status IN ('queued', 'started');
+    UPDATE pgflow.step_states s SET status = 'cancelled', error_message = why
+     WHERE s.run_id = r.run_id AND s.status IN ('created', 'started');
+    UPDATE pgflow.runs x SET status = 'cancelled', cancelled_at = clock_timestamp() WHERE x.run_id = r.run_id;
+    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+        'event', 'workflow_cancelled', 'run_id', r.run_id, 'flow_slug', r.flow_slug));
+    RETURN 'cancelled';
+END
+$$;
+COMMENT ON FUNCTION pgflow.cancel_run(uuid, text) IS
+'Cancel a run under way: its queued and started tasks and its unfinished steps become cancelled (the steps keep the reason), its tasks'' messages are removed, and late complete_task or fail_task calls return run_cancelled and change nothing. Returns cancelled; for a run that has finished, changing nothing, already_completed, already_failed or already_cancelled. Unknown run: 42704.';
 
 ---------------------------------------------------------------------------------------------
 -- Inspection
@@ -566,6 +615,7 @@ BEGIN
                                  'started', count(*) FILTER (WHERE t.status = 'started'),
                                  'completed', count(*) FILTER (WHERE t.status = 'completed'),
                                  'failed', count(*) FILTER (WHERE t.status = 'failed'),
+                                 'cancelled', count(*) FILTER (WHERE t.status = 'cancelled'),
                                  'attempts', coalesce(sum(t.attempts_count), 0))
                                FROM pgflow.step_tasks t WHERE t.run_id = r.run_id AND t.step_slug = s.step_slug))
                  ORDER BY s.step_index)

@@ -74,9 +74,10 @@ CREATE TABLE pgflow.runs (
     started_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
     completed_at  timestamptz,
     failed_at     timestamptz,
-    CONSTRAINT runs_status_allowed CHECK (status IN ('started', 'completed', 'failed'))
+    cancelled_at  timestamptz,
+    CONSTRAINT runs_status_allowed CHECK (status IN ('started', 'completed', 'failed', 'cancelled'))
 ) WITH (fillfactor = 70);
-COMMENT ON TABLE pgflow.runs IS 'pgflow: one row per flow run: status started, completed or failed; output {<leaf step>: <its output>} once completed.';
+COMMENT ON TABLE pgflow.runs IS 'pgflow: one row per flow run: status started, completed, failed or cancelled; output {<leaf step>: <its output>} once completed.';
 
 CREATE TABLE pgflow.step_states (
     flow_slug        text NOT NULL,
@@ -95,9 +96,9 @@ CREATE TABLE pgflow.step_states (
     completed_at     timestamptz,
     failed_at        timestamptz,
     PRIMARY KEY (run_id, step_slug),
-    CONSTRAINT step_states_status_allowed CHECK (status IN ('created', 'started', 'completed', 'failed'))
+    CONSTRAINT step_states_status_allowed CHECK (status IN ('created', 'started', 'completed', 'failed', 'cancelled'))
 ) WITH (fillfactor = 60);
-COMMENT ON TABLE pgflow.step_states IS 'pgflow: state of each step of each run: created (waiting for deps), started (tasks queued), completed or failed.';
+COMMENT ON TABLE pgflow.step_states IS 'pgflow: state of each step of each run: created (waiting for deps), started (tasks queued), completed, failed or cancelled (its run was cancelled before it finished).';
 
 CREATE TABLE pgflow.step_tasks (
     flow_slug       text NOT NULL,
@@ -115,9 +116,9 @@ CREATE TABLE pgflow.step_tasks (
     failed_at       timestamptz,
     last_worker_id  uuid,
     PRIMARY KEY (run_id, step_slug, task_index),
-    CONSTRAINT step_tasks_status_allowed CHECK (status IN ('queued', 'started', 'completed', 'failed'))
+    CONSTRAINT step_tasks_status_allowed CHECK (status IN ('queued', 'started', 'completed', 'failed', 'cancelled'))
 ) WITH (fillfactor = 60);
-COMMENT ON TABLE pgflow.step_tasks IS 'pgflow: one row per task (one per single step, one per array element of a map step): queued, started, completed or failed, with attempts, output and last error.';
+COMMENT ON TABLE pgflow.step_tasks IS 'pgflow: one row per task (one per single step, one per array element of a map step): queued, started, completed, failed or cancelled, with attempts, output and last error.';
 
 CREATE TYPE pgflow.step_task_record AS (
     flow_slug   text,

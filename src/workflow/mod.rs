@@ -369,6 +369,7 @@ pub(crate) fn task_outcome(
     let stale = delivery_gone || worker_id.is_some_and(|w| last_worker != Some(w));
     match (run_status, task_status) {
         (Some("failed"), _) => Some("run_failed"),
+        (Some("cancelled"), _) => Some("run_cancelled"),
         (_, Some("completed")) => Some("already_completed"),
         (_, Some("failed")) => Some("already_failed"),
         (_, Some("queued")) => Some("not_started"),

@@ -308,6 +308,105 @@ def test_exhausted_attempts_fail_step_and_run(conn, flows):
                         (run_id,)).fetchone()[0] == 1
 
 
+def test_fail_task_without_retry_fails_for_good_at_once(conn, flows, make_conn):
+    flow = flows([{"slug": "a"}, {"slug": "b", "deps": ["a"]}], max_attempts=5, base_delay=0)
+    listener = make_conn()
+    listener.execute('LISTEN "pgflow.flows"')
+    run_id = start(conn, flow, {})
+    (t,) = poll(conn, flow)
+    # NULL is refused and changes nothing
+    assert sqlstate(conn, "SELECT pgflow.fail_task(%s, 'a', 0, 'x', NULL, NULL)", (run_id,)) == "22004"
+    assert "retry" in str(error_of(conn, "SELECT pgflow.fail_task(%s, 'a', 0, 'x', retry => NULL)", (run_id,)))
+    assert conn.execute("SELECT status FROM pgflow.step_tasks WHERE run_id = %s", (run_id,)).fetchone()[0] == "started"
+    # a permanent error: attempt 1 of 5, failed all the same
+    assert conn.execute("SELECT pgflow.fail_task(%s, 'a', 0, 'bad input', retry => false)",
+                        (run_id,)).fetchone()[0] == "failed"
+    assert run_row(conn, run_id)[0] == "failed"
+    assert conn.execute("SELECT status, attempts_count FROM pgflow.step_tasks WHERE run_id = %s",
+                        (run_id,)).fetchone() == ("failed", 1)
+    assert poll(conn, flow) == []
+    failed = [e for e in events_of(collect(listener), "pgflow.flows") if e["event"] == "task_failed"]
+    assert [(e["will_retry"], e["reason"], e["attempt"]) for e in failed] == [(False, "permanent", 1)]
+    # retry => true (the default) is today's behaviour
+    run2 = start(conn, flow, {"n": 2})
+    poll(conn, flow)
+    assert conn.execute("SELECT pgflow.fail_task(%s, 'a', 0, 'flaky', retry => true)", (run2,)).fetchone()[0] == "retrying"
+
+
+def cancel(conn, run_id, reason=None):
+    return conn.execute("SELECT pgflow.cancel_run(%s, %s)", (run_id, reason)).fetchone()[0]
+
+
+def test_cancel_run_stops_its_tasks_and_late_reports_change_nothing(conn, flows, make_conn):
+    flow = flows([{"slug": "a"}, {"slug": "m", "type": "map", "deps": ["a"]}, {"slug": "z", "deps": ["m"]}])
+    listener = make_conn()
+    listener.execute('LISTEN "pgflow.flows"')
+    run_id = start(conn, flow, {})
+    (t,) = poll(conn, flow)
+    assert complete(conn, run_id, "a", 0, [1, 2, 3]) == "completed"
+    started = poll(conn, flow, qty=1)                 # one map task started, two queued
+    assert len(started) == 1
+    assert cancel(conn, run_id, "operator: bad deploy " + "x" * 3000) == "cancelled"
+    status, = conn.execute("SELECT status FROM pgflow.runs WHERE run_id = %s", (run_id,)).fetchone()
+    assert status == "cancelled"
+    assert conn.execute("SELECT cancelled_at IS NOT NULL FROM pgflow.runs WHERE run_id = %s", (run_id,)).fetchone()[0]
+    steps = dict(conn.execute("SELECT step_slug, status FROM pgflow.step_states WHERE run_id = %s",
+                              (run_id,)).fetchall())
+    assert steps == {"a": "completed", "m": "cancelled", "z": "cancelled"}
+    reason = conn.execute("SELECT error_message FROM pgflow.step_states WHERE run_id = %s AND step_slug = 'm'",
+                          (run_id,)).fetchone()[0]
+    assert reason.startswith("operator: bad deploy") and reason.endswith("... (truncated)")
+    tasks = conn.execute("SELECT status, count(*) FROM pgflow.step_tasks WHERE run_id = %s GROUP BY 1 ORDER BY 1",
+                         (run_id,)).fetchall()
+    assert tasks == [("cancelled", 3), ("completed", 1)]
+    assert conn.execute("SELECT count(*) FROM pgflow.messages m JOIN pgflow.queues q USING (queue_id) "
+                        "WHERE q.queue_name = %s", (flow,)).fetchone()[0] == 0
+    assert poll(conn, flow) == []
+    idx = started[0][3]
+    assert complete(conn, run_id, "m", idx, "late") == "run_cancelled"
+    assert fail(conn, run_id, "m", idx, "late") == "run_cancelled"
+    assert conn.execute("SELECT count(*) FROM pgflow.step_tasks WHERE run_id = %s AND status = 'cancelled'",
+                        (run_id,)).fetchone()[0] == 3
+    state = conn.execute("SELECT pgflow.get_run_with_states(%s)", (run_id,)).fetchone()[0]
+    assert state["status"] == "cancelled"
+    assert [x["tasks"]["cancelled"] for x in state["steps"]] == [0, 3, 0]
+    evs = [e for e in events_of(collect(listener), "pgflow.flows") if e["event"] == "workflow_cancelled"]
+    assert evs == [{"event": "workflow_cancelled", "run_id": str(run_id), "flow_slug": flow}]   # no reason text
+
+
+def test_cancelling_a_finished_run_changes_nothing_and_says_so(conn, flows):
+    flow = flows([{"slug": "a"}], max_attempts=1)
+    done, failed, cancelled = start(conn, flow, {"n": 1}), start(conn, flow, {"n": 2}), start(conn, flow, {"n": 3})
+    for run_id, step, idx, *_ in [(t[1], t[2], t[3]) for t in poll(conn, flow)]:
+        if run_id == done:
+            complete(conn, run_id, step, idx, 1)
+        elif run_id == failed:
+            fail(conn, run_id, step, idx, "no")
+    assert cancel(conn, cancelled) == "cancelled"
+    before = conn.execute("SELECT run_id, status, completed_at, failed_at, cancelled_at FROM pgflow.runs "
+                          "WHERE flow_slug = %s ORDER BY run_id", (flow,)).fetchall()
+    assert cancel(conn, done) == "already_completed"
+    assert cancel(conn, failed) == "already_failed"
+    assert cancel(conn, cancelled) == "already_cancelled"
+    assert conn.execute("SELECT run_id, status, completed_at, failed_at, cancelled_at FROM pgflow.runs "
+                        "WHERE flow_slug = %s ORDER BY run_id", (flow,)).fetchall() == before
+    # cancelled runs are finished runs for retention
+    assert conn.execute("SELECT pgflow.prune_runs('0 seconds', %s)", (flow,)).fetchone()[0] == 3
+
+
+def test_cancel_run_bad_input_and_roles(conn, flows):
+    from conftest import session_as
+    flow = flows([{"slug": "a"}])
+    assert sqlstate(conn, "SELECT pgflow.cancel_run(NULL)") == "22004"
+    assert sqlstate(conn, "SELECT pgflow.cancel_run(%s)", (uuid.uuid4(),)) == "42704"
+    run_id = start(conn, flow, {})
+    with session_as(conn, "pgflow_consumer") as c:
+        assert sqlstate(c, "SELECT pgflow.cancel_run(%s)", (run_id,)) == "42501"
+    assert run_row(conn, run_id)[0] == "started"
+    with session_as(conn, "pgflow_producer") as p:
+        assert p.execute("SELECT pgflow.cancel_run(%s)", (run_id,)).fetchone()[0] == "cancelled"
+
+
 def test_timeout_reclaims_task_and_counts_attempt(conn, flows):
     flow = flows([{"slug": "a", "timeout": 1}], max_attempts=3)
     run_id = start(conn, flow, {})

@@ -125,37 +125,6 @@ BEGIN
     RETURN q;
 END
 $$;
-CREATE OR REPLACE FUNCTION pgflow.alter_queue(
-    queue_name text,
-    max_retries integer DEFAULT NULL,
-    retry_delay_ms integer DEFAULT NULL,
-    max_retry_delay_ms integer DEFAULT NULL,
-    retry_jitter double precision DEFAULT NULL,
-    notify boolean DEFAULT NULL
-) RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-DECLARE
-    q pgflow.queues;
-BEGIN
-    q := pgflow._api_queue(alter_queue.queue_name, 'alter_queue');
-    q.max_retries := coalesce(alter_queue.max_retries, q.max_retries);
-    q.retry_delay_ms := coalesce(alter_queue.retry_delay_ms, q.retry_delay_ms);
-    q.max_retry_delay_ms := coalesce(alter_queue.max_retry_delay_ms, q.max_retry_delay_ms);
-    q.retry_jitter := coalesce(alter_queue.retry_jitter, q.retry_jitter);
-    q.notify := coalesce(alter_queue.notify, q.notify);
-    PERFORM pgflow._check_queue_options(q.max_retries, q.retry_delay_ms, q.max_retry_delay_ms,
-                                        q.retry_jitter, q.notify);
-    UPDATE pgflow.queues
-       SET max_retries = q.max_retries, retry_delay_ms = q.retry_delay_ms,
-           max_retry_delay_ms = q.max_retry_delay_ms, retry_jitter = q.retry_jitter, notify = q.notify
-     WHERE queue_id = q.queue_id;
-END
-$$;
-COMMENT ON FUNCTION pgflow.alter_queue(text, integer, integer, integer, double precision, boolean) IS
-'Change options of an existing queue; a NULL argument keeps the current value. Takes effect for messages read or failed from then on.';
 CREATE OR REPLACE FUNCTION pgflow.drop_queue(queue_name text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -757,17 +726,8 @@ $$;
 -- fail_task before the run lock; drop_flow deletes the flow's messages before its tasks.
 DROP FUNCTION pgflow._lock_flow_slug(text);
 CREATE FUNCTION pgflow._lock_flow(flow_slug text, exclusive boolean) RETURNS void
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF exclusive THEN
-        PERFORM pg_advisory_xact_lock(1885824614, hashtext(flow_slug));
-    ELSE
-        PERFORM pg_advisory_xact_lock_shared(1885824614, hashtext(flow_slug));
-    END IF;
-END
-$$;
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'pgflow_lock_flow';
 CREATE OR REPLACE FUNCTION pgflow.create_flow_from_shape(flow_slug text, shape jsonb) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -1006,17 +966,6 @@ AS 'MODULE_PATHNAME', 'pgflow_lock_queue_name';
 CREATE FUNCTION pgflow._try_lock_queue_name(queue_name text) RETURNS boolean
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'pgflow_try_lock_queue_name';
-
--- The flow lock: exclusive by what defines or drops a flow (create_flow, create_flow_from_shape,
--- drop_flow), shared by what starts or ends its work (start_flow, complete_task, fail_task).
--- It comes first in the lock order, before the run lock: a drop_flow waits for the work under
--- way, and work that comes after it finds the flow gone (42704). Claims (poll_for_tasks,
--- start_tasks) do not take it, since a poll may wait for minutes: drop_flow deletes the flow's
--- messages first, which waits for the claims holding them and leaves later claims nothing to
--- take.
-CREATE OR REPLACE FUNCTION pgflow._lock_flow(flow_slug text, exclusive boolean) RETURNS void
-LANGUAGE c VOLATILE
-AS 'MODULE_PATHNAME', 'pgflow_lock_flow';
 
 -- The run lock (see the lock order in sql/workflow/runtime.sql): exclusive, waiting for it
 -- (returns true) or, with wait = false, only trying (returns whether it was had).

@@ -3,31 +3,39 @@
 -- one home of a queue's figures) and the workflow tables; nothing here writes, and nothing is
 -- counted on the hot path: the figures are counted when asked for.
 
--- The health rule: a threshold reached is a warning, twice the threshold critical; the worst of
--- a queue's alerts is its status, and reason says which alerts fired. A threshold of 0 is off.
+-- The health rule, for one queue's figures and thresholds: a threshold reached is a warning,
+-- twice the threshold critical; the worst of a queue's alerts is its status, and reason says
+-- which alerts fired (NULL when ok). A threshold of 0 is off. Used by get_queue_health and
+-- metrics, each over the one count of get_queue_stats() it made.
+CREATE FUNCTION pgflow._health(s pgflow.queue_stats, alert_dlq_depth integer, alert_oldest_age integer,
+                               OUT status text, OUT reason text)
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN a.dlq >= 2 OR a.age >= 2 THEN 'critical'
+                WHEN a.dlq >= 1 OR a.age >= 1 THEN 'warning'
+                ELSE 'ok' END,
+           nullif(concat_ws('; ',
+               CASE WHEN a.dlq >= 1 THEN format('%s dead-lettered messages, alert at %s', s.dead_lettered, $2) END,
+               CASE WHEN a.age >= 1 THEN format('oldest visible message waiting %s s, alert at %s s',
+                                                round(s.oldest_visible_age_sec::numeric, 1), $3) END), '')
+      FROM (SELECT
+               -- how many times its threshold each figure has reached (0, 1, or 2 for twice)
+               CASE WHEN $2 = 0 THEN 0 ELSE least(2, floor(s.dead_lettered::double precision / $2)) END AS dlq,
+               CASE WHEN $3 = 0 THEN 0 ELSE least(2, floor(s.oldest_visible_age_sec / $3)) END AS age) a;
+$$;
+
 CREATE FUNCTION pgflow.get_queue_health()
 RETURNS TABLE (queue_name text, status text, reason text, dlq_depth bigint,
                oldest_visible_age_sec double precision, alert_dlq_depth integer, alert_oldest_age integer)
 LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT s.queue_name,
-           CASE WHEN a.dlq >= 2 OR a.age >= 2 THEN 'critical'
-                WHEN a.dlq >= 1 OR a.age >= 1 THEN 'warning'
-                ELSE 'ok' END,
-           nullif(concat_ws('; ',
-               CASE WHEN a.dlq >= 1 THEN format('%s dead-lettered messages, alert at %s', s.dead_lettered, q.alert_dlq_depth) END,
-               CASE WHEN a.age >= 1 THEN format('oldest visible message waiting %s s, alert at %s s',
-                                                round(s.oldest_visible_age_sec::numeric, 1), q.alert_oldest_age) END), ''),
-           s.dead_lettered, s.oldest_visible_age_sec, q.alert_dlq_depth, q.alert_oldest_age
+    SELECT s.queue_name, h.status, h.reason, s.dead_lettered, s.oldest_visible_age_sec,
+           q.alert_dlq_depth, q.alert_oldest_age
       FROM pgflow.get_queue_stats() s
       JOIN pgflow.queues q ON q.queue_name = s.queue_name
-     CROSS JOIN LATERAL (SELECT
-               -- how many times its threshold each figure has reached (0, 1, or 2 for twice)
-               CASE WHEN q.alert_dlq_depth = 0 THEN 0
-                    ELSE least(2, floor(s.dead_lettered::double precision / q.alert_dlq_depth)) END AS dlq,
-               CASE WHEN q.alert_oldest_age = 0 THEN 0
-                    ELSE least(2, floor(s.oldest_visible_age_sec / q.alert_oldest_age)) END AS age) a
+     CROSS JOIN LATERAL pgflow._health(s, q.alert_dlq_depth, q.alert_oldest_age) h
      ORDER BY s.queue_name;
 $$;
 COMMENT ON FUNCTION pgflow.get_queue_health() IS
@@ -65,8 +73,14 @@ AS $$
         (9, 'pgflow_flow_runs', 'gauge',
          'Workflow runs by flow and status (runs kept until pgflow.run_retention deletes finished ones).'),
         (10, 'pgflow_flow_tasks', 'gauge', 'Workflow tasks by flow and status.')
+    ), stats AS (
+        -- one count of every queue, for the figures and for their health
+        SELECT s.*, h.status AS health
+          FROM pgflow.get_queue_stats() s
+          JOIN pgflow.queues q ON q.queue_name = s.queue_name
+         CROSS JOIN LATERAL pgflow._health(s, q.alert_dlq_depth, q.alert_oldest_age) h
     ), samples (ord, labels, value) AS (
-        SELECT m.* FROM pgflow.get_queue_stats() s CROSS JOIN LATERAL (VALUES
+        SELECT m.* FROM stats s CROSS JOIN LATERAL (VALUES
             (1, format('queue="%s"', s.queue_name), s.depth::numeric),
             (2, format('queue="%s",state="visible"', s.queue_name), s.visible),
             (2, format('queue="%s",state="in_flight"', s.queue_name), s.in_flight),
@@ -77,8 +91,8 @@ AS $$
             (6, format('queue="%s"', s.queue_name), round(coalesce(s.oldest_msg_age_sec, 0)::numeric, 3)),
             (7, format('queue="%s"', s.queue_name), s.total_sent)) m
         UNION ALL
-        SELECT 8, format('queue="%s"', h.queue_name), CASE h.status WHEN 'ok' THEN 0 WHEN 'warning' THEN 1 ELSE 2 END
-          FROM pgflow.get_queue_health() h
+        SELECT 8, format('queue="%s"', s.queue_name), CASE s.health WHEN 'ok' THEN 0 WHEN 'warning' THEN 1 ELSE 2 END
+          FROM stats s
         UNION ALL
         SELECT 9, format('flow="%s",status="%s"', r.flow_slug, r.status), count(*)
           FROM pgflow.runs r GROUP BY r.flow_slug, r.status

@@ -657,31 +657,29 @@ pub(crate) unsafe fn due_at(queue_id: i64, at: Datum) {
     }
 }
 
-/// Whether the schema has message groups (pgflow.messages.group_id, from 0.2.0): a database still
-/// at 0.1.0 runs the claims without them. Looked up once, again after any invalidation.
+/// `grouped` if the schema has message groups (pgflow.messages.group_id, from 0.2.0), else
+/// `plain`: a database still at 0.1.0 runs the claims without them. Whether it has them is looked
+/// up once, again after any invalidation.
 ///
 /// # Safety
 /// Inside an SPI connection.
-unsafe fn has_groups() -> bool {
+unsafe fn grouped_or(plain: Stmt, grouped: Stmt) -> Stmt {
     // SAFETY: the caller's contract; the statement has no parameters and returns one count.
     unsafe {
-        if let Some(g) = QUEUES.with(|c| c.borrow().groups) {
-            return g;
+        let has = match QUEUES.with(|c| c.borrow().groups) {
+            Some(g) => g,
+            None => {
+                run(Stmt::HasGroups, &[]);
+                let g = int_column(0, 1).unwrap_or(0) > 0;
+                QUEUES.with(|c| c.borrow_mut().groups = Some(g));
+                g
+            }
+        };
+        if has {
+            grouped
+        } else {
+            plain
         }
-        run(Stmt::HasGroups, &[]);
-        let g = int_column(0, 1).unwrap_or(0) > 0;
-        QUEUES.with(|c| c.borrow_mut().groups = Some(g));
-        g
-    }
-}
-
-/// Take the queue-name lock shared (as `pgflow._lock_queue_name(name, false)`), then process
-/// pending invalidations, so that a drop_queue that committed while we waited is seen.
-unsafe fn lock_queue_name(name_datum: Datum) {
-    // SAFETY: `name_datum` is a text datum (the caller's contract), as advisory_xact_lock
-    // requires; called inside a transaction.
-    unsafe {
-        locks::lock(Space::Queue, name_datum, true, true);
     }
 }
 
@@ -835,8 +833,10 @@ pub unsafe extern "C-unwind" fn pgflow_send(fcinfo: FunctionCallInfo) -> Datum {
         let name_datum = arg(fcinfo, 0);
         let name = text_arg(fcinfo, 0);
         let _spi = SpiScope::connect();
+        // the queue-name lock, shared, before the look-up: a drop_queue that committed while we
+        // waited is then seen (42704), never a sequence that is gone
         if let Some(d) = name_datum {
-            lock_queue_name(d);
+            locks::lock(Space::Queue, d, true, true);
         }
         let q = queue(name.as_deref(), name_datum, Some("send"));
         let message = check_message(arg(fcinfo, 1));
@@ -995,13 +995,8 @@ unsafe fn claim_into(fcinfo: FunctionCallInfo, q: &QueueInfo, vt: i32, qty: i32)
             let delivered_so_far = (!ids.is_empty())
                 .then(|| ids.clone().into_datum())
                 .flatten();
-            let claim = if has_groups() {
-                Stmt::ClaimGrouped
-            } else {
-                Stmt::Claim
-            };
             let n = run(
-                claim,
+                grouped_or(Stmt::Claim, Stmt::ClaimGrouped),
                 &[
                     Some(Datum::from(q.id)),
                     Some(Datum::from(vt)),
@@ -1365,11 +1360,7 @@ pub unsafe extern "C-unwind" fn pgflow_wait_for_messages(fcinfo: FunctionCallInf
                     q.id,
                     epoch,
                     run(
-                        if has_groups() {
-                            Stmt::AnyVisibleGrouped
-                        } else {
-                            Stmt::AnyVisible
-                        },
+                        grouped_or(Stmt::AnyVisible, Stmt::AnyVisibleGrouped),
                         &[Some(Datum::from(q.id))],
                     ) > 0,
                 )

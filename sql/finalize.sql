@@ -16,6 +16,7 @@ SELECT pg_catalog.pg_extension_config_dump('pgflow.deps', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.runs', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.step_states', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.step_tasks', '');
+SELECT pg_catalog.pg_extension_config_dump('pgflow.schedules', '');
 
 -- Privileges: nothing for PUBLIC. Three roles, granted separately to applications:
 --   pgflow_producer  sends messages and starts flow runs;

@@ -14,7 +14,8 @@
 //!    after commit by the database's announcer ([`events::announcer`]), and commit-time
 //!    wake-ups of blocked readers through shared memory.
 //! 4. **maintenance** ([`maintenance`], `sql/maintenance/`): the background workers; delayed
-//!    work announced as it comes due; retention (`sql/retention.sql`) once a minute.
+//!    work announced as it comes due; cron schedules ([`schedules`],
+//!    `sql/maintenance/schedules.sql`) fired; retention (`sql/retention.sql`) once a minute.
 //!
 //! Shared by the layers: names ([`names`]), errors ([`error`]), advisory locks (`locks.rs`,
 //! `sql/locks.sql`), settings ([`gucs`]). Everything below pgrx's safe layer is in `pg/`:
@@ -35,6 +36,7 @@ pub mod maintenance;
 pub mod names;
 mod pg;
 pub mod queue;
+pub mod schedules;
 mod workflow;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -83,6 +85,11 @@ extension_sql_file!(
     "../sql/maintenance/maintenance.sql",
     name = "maintenance",
     requires = ["queue_tables"]
+);
+extension_sql_file!(
+    "../sql/maintenance/schedules.sql",
+    name = "schedules",
+    requires = ["queue_tables", "workflow_tables"]
 );
 extension_sql_file!(
     "../sql/workflow/tables.sql",

@@ -10,8 +10,9 @@
 //!   **announcers** ([`crate::events::announcer`]) that databases ask for;
 //! - the **worker**, connected to that database: every `pgflow.maintenance_interval_ms` it runs
 //!   `pgflow.run_maintenance()` in a short transaction of its own, which announces delayed
-//!   messages and retries that came due (waking blocked readers and notifying listeners) and
-//!   removes leftovers of dropped queues. The logic lives in SQL so it can be called by hand as
+//!   messages and retries that came due (waking blocked readers and notifying listeners),
+//!   fires the cron schedules that came due ([`crate::schedules`]) and removes leftovers of
+//!   dropped queues. The logic lives in SQL so it can be called by hand as
 //!   well; this loop only keeps it running, survives a failing pass (logged, retried on the
 //!   next tick) and waits while the extension is not installed. Once a minute it also runs
 //!   `pgflow.apply_retention()` (archived messages and finished runs older than

@@ -8,6 +8,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     due_queues integer := 0;
+    fired integer := 0;
     r record;
 BEGIN
     -- Delayed messages and retries that came due: wake blocked readers of their queues, and
@@ -30,8 +31,14 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pgflow maintenance: announcing due messages failed: %', SQLERRM;
     END;
-    RETURN jsonb_build_object('due_queues', due_queues);
+    -- Schedules that came due (sql/maintenance/schedules.sql).
+    BEGIN
+        fired := pgflow._fire_schedules();
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pgflow maintenance: firing schedules failed: SQLSTATE %', SQLSTATE;
+    END;
+    RETURN jsonb_build_object('due_queues', due_queues, 'schedules_fired', fired);
 END
 $$;
 COMMENT ON FUNCTION pgflow.run_maintenance() IS
-'One maintenance pass: announces delayed messages and retries that came due (wakes pgflow.read_with_poll, notifies message_due on channels of queues with notify on). Run every pgflow.maintenance_interval_ms by the pgflow maintenance worker when pgflow is preloaded; safe to call by hand. Returns what it did.';
+'One maintenance pass: announces delayed messages and retries that came due (wakes pgflow.read_with_poll, notifies message_due on channels of queues with notify on) and fires the schedules that came due. Run every pgflow.maintenance_interval_ms by the pgflow maintenance worker when pgflow is preloaded; safe to call by hand. Returns what it did.';

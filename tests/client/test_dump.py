@@ -42,6 +42,9 @@ def test_dump_and_restore_keeps_queues_messages_and_numbering(conn, queue, resto
     assert m == 2
     conn.execute("SELECT pgflow.nack(%s, 2, 'boom')", (queue,))  # max_retries 0: dead-lettered
     conn.execute("SELECT pgflow.bind_topic('dump.#', %s)", (queue,))
+    sched = f"s_{queue}"
+    conn.execute("SELECT pgflow.create_schedule(%s, '0 3 * * *', %s, '{\"nightly\": 1}', "
+                 "time_zone => 'Europe/Berlin')", (sched, queue))
 
     dump = tmp_path / "db.dump"
     _run(f"{PGBIN}/pg_dump", "-Fc", "-f", str(dump), _params()["dbname"])
@@ -68,6 +71,10 @@ def test_dump_and_restore_keeps_queues_messages_and_numbering(conn, queue, resto
         assert r.execute("SELECT queue_name, msg_id FROM pgflow.publish('dump.x', '{}')").fetchall() == [(queue, 6)]
         got = [row[0] for row in r.execute("SELECT msg_id FROM pgflow.read(%s, 30, 10)", (queue,))]
         assert got == [3, 4, 5, 6]
+        # and schedules
+        row = r.execute("SELECT cron, time_zone, queue_name, payload FROM pgflow.list_schedules() "
+                        "WHERE schedule_name = %s", (sched,)).fetchone()
+        assert row == ("0 3 * * *", "Europe/Berlin", queue, {"nightly": 1})
         # a queue created after the restore gets a fresh id and sequence
         other = unique_name()
         assert r.execute("SELECT pgflow.create_queue(%s)", (other,)).fetchone()[0] is True

@@ -44,3 +44,15 @@ def test_extension_installs_and_polls_without_preload(plain_conn):
     assert got[0].pid == sender
     # run_maintenance by hand stands in for the worker
     assert c.execute("SELECT pgflow.run_maintenance() ? 'due_queues'").fetchone()[0] is True
+
+
+def test_run_maintenance_fires_schedules_without_preload(plain_conn):
+    c = plain_conn
+    c.execute("CREATE EXTENSION IF NOT EXISTS pgflow")
+    c.execute("SELECT pgflow.create_queue('plain_sched')")
+    c.execute("SELECT pgflow.create_schedule('plain_nightly', '0 3 * * *', 'plain_sched', '{\"n\": 1}')")
+    c.execute("UPDATE pgflow.schedules SET next_fire_at = now() - interval '1 minute' "
+              "WHERE schedule_name = 'plain_nightly'")
+    assert c.execute("SELECT pgflow.run_maintenance() -> 'schedules_fired'").fetchone()[0] == 1
+    assert c.execute("SELECT message FROM pgflow.read('plain_sched', 30, 5)").fetchall() == [({"n": 1},)]
+    assert c.execute("SELECT pgflow.run_maintenance() -> 'schedules_fired'").fetchone()[0] == 0

@@ -82,6 +82,29 @@ ensure_tools() {
     ensure_python_modules
 }
 
+# The Mermaid renderer (mermaid-cli, driving Debian's Chromium) that the diagram test renders
+# pgflow.flow_mermaid and run_mermaid with. Installed under target/ (not part of the tree), once.
+MERMAID_CLI_VERSION=11.12.0
+MERMAID_DIR="$REPO_ROOT/target/tools/mermaid"
+ensure_mermaid() {
+    if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q "install ok installed"; then
+        say "installing Debian's chromium (the Mermaid renderer's browser)"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+    if ! command -v npm >/dev/null; then
+        say "installing Debian's nodejs and npm"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+    fi
+    if [ ! -x "$MERMAID_DIR/node_modules/.bin/mmdc" ]; then
+        say "installing mermaid-cli $MERMAID_CLI_VERSION from npm"
+        mkdir -p "$MERMAID_DIR"
+        (cd "$MERMAID_DIR" && PUPPETEER_SKIP_DOWNLOAD=1 npm install --no-audit --no-fund --loglevel=error \
+            "@mermaid-js/mermaid-cli@$MERMAID_CLI_VERSION" >/dev/null)
+    fi
+    export PGFLOW_MMDC="$MERMAID_DIR/node_modules/.bin/mmdc"
+}
+
 # Benchmarks measure the release build of this tree: install it first (the unit tier's
 # `cargo pgrx test` leaves a debug build installed). BENCH_NO_INSTALL=1 keeps what is
 # installed, to compare builds installed by hand.

@@ -105,6 +105,7 @@ fi
 
 if wants client; then
     say "client: pytest over real connections"
+    ensure_mermaid
     # shellcheck disable=SC2086 # word splitting wanted: several pytest arguments
     pytest_tier client ${PGFLOW_CLIENT_TESTS:-tests/client}
 fi

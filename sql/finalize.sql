@@ -67,14 +67,15 @@ BEGIN
         roles := ARRAY['pgflow_admin'];
         IF f.name IN ('send', 'send_batch', 'send_with_notify', 'publish', 'publish_batch',
                       'queue_channel', 'flow_channel', 'start_flow', 'cancel_run', 'get_queue_stats',
-                      'get_queue_health', 'metrics', 'wakeups_enabled') THEN
+                      'get_queue_health', 'metrics', 'wakeups_enabled', 'flow_mermaid',
+                      'run_mermaid') THEN
             roles := roles || 'pgflow_producer'::text;
         END IF;
         IF f.name IN ('read', 'read_with_poll', 'wait_for_messages', 'pop', 'delete', 'archive', 'set_vt', 'nack',
                       'ack_and_read', 'queue_channel', 'flow_channel', 'get_queue_stats',
                       'get_queue_health', 'metrics',
                       'wakeups_enabled', 'start_tasks', 'poll_for_tasks', 'complete_task',
-                      'fail_task', 'get_run_with_states') THEN
+                      'fail_task', 'get_run_with_states', 'flow_mermaid', 'run_mermaid') THEN
             roles := roles || 'pgflow_consumer'::text;
         END IF;
         EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %s', f.sig, array_to_string(roles, ', '));

@@ -107,6 +107,11 @@ extension_sql_file!(
     requires = ["workflow_tables"]
 );
 extension_sql_file!(
+    "../sql/workflow/diagrams.sql",
+    name = "workflow_diagrams",
+    requires = ["workflow_tables"]
+);
+extension_sql_file!(
     "../sql/monitoring.sql",
     name = "monitoring",
     requires = ["queue_api", "workflow_tables"]

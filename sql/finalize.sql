@@ -16,6 +16,7 @@ SELECT pg_catalog.pg_extension_config_dump('pgflow.deps', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.runs', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.step_states', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.step_tasks', '');
+SELECT pg_catalog.pg_extension_config_dump('pgflow.run_retries', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.schedules', '');
 
 -- Privileges: nothing for PUBLIC. Three roles, granted separately to applications:
@@ -66,7 +67,7 @@ BEGIN
         CONTINUE WHEN f.name LIKE '\_%';
         roles := ARRAY['pgflow_admin'];
         IF f.name IN ('send', 'send_batch', 'send_with_notify', 'publish', 'publish_batch',
-                      'queue_channel', 'flow_channel', 'start_flow', 'cancel_run', 'get_queue_stats',
+                      'queue_channel', 'flow_channel', 'start_flow', 'cancel_run', 'retry_run', 'get_queue_stats',
                       'get_queue_health', 'metrics', 'wakeups_enabled', 'flow_mermaid',
                       'run_mermaid') THEN
             roles := roles || 'pgflow_producer'::text;

@@ -423,6 +423,8 @@ BEGIN
      WHERE r.flow_slug = drop_flow.flow_slug AND t.run_id = r.run_id;
     DELETE FROM pgflow.step_states s USING pgflow.runs r
      WHERE r.flow_slug = drop_flow.flow_slug AND s.run_id = r.run_id;
+    DELETE FROM pgflow.run_retries rr USING pgflow.runs r
+     WHERE r.flow_slug = drop_flow.flow_slug AND rr.run_id = r.run_id;
     DELETE FROM pgflow.runs WHERE flow_slug = drop_flow.flow_slug;
     DELETE FROM pgflow.deps WHERE flow_slug = drop_flow.flow_slug;
     DELETE FROM pgflow.steps WHERE flow_slug = drop_flow.flow_slug;
@@ -433,7 +435,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.drop_flow(text) IS
-'Drop a flow with its steps, all its runs, their step states and tasks, and its queue (with the queue''s messages). Returns false if there is no such flow.';
+'Drop a flow with its steps, all its runs, their step states, tasks and retry history, and its queue (with the queue''s messages). Returns false if there is no such flow.';
 
 -- Workflow event payloads carry identifiers, never user data (any role that can connect can
 -- LISTEN): no run input in workflow_started, no error text in task_failed and workflow_failed
@@ -1712,6 +1714,141 @@ END
 $$;
 COMMENT ON FUNCTION pgflow.cancel_run(uuid, text) IS
 'Cancel a run under way: its queued and started tasks and its unfinished steps become cancelled (the steps keep the reason), its tasks'' messages are removed, and late complete_task or fail_task calls return run_cancelled and change nothing. Returns cancelled; for a run that has finished, changing nothing, already_completed, already_failed or already_cancelled. Unknown run: 42704.';
+
+-- What each retry_run started again: the run's tasks as they were (status, attempts, last
+-- error) before they were queued afresh, so a retried run's history stays readable.
+CREATE TABLE pgflow.run_retries (
+    run_id           uuid NOT NULL,
+    retry_no         integer NOT NULL,
+    previous_status  text NOT NULL,
+    retried_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- [{"step_slug", "task_index", "status", "attempts", "error_message"}, ...]
+    tasks            jsonb NOT NULL,
+    PRIMARY KEY (run_id, retry_no)
+);
+COMMENT ON TABLE pgflow.run_retries IS 'pgflow: one row per retry_run of a run: its status before, and the tasks started again with their attempts and last errors.';
+
+SELECT pg_catalog.pg_extension_config_dump('pgflow.run_retries', '');
+
+-- Retry a failed or cancelled run from where it stopped, under the run lock and the run row's
+-- lock (so prune_runs, which deletes only finished runs, cannot take it meanwhile). Completed
+-- steps and tasks keep their outputs; every other task of a step that had started is queued
+-- again with a fresh message (attempts start again from one, visible at once); steps cancelled
+-- before they started wait again for their dependencies; a map step that failed before it had
+-- tasks (its input was not an array) is started again. What was started again is recorded in
+-- pgflow.run_retries first.
+CREATE FUNCTION pgflow.retry_run(run_id uuid) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r pgflow.runs;
+    q pgflow.queues;
+    st record;
+    arr jsonb;
+    dep text;
+    dep_type text;
+    n integer;
+    now_ timestamptz := clock_timestamp();
+BEGIN
+    IF retry_run.run_id IS NULL THEN
+        RAISE EXCEPTION 'run_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    -- the lock order of complete_task and fail_task: the flow, then the run
+    PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = retry_run.run_id;
+    PERFORM pgflow._lock_run(retry_run.run_id, true);
+    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = retry_run.run_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'run % does not exist', retry_run.run_id USING ERRCODE = '42704',
+            HINT = 'Pass the run_id returned by pgflow.start_flow.';
+    END IF;
+    IF r.status NOT IN ('failed', 'cancelled') THEN
+        RETURN 'already_' || r.status;
+    END IF;
+    SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
+    n := coalesce((SELECT max(rr.retry_no) FROM pgflow.run_retries rr WHERE rr.run_id = r.run_id), 0) + 1;
+    INSERT INTO pgflow.run_retries (run_id, retry_no, previous_status, retried_at, tasks)
+    SELECT r.run_id, n, r.status, now_, coalesce(jsonb_agg(jsonb_build_object(
+               'step_slug', t.step_slug, 'task_index', t.task_index, 'status', t.status,
+               'attempts', t.attempts_count, 'error_message', t.error_message)
+               ORDER BY s.step_index, t.task_index), '[]'::jsonb)
+      FROM pgflow.step_tasks t
+      JOIN pgflow.step_states ss ON ss.run_id = t.run_id AND ss.step_slug = t.step_slug
+      JOIN pgflow.steps s ON s.flow_slug = r.flow_slug AND s.step_slug = t.step_slug
+     WHERE t.run_id = r.run_id AND t.status <> 'completed' AND ss.status <> 'completed';
+    UPDATE pgflow.runs x SET status = 'started', failed_at = NULL, cancelled_at = NULL WHERE x.run_id = r.run_id;
+    r.status := 'started';
+    FOR st IN
+        SELECT s.*, ss.status AS state_status, ss.started_at AS state_started_at,
+               EXISTS (SELECT 1 FROM pgflow.step_tasks t WHERE t.run_id = r.run_id AND t.step_slug = s.step_slug) AS has_tasks
+          FROM pgflow.step_states ss
+          JOIN pgflow.steps s ON s.flow_slug = r.flow_slug AND s.step_slug = ss.step_slug
+         WHERE ss.run_id = r.run_id AND ss.status <> 'completed'
+         ORDER BY s.step_index
+    LOOP
+        IF st.state_status = 'failed' AND NOT st.has_tasks THEN
+            -- a map step that failed before it had tasks: start it again (a root step's state
+            -- is created by the start)
+            IF st.deps_count = 0 THEN
+                DELETE FROM pgflow.step_states ss WHERE ss.run_id = r.run_id AND ss.step_slug = st.step_slug;
+            ELSE
+                UPDATE pgflow.step_states ss SET status = 'created', error_message = NULL, failed_at = NULL
+                 WHERE ss.run_id = r.run_id AND ss.step_slug = st.step_slug;
+            END IF;
+            IF NOT pgflow._start_step(r, q, (SELECT s FROM pgflow.steps s
+                                              WHERE s.flow_slug = st.flow_slug AND s.step_slug = st.step_slug)) THEN
+                RETURN 'failed';
+            END IF;
+        ELSIF st.state_started_at IS NULL THEN
+            -- not started (cancelled before it did): it starts when its dependencies complete
+            UPDATE pgflow.step_states ss SET status = 'created', error_message = NULL, failed_at = NULL
+             WHERE ss.run_id = r.run_id AND ss.step_slug = st.step_slug;
+        ELSE
+            arr := NULL;
+            IF st.step_type = 'map' THEN
+                IF st.deps_count = 0 THEN
+                    arr := r.input;
+                ELSE
+                    SELECT d.dep_slug, s.step_type INTO dep, dep_type
+                      FROM pgflow.deps d JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
+                     WHERE d.flow_slug = st.flow_slug AND d.step_slug = st.step_slug;
+                    arr := pgflow._step_output(r.run_id, dep, dep_type);
+                END IF;
+            END IF;
+            WITH todo AS (
+                SELECT t.task_index FROM pgflow.step_tasks t
+                 WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.status <> 'completed'
+            ), m AS (
+                INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message)
+                SELECT q.queue_id, nextval(q.msg_seq), now_, st.step_index,
+                       jsonb_build_object('run_id', r.run_id, 'step_slug', st.step_slug, 'task_index', todo.task_index)
+                       || CASE WHEN st.step_type = 'map' THEN jsonb_build_object('input', arr -> todo.task_index)
+                               ELSE '{}'::jsonb END
+                  FROM todo ORDER BY todo.task_index
+                RETURNING msg_id, (message ->> 'task_index')::integer AS task_index
+            )
+            UPDATE pgflow.step_tasks t
+               SET status = 'queued', message_id = m.msg_id, attempts_count = 0, error_message = NULL,
+                   queued_at = now_, started_at = NULL, failed_at = NULL, last_worker_id = NULL
+              FROM m
+             WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = m.task_index;
+            UPDATE pgflow.step_states ss
+               SET status = 'started', error_message = NULL, failed_at = NULL,
+                   remaining_tasks = (SELECT count(*) FROM pgflow.step_tasks t
+                                       WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug
+                                         AND t.status <> 'completed')
+             WHERE ss.run_id = r.run_id AND ss.step_slug = st.step_slug;
+        END IF;
+    END LOOP;
+    PERFORM pgflow._on_commit_wake(q.queue_id);
+    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+        'event', 'workflow_retried', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'retry', n));
+    RETURN 'retried';
+END
+$$;
+COMMENT ON FUNCTION pgflow.retry_run(uuid) IS
+'Carry on a failed or cancelled run from where it stopped, under the same run_id: completed steps and tasks keep their outputs; its failed, cancelled and unfinished tasks are queued again with fresh attempts (visible at once); steps that never started start when their dependencies complete. The tasks started again, with their attempts and last errors, are recorded in pgflow.run_retries (get_run_with_states shows them under "retries"). Returns retried (or failed, when a map step started again fails the run at once: its input is still not an array); for a run under way or completed, changing nothing, already_started or already_completed. Unknown run: 42704.';
 COMMENT ON FUNCTION pgflow.complete_task(uuid, text, integer, jsonb, uuid) IS
 'Complete a started task with its output (any JSON value, not SQL NULL). Returns the outcome: completed; or, changing nothing: already_completed (the first completion wins), already_failed, not_started (queued, e.g. waiting for a retry), run_failed, run_cancelled, stale (worker_id given and the task was since handed to another worker). When its step''s last task completes, the step completes (a map step with the array of its task outputs), the dependents whose deps are all complete start, and once every step is complete the run completes with output {<leaf step>: <output>, ...}. Unknown run, step or task: 42704.';
 CREATE OR REPLACE FUNCTION pgflow.get_run_with_states(run_id uuid) RETURNS jsonb
@@ -1749,9 +1886,16 @@ BEGIN
                  ORDER BY s.step_index)
           FROM pgflow.steps s
           JOIN pgflow.step_states ss ON ss.run_id = r.run_id AND ss.step_slug = s.step_slug
-         WHERE s.flow_slug = r.flow_slug), '[]'::jsonb));
+         WHERE s.flow_slug = r.flow_slug), '[]'::jsonb),
+        'retries', coalesce((
+        SELECT jsonb_agg(jsonb_build_object('retry', rr.retry_no, 'previous_status', rr.previous_status,
+                                            'retried_at', rr.retried_at, 'tasks', rr.tasks)
+                         ORDER BY rr.retry_no)
+          FROM pgflow.run_retries rr WHERE rr.run_id = r.run_id), '[]'::jsonb));
 END
 $$;
+COMMENT ON FUNCTION pgflow.get_run_with_states(uuid) IS
+'A run as one JSON document for psql and dashboards: the run row (status, input, output, times; at the top level and again under "run") and "steps", in definition order, each with its state (status, remaining_deps, remaining_tasks, initial_tasks, error_message, times) and task counts per status ("tasks": {"queued","started","completed","failed","cancelled","attempts"}), and "retries": what each retry_run started again (pgflow.run_retries).';
 CREATE OR REPLACE FUNCTION pgflow.prune_runs(older_than interval, flow_slug text DEFAULT NULL, max_rows integer DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -1777,15 +1921,23 @@ BEGIN
     IF cardinality(ids) = 0 THEN
         RETURN 0;
     END IF;
+    -- The runs first, each only if still finished: a retry_run that took one meanwhile (it
+    -- holds the run's row lock) keeps it, and this delete, waiting for it, passes it over.
+    WITH gone AS (
+        DELETE FROM pgflow.runs r
+         WHERE r.run_id = ANY (ids) AND r.status IN ('completed', 'failed', 'cancelled')
+        RETURNING r.run_id
+    )
+    SELECT array_agg(gone.run_id) INTO ids FROM gone;
+    n := coalesce(cardinality(ids), 0);
     DELETE FROM pgflow.step_tasks t WHERE t.run_id = ANY (ids);
     DELETE FROM pgflow.step_states s WHERE s.run_id = ANY (ids);
-    DELETE FROM pgflow.runs r WHERE r.run_id = ANY (ids);
-    GET DIAGNOSTICS n = ROW_COUNT;
+    DELETE FROM pgflow.run_retries rr WHERE rr.run_id = ANY (ids);
     RETURN n;
 END
 $$;
 COMMENT ON FUNCTION pgflow.prune_runs(interval, text, integer) IS
-'Delete workflow runs that completed, failed or were cancelled more than older_than ago, with their step states and tasks, of one flow or (flow_slug NULL) of all; at most max_rows runs (NULL: no limit). Runs still under way are never touched. Returns how many runs were deleted. A late complete_task or fail_task for a deleted run gets 42704, and its run_id can be started again. pgflow.run_retention has the maintenance worker do this once a minute.';
+'Delete workflow runs that completed, failed or were cancelled more than older_than ago, with their step states, tasks and retry history, of one flow or (flow_slug NULL) of all; at most max_rows runs (NULL: no limit). Runs still under way are never touched. Returns how many runs were deleted. A late complete_task or fail_task for a deleted run gets 42704, and its run_id can be started again. pgflow.run_retention has the maintenance worker do this once a minute.';
 
 -- The cron rule (src/schedules.rs).
 CREATE FUNCTION pgflow."_cron_next"(
@@ -2160,7 +2312,7 @@ BEGIN
         CONTINUE WHEN f.name LIKE '\_%';
         roles := ARRAY['pgflow_admin'];
         IF f.name IN ('send', 'send_batch', 'send_with_notify', 'publish', 'publish_batch',
-                      'queue_channel', 'flow_channel', 'start_flow', 'cancel_run', 'get_queue_stats',
+                      'queue_channel', 'flow_channel', 'start_flow', 'cancel_run', 'retry_run', 'get_queue_stats',
                       'get_queue_health', 'metrics', 'wakeups_enabled', 'flow_mermaid',
                       'run_mermaid') THEN
             roles := roles || 'pgflow_producer'::text;

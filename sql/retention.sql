@@ -75,15 +75,23 @@ BEGIN
     IF cardinality(ids) = 0 THEN
         RETURN 0;
     END IF;
+    -- The runs first, each only if still finished: a retry_run that took one meanwhile (it
+    -- holds the run's row lock) keeps it, and this delete, waiting for it, passes it over.
+    WITH gone AS (
+        DELETE FROM pgflow.runs r
+         WHERE r.run_id = ANY (ids) AND r.status IN ('completed', 'failed', 'cancelled')
+        RETURNING r.run_id
+    )
+    SELECT array_agg(gone.run_id) INTO ids FROM gone;
+    n := coalesce(cardinality(ids), 0);
     DELETE FROM pgflow.step_tasks t WHERE t.run_id = ANY (ids);
     DELETE FROM pgflow.step_states s WHERE s.run_id = ANY (ids);
-    DELETE FROM pgflow.runs r WHERE r.run_id = ANY (ids);
-    GET DIAGNOSTICS n = ROW_COUNT;
+    DELETE FROM pgflow.run_retries rr WHERE rr.run_id = ANY (ids);
     RETURN n;
 END
 $$;
 COMMENT ON FUNCTION pgflow.prune_runs(interval, text, integer) IS
-'Delete workflow runs that completed, failed or were cancelled more than older_than ago, with their step states and tasks, of one flow or (flow_slug NULL) of all; at most max_rows runs (NULL: no limit). Runs still under way are never touched. Returns how many runs were deleted. A late complete_task or fail_task for a deleted run gets 42704, and its run_id can be started again. pgflow.run_retention has the maintenance worker do this once a minute.';
+'Delete workflow runs that completed, failed or were cancelled more than older_than ago, with their step states, tasks and retry history, of one flow or (flow_slug NULL) of all; at most max_rows runs (NULL: no limit). Runs still under way are never touched. Returns how many runs were deleted. A late complete_task or fail_task for a deleted run gets 42704, and its run_id can be started again. pgflow.run_retention has the maintenance worker do this once a minute.';
 
 CREATE FUNCTION pgflow.apply_retention() RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER

@@ -466,6 +466,8 @@ BEGIN
      WHERE r.flow_slug = drop_flow.flow_slug AND t.run_id = r.run_id;
     DELETE FROM pgflow.step_states s USING pgflow.runs r
      WHERE r.flow_slug = drop_flow.flow_slug AND s.run_id = r.run_id;
+    DELETE FROM pgflow.run_retries rr USING pgflow.runs r
+     WHERE r.flow_slug = drop_flow.flow_slug AND rr.run_id = r.run_id;
     DELETE FROM pgflow.runs WHERE flow_slug = drop_flow.flow_slug;
     DELETE FROM pgflow.deps WHERE flow_slug = drop_flow.flow_slug;
     DELETE FROM pgflow.steps WHERE flow_slug = drop_flow.flow_slug;
@@ -476,4 +478,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.drop_flow(text) IS
-'Drop a flow with its steps, all its runs, their step states and tasks, and its queue (with the queue''s messages). Returns false if there is no such flow.';
+'Drop a flow with its steps, all its runs, their step states, tasks and retry history, and its queue (with the queue''s messages). Returns false if there is no such flow.';

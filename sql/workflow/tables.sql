@@ -120,6 +120,19 @@ CREATE TABLE pgflow.step_tasks (
 ) WITH (fillfactor = 60);
 COMMENT ON TABLE pgflow.step_tasks IS 'pgflow: one row per task (one per single step, one per array element of a map step): queued, started, completed, failed or cancelled, with attempts, output and last error.';
 
+-- What each retry_run started again: the run's tasks as they were (status, attempts, last
+-- error) before they were queued afresh, so a retried run's history stays readable.
+CREATE TABLE pgflow.run_retries (
+    run_id           uuid NOT NULL,
+    retry_no         integer NOT NULL,
+    previous_status  text NOT NULL,
+    retried_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- [{"step_slug", "task_index", "status", "attempts", "error_message"}, ...]
+    tasks            jsonb NOT NULL,
+    PRIMARY KEY (run_id, retry_no)
+);
+COMMENT ON TABLE pgflow.run_retries IS 'pgflow: one row per retry_run of a run: its status before, and the tasks started again with their attempts and last errors.';
+
 CREATE TYPE pgflow.step_task_record AS (
     flow_slug   text,
     run_id      uuid,

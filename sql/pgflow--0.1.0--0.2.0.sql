@@ -535,21 +535,19 @@ BEGIN
     END IF;
     err := format('timed out: not completed within %s s on its last attempt (%s of %s)',
                   coalesce(st.opt_timeout, f.opt_timeout), read_ct - 1, coalesce(st.opt_max_attempts, f.opt_max_attempts));
-    PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
-    UPDATE pgflow.step_states SET status = 'failed', failed_at = now_, error_message = err
-     WHERE run_id = r.run_id AND step_slug = st.step_slug;
-    UPDATE pgflow.step_tasks t SET status = 'failed', failed_at = now_, error_message = err, attempts_count = read_ct - 1
-     WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_timed_out.task_index;
-    PERFORM pgflow._emit_task_failed(r.run_id, f.flow_slug, st.step_slug, task_index, read_ct - 1, false, 'timeout');
-    PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
+    DELETE FROM pgflow.messages m WHERE m.queue_id = q.queue_id AND m.msg_id = _task_timed_out.msg_id;
+    PERFORM pgflow._task_exhausted(r, q, st, task_index, read_ct - 1, err, 'timeout');
 END
 $$;
 
 -- add_step's error for a step depending on itself names the argument (deps_slugs[i]).
-CREATE OR REPLACE FUNCTION pgflow.add_step(flow_slug text, step_slug text, deps_slugs text[] DEFAULT '{}',
+DROP FUNCTION pgflow.add_step(text, text, text[], integer, integer, integer, integer, text);
+CREATE FUNCTION pgflow.add_step(flow_slug text, step_slug text, deps_slugs text[] DEFAULT '{}',
                                 max_attempts integer DEFAULT NULL, base_delay integer DEFAULT NULL,
                                 timeout integer DEFAULT NULL, start_delay integer DEFAULT NULL,
-                                step_type text DEFAULT 'single')
+                                step_type text DEFAULT 'single', if_input jsonb DEFAULT NULL,
+                                if_not_input jsonb DEFAULT NULL, when_unmet text DEFAULT 'skip',
+                                when_exhausted text DEFAULT 'fail')
 RETURNS pgflow.steps
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -603,6 +601,9 @@ BEGIN
             cardinality(add_step.deps_slugs) USING ERRCODE = '22023',
             HINT = 'A map step maps over the run input (no dependency) or over the array output of its one dependency.';
     END IF;
+    PERFORM pgflow._check_condition(add_step.if_input, add_step.if_not_input, add_step.when_unmet,
+                                    add_step.when_exhausted,
+                                    ARRAY['if_input', 'if_not_input', 'when_unmet', 'when_exhausted']);
 
     -- Definitions of one flow are serialised on its row.
     SELECT * INTO f FROM pgflow.flows WHERE flow_slug = add_step.flow_slug FOR UPDATE;
@@ -616,9 +617,11 @@ BEGIN
         old_deps := ARRAY(SELECT dd.dep_slug FROM pgflow.deps dd
                            WHERE dd.flow_slug = add_step.flow_slug AND dd.step_slug = add_step.step_slug
                            ORDER BY dd.dep_index);
-        IF (s.step_type, s.opt_max_attempts, s.opt_base_delay, s.opt_timeout, s.opt_start_delay, old_deps)
+        IF (s.step_type, s.opt_max_attempts, s.opt_base_delay, s.opt_timeout, s.opt_start_delay, old_deps,
+            s.if_input, s.if_not_input, s.when_unmet, s.when_exhausted)
            IS DISTINCT FROM (add_step.step_type, add_step.max_attempts, add_step.base_delay, add_step.timeout,
-                             add_step.start_delay, add_step.deps_slugs) THEN
+                             add_step.start_delay, add_step.deps_slugs, add_step.if_input, add_step.if_not_input,
+                             add_step.when_unmet, add_step.when_exhausted) THEN
             RAISE EXCEPTION 'step "%" of flow "%" already exists with another definition', add_step.step_slug,
                 add_step.flow_slug USING ERRCODE = '42710',
                 HINT = 'A flow''s definition does not change: drop it with pgflow.drop_flow, or use another step_slug.';
@@ -640,11 +643,13 @@ BEGIN
     END IF;
 
     INSERT INTO pgflow.steps (flow_slug, step_slug, step_type, step_index, deps_count, opt_max_attempts,
-                              opt_base_delay, opt_timeout, opt_start_delay)
+                              opt_base_delay, opt_timeout, opt_start_delay, if_input, if_not_input, when_unmet,
+                              when_exhausted)
     VALUES (add_step.flow_slug, add_step.step_slug, add_step.step_type,
             (SELECT count(*) FROM pgflow.steps x WHERE x.flow_slug = add_step.flow_slug),
             cardinality(add_step.deps_slugs), add_step.max_attempts, add_step.base_delay, add_step.timeout,
-            add_step.start_delay)
+            add_step.start_delay, add_step.if_input, add_step.if_not_input, add_step.when_unmet,
+            add_step.when_exhausted)
     RETURNING * INTO s;
     INSERT INTO pgflow.deps (flow_slug, dep_slug, step_slug, dep_index)
     SELECT add_step.flow_slug, x.dep, add_step.step_slug, x.i - 1
@@ -652,8 +657,8 @@ BEGIN
     RETURN s;
 END
 $$;
-COMMENT ON FUNCTION pgflow.add_step(text, text, text[], integer, integer, integer, integer, text) IS
-'Add a step to a flow; returns the step row. deps_slugs: steps of the flow, already added, that must complete first (so a flow is a DAG by construction). Options left NULL inherit the flow''s; start_delay (0-31536000 s) delays the step''s tasks after it becomes ready. step_type ''map'': one task per element of an array, the run input (no dependency) or the output of its one dependency; its output is the array of its task outputs. Adding an identical step again is a no-op; a different one fails with 42710; a flow that has runs can take no new steps (55000).';
+COMMENT ON FUNCTION pgflow.add_step(text, text, text[], integer, integer, integer, integer, text, jsonb, jsonb, text, text) IS
+'Add a step to a flow; returns the step row. deps_slugs: steps of the flow, already added, that must complete (or be skipped) first (so a flow is a DAG by construction). Options left NULL inherit the flow''s; start_delay (0-31536000 s) delays the step''s tasks after it becomes ready. step_type ''map'': one task per element of an array, the run input (no dependency) or the output of its one dependency; its output is the array of its task outputs. Condition: when the step becomes ready, its input ({"run": ..., "<dep>": <output>, ...}) must contain if_input and must not contain if_not_input (JSON objects, jsonb @>); when_unmet: skip (default; dependents run without its key), skip_cascade (it and every step after it are skipped) or fail (the run fails). when_exhausted: what running out of attempts (or fail_task with retry => false) does: fail (default: the run fails), skip or skip_cascade. Adding an identical step again is a no-op; a different one fails with 42710; a flow that has runs can take no new steps (55000).';
 
 -- Every attempt leaves its entry in a message's errors: a delivery whose lease ran out gets
 -- "visibility timeout expired" when the message is claimed again (the claim of src/queue/,
@@ -760,13 +765,15 @@ BEGIN
         PERFORM pgflow.add_step(create_flow_from_shape.flow_slug, st ->> 'slug',
                                 ARRAY(SELECT jsonb_array_elements_text(st -> 'deps')),
                                 (st ->> 'max_attempts')::integer, (st ->> 'base_delay')::integer,
-                                (st ->> 'timeout')::integer, (st ->> 'start_delay')::integer, st ->> 'type');
+                                (st ->> 'timeout')::integer, (st ->> 'start_delay')::integer, st ->> 'type',
+                                st -> 'if', st -> 'if_not', coalesce(st ->> 'when_unmet', 'skip'),
+                                coalesce(st ->> 'when_exhausted', 'fail'));
     END LOOP;
     RETURN true;
 END
 $$;
 COMMENT ON FUNCTION pgflow.create_flow_from_shape(text, jsonb) IS
-'Create a whole flow from one JSON document, in one step: {"max_attempts","base_delay","timeout" (optional, defaults 3, 1, 60), "steps":[{"slug", "type" ("single" or "map", default single), "deps" (default []), "max_attempts","base_delay","timeout","start_delay" (optional)}]}. Steps may be listed in any order that has no cycle. Returns true if created, false if the flow exists with the same shape; another shape fails with 42710. An invalid shape (unknown key, bad slug or option, duplicate step, unknown dependency, cycle) fails with 22023 naming the problem and creates nothing.';
+'Create a whole flow from one JSON document, in one step: {"max_attempts","base_delay","timeout" (optional, defaults 3, 1, 60), "steps":[{"slug", "type" ("single" or "map", default single), "deps" (default []), "max_attempts","base_delay","timeout","start_delay", "if","if_not","when_unmet","when_exhausted" (optional; as add_step''s if_input, if_not_input, when_unmet and when_exhausted)}]}. Steps may be listed in any order that has no cycle. Returns true if created, false if the flow exists with the same shape; another shape fails with 42710. An invalid shape (unknown key, bad slug or option, duplicate step, unknown dependency, cycle) fails with 22023 naming the problem and creates nothing.';
 
 -- Waiting without a snapshot: a procedure that commits between its looks.
 CREATE PROCEDURE pgflow.wait_for_messages(queue_name text, max_poll_seconds integer DEFAULT 5,
@@ -1099,8 +1106,18 @@ DECLARE
     n integer;
     dep text;
     dep_type text;
-    err text;
+    inp jsonb;
 BEGIN
+    IF st.if_input IS NOT NULL OR st.if_not_input IS NOT NULL THEN
+        inp := pgflow._step_input(r.run_id, r.flow_slug, st.step_slug);
+        IF NOT (coalesce(inp @> st.if_input, true) AND NOT coalesce(inp @> st.if_not_input, false)) THEN
+            IF st.when_unmet = 'fail' THEN
+                PERFORM pgflow._fail_step_start(r, q, st, format('the condition of step "%s" is not met', st.step_slug));
+                RETURN false;
+            END IF;
+            RETURN pgflow._skip_step(r, q, st, st.when_unmet = 'skip_cascade', 'condition', 'its condition is not met');
+        END IF;
+    END IF;
     IF st.step_type = 'single' THEN
         PERFORM pgflow._start_single_step(r.run_id, r.flow_slug, q.queue_id, q.msg_seq, st.step_slug,
                                           st.step_index, coalesce(st.opt_start_delay, 0), st.deps_count = 0);
@@ -1115,17 +1132,17 @@ BEGIN
           FROM pgflow.deps d JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
          WHERE d.flow_slug = st.flow_slug AND d.step_slug = st.step_slug;
         arr := pgflow._step_output(r.run_id, dep, dep_type);
+        IF arr IS NULL AND EXISTS (SELECT 1 FROM pgflow.step_states ss
+                                    WHERE ss.run_id = r.run_id AND ss.step_slug = dep AND ss.status = 'skipped') THEN
+            RETURN pgflow._skip_step(r, q, st, false, 'no_input',
+                                     format('step "%s", whose output it maps over, was skipped', dep));
+        END IF;
     END IF;
     IF jsonb_typeof(arr) IS DISTINCT FROM 'array' THEN
-        err := format('map step "%s" needs an array to map over, but %s is a JSON %s',
-                      st.step_slug, CASE WHEN dep IS NULL THEN 'the run input' ELSE format('the output of step "%s"', dep) END,
-                      coalesce(jsonb_typeof(arr), 'null'));
-        PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
-        INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, failed_at, error_message)
-        VALUES (r.flow_slug, r.run_id, st.step_slug, 'failed', 0, now_, err)
-        ON CONFLICT (run_id, step_slug) DO UPDATE
-           SET status = 'failed', remaining_deps = 0, failed_at = now_, error_message = err;
-        PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
+        PERFORM pgflow._fail_step_start(r, q, st, format(
+            'map step "%s" needs an array to map over, but %s is a JSON %s',
+            st.step_slug, CASE WHEN dep IS NULL THEN 'the run input' ELSE format('the output of step "%s"', dep) END,
+            coalesce(jsonb_typeof(arr), 'null')));
         RETURN false;
     END IF;
     n := jsonb_array_length(arr);
@@ -1573,7 +1590,7 @@ COMMENT ON FUNCTION pgflow.send_batch(text, jsonb[], timestamptz, integer, jsonb
 -- Permanent failures: fail_task(..., retry => false) fails the task for good now, whatever
 -- attempts are left (task_failed's reason: permanent).
 DROP FUNCTION pgflow.fail_task(uuid, text, integer, text, uuid);
-CREATE FUNCTION pgflow.fail_task(run_id uuid, step_slug text, task_index integer, error_message text,
+CREATE OR REPLACE FUNCTION pgflow.fail_task(run_id uuid, step_slug text, task_index integer, error_message text,
                                  worker_id uuid DEFAULT NULL, retry boolean DEFAULT true)
 RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -1637,8 +1654,7 @@ BEGIN
         RETURN 'retrying';
     END IF;
     -- Out of attempts, or a permanent error (retry => false): the task's message (only the
-    -- caller's delivery, when it names its worker_id), the run's other messages, the step
-    -- state, the task; then the run fails.
+    -- caller's delivery, when it names its worker_id), then what when_exhausted says.
     DELETE FROM pgflow.messages m
      WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id
        AND (fail_task.worker_id IS NULL OR m.read_ct = t.attempts_count);
@@ -1646,19 +1662,12 @@ BEGIN
         RETURN pgflow._end_task_recheck(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
                                         fail_task.worker_id, t.attempts_count);
     END IF;
-    PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
-    UPDATE pgflow.step_states s SET status = 'failed', failed_at = now_, error_message = err
-     WHERE s.run_id = fail_task.run_id AND s.step_slug = fail_task.step_slug;
-    UPDATE pgflow.step_tasks x SET status = 'failed', error_message = err, failed_at = now_
-     WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
-    PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, fail_task.task_index, t.attempts_count, false,
-                                     CASE WHEN fail_task.retry THEN 'error' ELSE 'permanent' END);
-    PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, fail_task.error_message);
-    RETURN 'failed';
+    RETURN pgflow._task_exhausted(r, q, st, fail_task.task_index, t.attempts_count, err,
+                                  CASE WHEN fail_task.retry THEN 'error' ELSE 'permanent' END);
 END
 $$;
 COMMENT ON FUNCTION pgflow.fail_task(uuid, text, integer, text, uuid, boolean) IS
-'Report a failed attempt of a started task. Returns retrying (the task is queued again and becomes claimable after base_delay * 2^(attempt-1) seconds, capped at 86400) or failed (it was the last of max_attempts, or retry => false said no retry can fix it: the task, its step and its run fail, and the run''s other queued tasks are no longer handed out); or, changing nothing, the no-op outcomes of complete_task (already_completed, already_failed, not_started, run_failed, run_cancelled, stale). The error is kept on the task, truncated to 2000 characters.';
+'Report a failed attempt of a started task. Returns retrying (the task is queued again and becomes claimable after base_delay * 2^(attempt-1) seconds, capped at 86400) or failed (it was the last of max_attempts, or retry => false said no retry can fix it: the task, its step and its run fail, and the run''s other queued tasks are no longer handed out) or step_skipped (the same, for a step whose when_exhausted is skip or skip_cascade: the task fails, its step is skipped, its other tasks are cancelled, and the run goes on); or, changing nothing, the no-op outcomes of complete_task (already_completed, already_failed, not_started, run_failed, run_cancelled, step_skipped, stale). The error is kept on the task, truncated to 2000 characters.';
 
 -- Cancelling runs: pgflow.cancel_run; runs, step states and tasks may be cancelled
 -- (runs.cancelled_at); prune_runs takes cancelled runs too; get_run_with_states counts
@@ -1668,13 +1677,24 @@ ALTER TABLE pgflow.runs
     DROP CONSTRAINT runs_status_allowed,
     ADD CONSTRAINT runs_status_allowed CHECK (status IN ('started', 'completed', 'failed', 'cancelled'));
 ALTER TABLE pgflow.step_states
+    ADD COLUMN skipped_at timestamptz,
     DROP CONSTRAINT step_states_status_allowed,
-    ADD CONSTRAINT step_states_status_allowed CHECK (status IN ('created', 'started', 'completed', 'failed', 'cancelled'));
+    ADD CONSTRAINT step_states_status_allowed CHECK (status IN ('created', 'started', 'completed', 'failed', 'cancelled', 'skipped'));
+-- Conditions and skips: a step's condition and what an unmet one, or running out of
+-- attempts, does; step states may be skipped (step_states.skipped_at).
+ALTER TABLE pgflow.steps
+    ADD COLUMN if_input jsonb,
+    ADD COLUMN if_not_input jsonb,
+    ADD COLUMN when_unmet text NOT NULL DEFAULT 'skip',
+    ADD COLUMN when_exhausted text NOT NULL DEFAULT 'fail',
+    ADD CONSTRAINT steps_when_unmet_allowed CHECK (when_unmet IN ('skip', 'skip_cascade', 'fail')),
+    ADD CONSTRAINT steps_when_exhausted_allowed CHECK (when_exhausted IN ('fail', 'skip', 'skip_cascade'));
+COMMENT ON TABLE pgflow.steps IS 'pgflow: the steps of each flow, in definition order, with their type, option overrides and condition.';
 ALTER TABLE pgflow.step_tasks
     DROP CONSTRAINT step_tasks_status_allowed,
     ADD CONSTRAINT step_tasks_status_allowed CHECK (status IN ('queued', 'started', 'completed', 'failed', 'cancelled'));
 COMMENT ON TABLE pgflow.runs IS 'pgflow: one row per flow run: status started, completed, failed or cancelled; output {<leaf step>: <its output>} once completed.';
-COMMENT ON TABLE pgflow.step_states IS 'pgflow: state of each step of each run: created (waiting for deps), started (tasks queued), completed, failed or cancelled (its run was cancelled before it finished).';
+COMMENT ON TABLE pgflow.step_states IS 'pgflow: state of each step of each run: created (waiting for deps), started (tasks queued), completed, failed, cancelled (its run was cancelled before it finished) or skipped (its condition was not met, it ran out of attempts with when_exhausted skip, or a step it depends on was skipped with skip_cascade).';
 COMMENT ON TABLE pgflow.step_tasks IS 'pgflow: one row per task (one per single step, one per array element of a map step): queued, started, completed, failed or cancelled, with attempts, output and last error.';
 CREATE FUNCTION pgflow.cancel_run(run_id uuid, reason text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -1776,7 +1796,7 @@ BEGIN
       FROM pgflow.step_tasks t
       JOIN pgflow.step_states ss ON ss.run_id = t.run_id AND ss.step_slug = t.step_slug
       JOIN pgflow.steps s ON s.flow_slug = r.flow_slug AND s.step_slug = t.step_slug
-     WHERE t.run_id = r.run_id AND t.status <> 'completed' AND ss.status <> 'completed';
+     WHERE t.run_id = r.run_id AND t.status <> 'completed' AND ss.status NOT IN ('completed', 'skipped');
     UPDATE pgflow.runs x SET status = 'started', failed_at = NULL, cancelled_at = NULL WHERE x.run_id = r.run_id;
     r.status := 'started';
     FOR st IN
@@ -1784,7 +1804,7 @@ BEGIN
                EXISTS (SELECT 1 FROM pgflow.step_tasks t WHERE t.run_id = r.run_id AND t.step_slug = s.step_slug) AS has_tasks
           FROM pgflow.step_states ss
           JOIN pgflow.steps s ON s.flow_slug = r.flow_slug AND s.step_slug = ss.step_slug
-         WHERE ss.run_id = r.run_id AND ss.status <> 'completed'
+         WHERE ss.run_id = r.run_id AND ss.status NOT IN ('completed', 'skipped')
          ORDER BY s.step_index
     LOOP
         IF st.state_status = 'failed' AND NOT st.has_tasks THEN
@@ -1874,7 +1894,7 @@ BEGIN
                    'remaining_deps', ss.remaining_deps, 'remaining_tasks', ss.remaining_tasks,
                    'initial_tasks', ss.initial_tasks, 'error_message', ss.error_message,
                    'created_at', ss.created_at, 'started_at', ss.started_at,
-                   'completed_at', ss.completed_at, 'failed_at', ss.failed_at,
+                   'completed_at', ss.completed_at, 'failed_at', ss.failed_at, 'skipped_at', ss.skipped_at,
                    'tasks', (SELECT jsonb_build_object(
                                  'queued', count(*) FILTER (WHERE t.status = 'queued'),
                                  'started', count(*) FILTER (WHERE t.status = 'started'),
@@ -2210,12 +2230,16 @@ BEGIN
                    '---',
                    'flowchart TD'];
     FOR st IN
-        SELECT s.step_slug, s.step_type, s.step_index, s.opt_start_delay
+        SELECT s.step_slug, s.step_type, s.step_index, s.opt_start_delay,
+               s.if_input IS NOT NULL OR s.if_not_input IS NOT NULL AS conditional
           FROM pgflow.steps s WHERE s.flow_slug = _mermaid.flow_slug ORDER BY s.step_index
     LOOP
         label := st.step_slug;
         IF st.step_type = 'map' THEN
             label := label || '<br/>map';
+        END IF;
+        IF st.conditional THEN
+            label := label || '<br/>if condition';
         END IF;
         IF st.opt_start_delay > 0 THEN
             label := label || format('<br/>starts after %s s', st.opt_start_delay);
@@ -2233,9 +2257,12 @@ BEGIN
                 label := label || format(', %s attempts', state->'tasks'->>'attempts');
             END IF;
         END IF;
+        -- shapes: a map step is a subroutine box, a step with a condition a hexagon
         lines := lines || format('    s%s%s"%s"%s:::%s', st.step_index,
-                                 CASE WHEN st.step_type = 'map' THEN '[[' ELSE '[' END, label,
-                                 CASE WHEN st.step_type = 'map' THEN ']]' ELSE ']' END, status);
+                                 CASE WHEN st.step_type = 'map' THEN '[[' WHEN st.conditional THEN '{{' ELSE '[' END,
+                                 label,
+                                 CASE WHEN st.step_type = 'map' THEN ']]' WHEN st.conditional THEN '}}' ELSE ']' END,
+                                 status);
     END LOOP;
     lines := lines || ARRAY(
         SELECT format('    s%s --> s%s', dep.step_index, s.step_index)
@@ -2251,7 +2278,8 @@ BEGIN
         '    classDef started fill:#dbeafe,stroke:#2563eb,color:#1e3a8a',
         '    classDef completed fill:#dcfce7,stroke:#16a34a,color:#14532d',
         '    classDef failed fill:#fee2e2,stroke:#dc2626,color:#7f1d1d',
-        '    classDef cancelled fill:#e5e7eb,stroke:#4b5563,color:#374151,stroke-dasharray:4 3'];
+        '    classDef cancelled fill:#e5e7eb,stroke:#4b5563,color:#374151,stroke-dasharray:4 3',
+        '    classDef skipped fill:#fefce8,stroke:#ca8a04,color:#713f12,stroke-dasharray:2 2'];
     RETURN array_to_string(lines, E'\n') || E'\n';
 END
 $$;
@@ -2265,7 +2293,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.flow_mermaid(text) IS
-'The flow as a Mermaid flowchart (text): one node per step (map steps drawn as subroutines and marked "map", start delays noted), one edge per dependency. Render it with any Mermaid renderer.';
+'The flow as a Mermaid flowchart (text): one node per step (map steps drawn as subroutines and marked "map", steps with a condition as hexagons marked "if condition", start delays noted), one edge per dependency. Render it with any Mermaid renderer.';
 
 CREATE FUNCTION pgflow.run_mermaid(run_id uuid) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -2279,7 +2307,349 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.run_mermaid(uuid) IS
-'A run as a Mermaid flowchart (text): its flow''s graph with each step coloured and labelled by its state (created, started, completed, failed, cancelled), map steps with their completed and total task counts, single steps with their attempts when more than one; the title holds the run id and status.';
+'A run as a Mermaid flowchart (text): its flow''s graph with each step coloured and labelled by its state (created, started, completed, failed, cancelled, skipped), map steps with their completed and total task counts, single steps with their attempts when more than one; the title holds the run id and status.';
+
+-- The input a step's task would get, for a step's condition (src/workflow/).
+CREATE FUNCTION pgflow."_step_input"(
+	"run_id" uuid, /* pgrx :: Uuid */
+	"flow_slug" TEXT, /* & str */
+	"step_slug" TEXT /* & str */
+) RETURNS jsonb /* Option < pgrx :: JsonB > */
+STRICT STABLE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'step_input_sql_wrapper';
+
+CREATE FUNCTION pgflow._check_condition(if_input jsonb, if_not_input jsonb, when_unmet text, when_exhausted text,
+                                        names text[]) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF jsonb_typeof(if_input) IS DISTINCT FROM 'object' AND if_input IS NOT NULL THEN
+        RAISE EXCEPTION '% must be a JSON object, not a JSON %', names[1], jsonb_typeof(if_input)
+            USING ERRCODE = '22023',
+            HINT = 'A step''s input is an object, {"run": <run input>, "<dep>": <its output>, ...}; the condition is a part it must contain.';
+    END IF;
+    IF jsonb_typeof(if_not_input) IS DISTINCT FROM 'object' AND if_not_input IS NOT NULL THEN
+        RAISE EXCEPTION '% must be a JSON object, not a JSON %', names[2], jsonb_typeof(if_not_input)
+            USING ERRCODE = '22023',
+            HINT = 'A step''s input is an object, {"run": <run input>, "<dep>": <its output>, ...}; the condition is a part it must not contain.';
+    END IF;
+    IF when_unmet IS NULL THEN
+        RAISE EXCEPTION '% must not be null', names[3] USING ERRCODE = '22004';
+    ELSIF when_unmet NOT IN ('skip', 'skip_cascade', 'fail') THEN
+        RAISE EXCEPTION '% must be ''skip'', ''skip_cascade'' or ''fail'', not "%"', names[3], left(when_unmet, 64)
+            USING ERRCODE = '22023';
+    END IF;
+    IF when_exhausted IS NULL THEN
+        RAISE EXCEPTION '% must not be null', names[4] USING ERRCODE = '22004';
+    ELSIF when_exhausted NOT IN ('fail', 'skip', 'skip_cascade') THEN
+        RAISE EXCEPTION '% must be ''fail'', ''skip'' or ''skip_cascade'', not "%"', names[4], left(when_exhausted, 64)
+            USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgflow.get_flow_shape(flow_slug text) RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    f pgflow.flows;
+BEGIN
+    f := pgflow._flow(get_flow_shape.flow_slug);
+    RETURN jsonb_build_object(
+        'max_attempts', f.opt_max_attempts,
+        'base_delay', f.opt_base_delay,
+        'timeout', f.opt_timeout,
+        'steps', coalesce((
+            SELECT jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
+                       'slug', s.step_slug,
+                       'type', s.step_type,
+                       'max_attempts', s.opt_max_attempts,
+                       'base_delay', s.opt_base_delay,
+                       'timeout', s.opt_timeout,
+                       'start_delay', s.opt_start_delay,
+                       'if', s.if_input,
+                       'if_not', s.if_not_input,
+                       'when_unmet', nullif(s.when_unmet, 'skip'),
+                       'when_exhausted', nullif(s.when_exhausted, 'fail')))
+                   || jsonb_build_object('deps', coalesce((
+                       SELECT jsonb_agg(d.dep_slug ORDER BY d.dep_index) FROM pgflow.deps d
+                        WHERE d.flow_slug = s.flow_slug AND d.step_slug = s.step_slug), '[]'::jsonb))
+                   ORDER BY s.step_index)
+              FROM pgflow.steps s WHERE s.flow_slug = f.flow_slug), '[]'::jsonb));
+END
+$$;
+COMMENT ON FUNCTION pgflow.get_flow_shape(text) IS
+'The whole definition of a flow as one JSON document: {"max_attempts","base_delay","timeout","steps":[{"slug","type","deps":[...], and "max_attempts","base_delay","timeout","start_delay" where the step overrides the flow, and "if","if_not","when_unmet","when_exhausted" where the step has a condition or does not take the defaults}, ...]}, steps in definition order. pgflow.create_flow_from_shape accepts it back unchanged.';
+
+CREATE OR REPLACE FUNCTION pgflow._canonical_shape(shape jsonb) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    k text;
+    st jsonb;
+    i integer := 0;
+    slugs text[] := '{}';
+    steps jsonb[] := '{}';
+    deps text[];
+    d jsonb;
+    t text;
+    placed text[] := '{}';
+    out_steps jsonb := '[]';
+    progress boolean;
+    n integer;
+    where_ text;
+BEGIN
+    IF shape IS NULL THEN
+        RAISE EXCEPTION 'shape must not be null' USING ERRCODE = '22004';
+    ELSIF jsonb_typeof(shape) <> 'object' THEN
+        RAISE EXCEPTION 'invalid flow shape: it must be a JSON object, not a JSON %', jsonb_typeof(shape)
+            USING ERRCODE = '22023', HINT = 'See pgflow.get_flow_shape for the form.';
+    END IF;
+    FOR k IN SELECT jsonb_object_keys(shape) LOOP
+        IF k NOT IN ('max_attempts', 'base_delay', 'timeout', 'steps') THEN
+            RAISE EXCEPTION 'invalid flow shape: unknown key "%"', left(k, 64) USING ERRCODE = '22023',
+                HINT = 'A shape has the keys max_attempts, base_delay, timeout and steps.';
+        END IF;
+    END LOOP;
+    IF jsonb_typeof(shape -> 'steps') IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'invalid flow shape: steps must be an array' USING ERRCODE = '22023';
+    END IF;
+    FOR st IN SELECT value FROM jsonb_array_elements(shape -> 'steps') LOOP
+        where_ := format('steps[%s].', i);
+        IF jsonb_typeof(st) <> 'object' THEN
+            RAISE EXCEPTION 'invalid flow shape: steps[%] must be an object', i USING ERRCODE = '22023';
+        END IF;
+        FOR k IN SELECT jsonb_object_keys(st) LOOP
+            IF k NOT IN ('slug', 'type', 'deps', 'max_attempts', 'base_delay', 'timeout', 'start_delay',
+                         'if', 'if_not', 'when_unmet', 'when_exhausted') THEN
+                RAISE EXCEPTION 'invalid flow shape: unknown key "%" in steps[%]', left(k, 64), i
+                    USING ERRCODE = '22023',
+                    HINT = 'A step has the keys slug, type, deps, max_attempts, base_delay, timeout, start_delay, if, if_not, when_unmet and when_exhausted.';
+            END IF;
+        END LOOP;
+        IF jsonb_typeof(st -> 'slug') IS DISTINCT FROM 'string' THEN
+            RAISE EXCEPTION 'invalid flow shape: steps[%].slug must be a string', i USING ERRCODE = '22023';
+        END IF;
+        PERFORM pgflow._check_name(st ->> 'slug', format('steps[%s].slug', i));
+        IF st ->> 'slug' = 'run' THEN
+            RAISE EXCEPTION 'invalid flow shape: step slug "run" is reserved' USING ERRCODE = '22023',
+                HINT = 'A task''s input holds the run input under the key "run".';
+        END IF;
+        IF st ->> 'slug' = ANY (slugs) THEN
+            RAISE EXCEPTION 'invalid flow shape: step "%" is defined twice', st ->> 'slug' USING ERRCODE = '22023';
+        END IF;
+        t := coalesce(st ->> 'type', 'single');
+        IF jsonb_typeof(st -> 'type') NOT IN ('string', 'null') OR t NOT IN ('single', 'map') THEN
+            RAISE EXCEPTION 'invalid flow shape: steps[%].type must be "single" or "map"', i USING ERRCODE = '22023';
+        END IF;
+        IF st -> 'deps' IS NULL OR st -> 'deps' = 'null'::jsonb THEN
+            deps := '{}';
+        ELSIF jsonb_typeof(st -> 'deps') <> 'array' THEN
+            RAISE EXCEPTION 'invalid flow shape: steps[%].deps must be an array of step slugs', i USING ERRCODE = '22023';
+        ELSE
+            deps := '{}';
+            FOR d IN SELECT value FROM jsonb_array_elements(st -> 'deps') LOOP
+                IF jsonb_typeof(d) <> 'string' THEN
+                    RAISE EXCEPTION 'invalid flow shape: steps[%].deps must be an array of step slugs', i
+                        USING ERRCODE = '22023';
+                END IF;
+                PERFORM pgflow._check_name(d #>> '{}', format('steps[%s].deps', i));
+                IF d #>> '{}' = ANY (deps) THEN
+                    RAISE EXCEPTION 'invalid flow shape: step "%" names dependency "%" twice', st ->> 'slug', d #>> '{}'
+                        USING ERRCODE = '22023';
+                END IF;
+                deps := deps || (d #>> '{}');
+            END LOOP;
+        END IF;
+        IF t = 'map' AND cardinality(deps) > 1 THEN
+            RAISE EXCEPTION 'invalid flow shape: map step "%" has % dependencies; a map step has at most one',
+                st ->> 'slug', cardinality(deps) USING ERRCODE = '22023';
+        END IF;
+        PERFORM pgflow._check_option(where_ || 'max_attempts', pgflow._shape_int(st, 'max_attempts', where_, true), 1, 100, true);
+        PERFORM pgflow._check_option(where_ || 'base_delay', pgflow._shape_int(st, 'base_delay', where_, true), 0, 86400, true);
+        PERFORM pgflow._check_option(where_ || 'timeout', pgflow._shape_int(st, 'timeout', where_, true), 1, 86400, true);
+        PERFORM pgflow._check_option(where_ || 'start_delay', pgflow._shape_int(st, 'start_delay', where_, true), 0, 31536000, true);
+        IF jsonb_typeof(st -> 'when_unmet') NOT IN ('string', 'null') OR jsonb_typeof(st -> 'when_exhausted') NOT IN ('string', 'null') THEN
+            RAISE EXCEPTION 'invalid flow shape: %when_unmet and %when_exhausted must be strings', where_, where_
+                USING ERRCODE = '22023';
+        END IF;
+        PERFORM pgflow._check_condition(nullif(st -> 'if', 'null'::jsonb), nullif(st -> 'if_not', 'null'::jsonb),
+                                        coalesce(st ->> 'when_unmet', 'skip'), coalesce(st ->> 'when_exhausted', 'fail'),
+                                        ARRAY['invalid flow shape: ' || where_ || 'if', 'invalid flow shape: ' || where_ || 'if_not',
+                                              'invalid flow shape: ' || where_ || 'when_unmet',
+                                              'invalid flow shape: ' || where_ || 'when_exhausted']);
+        slugs := slugs || (st ->> 'slug');
+        steps := steps || (jsonb_strip_nulls(jsonb_build_object(
+            'slug', st ->> 'slug', 'type', t,
+            'max_attempts', pgflow._shape_int(st, 'max_attempts', where_, true),
+            'base_delay', pgflow._shape_int(st, 'base_delay', where_, true),
+            'timeout', pgflow._shape_int(st, 'timeout', where_, true),
+            'start_delay', pgflow._shape_int(st, 'start_delay', where_, true),
+            'if', nullif(st -> 'if', 'null'::jsonb),
+            'if_not', nullif(st -> 'if_not', 'null'::jsonb),
+            'when_unmet', nullif(st ->> 'when_unmet', 'skip'),
+            'when_exhausted', nullif(st ->> 'when_exhausted', 'fail')))
+            || jsonb_build_object('deps', to_jsonb(deps)));
+        i := i + 1;
+    END LOOP;
+    -- every dependency must be a step of the shape
+    FOR i IN 1 .. cardinality(steps) LOOP
+        FOR d IN SELECT value FROM jsonb_array_elements(steps[i] -> 'deps') LOOP
+            IF NOT (d #>> '{}' = ANY (slugs)) THEN
+                RAISE EXCEPTION 'invalid flow shape: dependency "%" of step "%" is not a step of the shape',
+                    d #>> '{}', slugs[i] USING ERRCODE = '22023';
+            END IF;
+            IF d #>> '{}' = slugs[i] THEN
+                RAISE EXCEPTION 'invalid flow shape: step "%" depends on itself', slugs[i] USING ERRCODE = '22023';
+            END IF;
+        END LOOP;
+    END LOOP;
+    -- order: repeatedly place the first step (in input order) whose deps are all placed
+    n := cardinality(steps);
+    WHILE cardinality(placed) < n LOOP
+        progress := false;
+        FOR i IN 1 .. n LOOP
+            IF NOT (slugs[i] = ANY (placed))
+               AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements_text(steps[i] -> 'deps') x(v) WHERE NOT (x.v = ANY (placed))) THEN
+                placed := placed || slugs[i];
+                out_steps := out_steps || jsonb_build_array(steps[i]);
+                progress := true;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF NOT progress THEN
+            RAISE EXCEPTION 'invalid flow shape: steps % form a dependency cycle',
+                left(array_to_string(ARRAY(SELECT x FROM unnest(slugs) x WHERE NOT (x = ANY (placed))), ', '), 400)
+                USING ERRCODE = '22023', HINT = 'A flow is a DAG: no step may depend, directly or not, on itself.';
+        END IF;
+    END LOOP;
+    RETURN jsonb_build_object(
+        'max_attempts', coalesce(pgflow._shape_int(shape, 'max_attempts', '', true), 3),
+        'base_delay', coalesce(pgflow._shape_int(shape, 'base_delay', '', true), 1),
+        'timeout', coalesce(pgflow._shape_int(shape, 'timeout', '', true), 60),
+        'steps', out_steps);
+END
+$$;
+
+CREATE FUNCTION pgflow._fail_step_start(r pgflow.runs, q pgflow.queues, st pgflow.steps, err text) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    now_ timestamptz := clock_timestamp();
+BEGIN
+    PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
+    INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, failed_at, error_message)
+    VALUES (r.flow_slug, r.run_id, st.step_slug, 'failed', 0, now_, err)
+    ON CONFLICT (run_id, step_slug) DO UPDATE
+       SET status = 'failed', remaining_deps = 0, failed_at = now_, error_message = err;
+    PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
+END
+$$;
+
+CREATE FUNCTION pgflow._skip_step(r pgflow.runs, q pgflow.queues, st pgflow.steps, cascade boolean,
+                                  reason text, why text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    now_ timestamptz := clock_timestamp();
+    s text;
+BEGIN
+    INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, skipped_at, error_message)
+    VALUES (r.flow_slug, r.run_id, st.step_slug, 'skipped', 0, now_, why)
+    ON CONFLICT (run_id, step_slug) DO UPDATE
+       SET status = 'skipped', remaining_deps = 0, skipped_at = now_, error_message = why;
+    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+        'event', 'step_skipped', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
+        'reason', reason));
+    IF cascade THEN
+        FOR s IN
+            WITH RECURSIVE after_it AS (
+                SELECT d.step_slug FROM pgflow.deps d WHERE d.flow_slug = r.flow_slug AND d.dep_slug = st.step_slug
+                UNION
+                SELECT d.step_slug FROM pgflow.deps d JOIN after_it a ON d.dep_slug = a.step_slug
+                 WHERE d.flow_slug = r.flow_slug
+            )
+            UPDATE pgflow.step_states ss
+               SET status = 'skipped', remaining_deps = 0, skipped_at = now_,
+                   error_message = format('skipped with step "%s"', st.step_slug)
+              FROM after_it
+             WHERE ss.run_id = r.run_id AND ss.step_slug = after_it.step_slug AND ss.status = 'created'
+            RETURNING ss.step_slug
+        LOOP
+            PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+                'event', 'step_skipped', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', s,
+                'reason', 'cascade'));
+        END LOOP;
+    END IF;
+    RETURN pgflow._step_completed(r.run_id, q.queue_id, st.step_slug);
+END
+$$;
+
+CREATE FUNCTION pgflow._task_exhausted(r pgflow.runs, q pgflow.queues, st pgflow.steps, task_index integer,
+                                       attempts integer, err text, reason text) RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    now_ timestamptz := clock_timestamp();
+    ids bigint[];
+BEGIN
+    UPDATE pgflow.step_tasks t SET status = 'failed', error_message = err, failed_at = now_, attempts_count = attempts
+     WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_exhausted.task_index;
+    PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, task_index, attempts, false, reason);
+    IF st.when_exhausted = 'fail' THEN
+        PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
+        UPDATE pgflow.step_states s SET status = 'failed', failed_at = now_, error_message = err
+         WHERE s.run_id = r.run_id AND s.step_slug = st.step_slug;
+        PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
+        RETURN 'failed';
+    END IF;
+    -- the step's other tasks (a map step's): their messages, in msg_id order, then the tasks
+    ids := ARRAY(SELECT t.message_id FROM pgflow.step_tasks t
+                  WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.status IN ('queued', 'started')
+                  ORDER BY t.message_id);
+    IF cardinality(ids) > 0 THEN
+        PERFORM 1 FROM pgflow.messages m
+         WHERE m.queue_id = q.queue_id AND m.msg_id = ANY (ids) ORDER BY m.msg_id FOR UPDATE;
+        DELETE FROM pgflow.messages m WHERE m.queue_id = q.queue_id AND m.msg_id = ANY (ids);
+        UPDATE pgflow.step_tasks t SET status = 'cancelled'
+         WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.status IN ('queued', 'started');
+    END IF;
+    PERFORM pgflow._skip_step(r, q, st, st.when_exhausted = 'skip_cascade', 'exhausted', err);
+    RETURN 'step_skipped';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgflow._check_retention(older_than interval, max_rows integer) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF older_than IS NULL THEN
+        RAISE EXCEPTION 'older_than must not be null' USING ERRCODE = '22004',
+            HINT = 'Pass an interval such as ''7 days''.';
+    ELSIF older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must not be negative, not %', older_than USING ERRCODE = '22023';
+    ELSIF older_than > interval '1000 years' THEN
+        -- now() minus more than this leaves the range of timestamptz, or comes near it
+        RAISE EXCEPTION 'older_than must be at most 1000 years, not %', older_than USING ERRCODE = '22023';
+    END IF;
+    IF max_rows IS NOT NULL AND max_rows < 1 THEN
+        RAISE EXCEPTION 'max_rows must be at least 1 (or NULL for no limit), not %', max_rows USING ERRCODE = '22023';
+    END IF;
+END
+$$;
 
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule

@@ -15,6 +15,9 @@ BEGIN
             HINT = 'Pass an interval such as ''7 days''.';
     ELSIF older_than < interval '0' THEN
         RAISE EXCEPTION 'older_than must not be negative, not %', older_than USING ERRCODE = '22023';
+    ELSIF older_than > interval '1000 years' THEN
+        -- now() minus more than this leaves the range of timestamptz, or comes near it
+        RAISE EXCEPTION 'older_than must be at most 1000 years, not %', older_than USING ERRCODE = '22023';
     END IF;
     IF max_rows IS NOT NULL AND max_rows < 1 THEN
         RAISE EXCEPTION 'max_rows must be at least 1 (or NULL for no limit), not %', max_rows USING ERRCODE = '22023';

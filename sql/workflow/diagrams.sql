@@ -23,12 +23,16 @@ BEGIN
                    '---',
                    'flowchart TD'];
     FOR st IN
-        SELECT s.step_slug, s.step_type, s.step_index, s.opt_start_delay
+        SELECT s.step_slug, s.step_type, s.step_index, s.opt_start_delay,
+               s.if_input IS NOT NULL OR s.if_not_input IS NOT NULL AS conditional
           FROM pgflow.steps s WHERE s.flow_slug = _mermaid.flow_slug ORDER BY s.step_index
     LOOP
         label := st.step_slug;
         IF st.step_type = 'map' THEN
             label := label || '<br/>map';
+        END IF;
+        IF st.conditional THEN
+            label := label || '<br/>if condition';
         END IF;
         IF st.opt_start_delay > 0 THEN
             label := label || format('<br/>starts after %s s', st.opt_start_delay);
@@ -46,9 +50,12 @@ BEGIN
                 label := label || format(', %s attempts', state->'tasks'->>'attempts');
             END IF;
         END IF;
+        -- shapes: a map step is a subroutine box, a step with a condition a hexagon
         lines := lines || format('    s%s%s"%s"%s:::%s', st.step_index,
-                                 CASE WHEN st.step_type = 'map' THEN '[[' ELSE '[' END, label,
-                                 CASE WHEN st.step_type = 'map' THEN ']]' ELSE ']' END, status);
+                                 CASE WHEN st.step_type = 'map' THEN '[[' WHEN st.conditional THEN '{{' ELSE '[' END,
+                                 label,
+                                 CASE WHEN st.step_type = 'map' THEN ']]' WHEN st.conditional THEN '}}' ELSE ']' END,
+                                 status);
     END LOOP;
     lines := lines || ARRAY(
         SELECT format('    s%s --> s%s', dep.step_index, s.step_index)
@@ -64,7 +71,8 @@ BEGIN
         '    classDef started fill:#dbeafe,stroke:#2563eb,color:#1e3a8a',
         '    classDef completed fill:#dcfce7,stroke:#16a34a,color:#14532d',
         '    classDef failed fill:#fee2e2,stroke:#dc2626,color:#7f1d1d',
-        '    classDef cancelled fill:#e5e7eb,stroke:#4b5563,color:#374151,stroke-dasharray:4 3'];
+        '    classDef cancelled fill:#e5e7eb,stroke:#4b5563,color:#374151,stroke-dasharray:4 3',
+        '    classDef skipped fill:#fefce8,stroke:#ca8a04,color:#713f12,stroke-dasharray:2 2'];
     RETURN array_to_string(lines, E'\n') || E'\n';
 END
 $$;
@@ -78,7 +86,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.flow_mermaid(text) IS
-'The flow as a Mermaid flowchart (text): one node per step (map steps drawn as subroutines and marked "map", start delays noted), one edge per dependency. Render it with any Mermaid renderer.';
+'The flow as a Mermaid flowchart (text): one node per step (map steps drawn as subroutines and marked "map", steps with a condition as hexagons marked "if condition", start delays noted), one edge per dependency. Render it with any Mermaid renderer.';
 
 CREATE FUNCTION pgflow.run_mermaid(run_id uuid) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -92,4 +100,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.run_mermaid(uuid) IS
-'A run as a Mermaid flowchart (text): its flow''s graph with each step coloured and labelled by its state (created, started, completed, failed, cancelled), map steps with their completed and total task counts, single steps with their attempts when more than one; the title holds the run id and status.';
+'A run as a Mermaid flowchart (text): its flow''s graph with each step coloured and labelled by its state (created, started, completed, failed, cancelled, skipped), map steps with their completed and total task counts, single steps with their attempts when more than one; the title holds the run id and status.';

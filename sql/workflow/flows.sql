@@ -101,10 +101,46 @@ $$;
 COMMENT ON FUNCTION pgflow.create_flow(text, integer, integer, integer) IS
 'Create a flow and the queue of the same name that delivers its tasks; returns the flow row. Slug: ASCII letters, digits, underscore, 1-48 bytes. Task options, which steps may override: max_attempts (1-100, the first attempt included), base_delay (0-86400 s; retry n waits base_delay * 2^(n-1) s, capped at 86400 s), timeout (1-86400 s before a started task may be claimed again). Creating an existing flow with the same options is a no-op; with other options it fails with 42710.';
 
+-- A step's condition and what an unmet condition or running out of attempts does: the one
+-- check, for add_step and shapes. names: how the caller calls the four values (its arguments,
+-- or a shape's keys).
+CREATE FUNCTION pgflow._check_condition(if_input jsonb, if_not_input jsonb, when_unmet text, when_exhausted text,
+                                        names text[]) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF jsonb_typeof(if_input) IS DISTINCT FROM 'object' AND if_input IS NOT NULL THEN
+        RAISE EXCEPTION '% must be a JSON object, not a JSON %', names[1], jsonb_typeof(if_input)
+            USING ERRCODE = '22023',
+            HINT = 'A step''s input is an object, {"run": <run input>, "<dep>": <its output>, ...}; the condition is a part it must contain.';
+    END IF;
+    IF jsonb_typeof(if_not_input) IS DISTINCT FROM 'object' AND if_not_input IS NOT NULL THEN
+        RAISE EXCEPTION '% must be a JSON object, not a JSON %', names[2], jsonb_typeof(if_not_input)
+            USING ERRCODE = '22023',
+            HINT = 'A step''s input is an object, {"run": <run input>, "<dep>": <its output>, ...}; the condition is a part it must not contain.';
+    END IF;
+    IF when_unmet IS NULL THEN
+        RAISE EXCEPTION '% must not be null', names[3] USING ERRCODE = '22004';
+    ELSIF when_unmet NOT IN ('skip', 'skip_cascade', 'fail') THEN
+        RAISE EXCEPTION '% must be ''skip'', ''skip_cascade'' or ''fail'', not "%"', names[3], left(when_unmet, 64)
+            USING ERRCODE = '22023';
+    END IF;
+    IF when_exhausted IS NULL THEN
+        RAISE EXCEPTION '% must not be null', names[4] USING ERRCODE = '22004';
+    ELSIF when_exhausted NOT IN ('fail', 'skip', 'skip_cascade') THEN
+        RAISE EXCEPTION '% must be ''fail'', ''skip'' or ''skip_cascade'', not "%"', names[4], left(when_exhausted, 64)
+            USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
 CREATE FUNCTION pgflow.add_step(flow_slug text, step_slug text, deps_slugs text[] DEFAULT '{}',
                                 max_attempts integer DEFAULT NULL, base_delay integer DEFAULT NULL,
                                 timeout integer DEFAULT NULL, start_delay integer DEFAULT NULL,
-                                step_type text DEFAULT 'single')
+                                step_type text DEFAULT 'single', if_input jsonb DEFAULT NULL,
+                                if_not_input jsonb DEFAULT NULL, when_unmet text DEFAULT 'skip',
+                                when_exhausted text DEFAULT 'fail')
 RETURNS pgflow.steps
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -158,6 +194,9 @@ BEGIN
             cardinality(add_step.deps_slugs) USING ERRCODE = '22023',
             HINT = 'A map step maps over the run input (no dependency) or over the array output of its one dependency.';
     END IF;
+    PERFORM pgflow._check_condition(add_step.if_input, add_step.if_not_input, add_step.when_unmet,
+                                    add_step.when_exhausted,
+                                    ARRAY['if_input', 'if_not_input', 'when_unmet', 'when_exhausted']);
 
     -- Definitions of one flow are serialised on its row.
     SELECT * INTO f FROM pgflow.flows WHERE flow_slug = add_step.flow_slug FOR UPDATE;
@@ -171,9 +210,11 @@ BEGIN
         old_deps := ARRAY(SELECT dd.dep_slug FROM pgflow.deps dd
                            WHERE dd.flow_slug = add_step.flow_slug AND dd.step_slug = add_step.step_slug
                            ORDER BY dd.dep_index);
-        IF (s.step_type, s.opt_max_attempts, s.opt_base_delay, s.opt_timeout, s.opt_start_delay, old_deps)
+        IF (s.step_type, s.opt_max_attempts, s.opt_base_delay, s.opt_timeout, s.opt_start_delay, old_deps,
+            s.if_input, s.if_not_input, s.when_unmet, s.when_exhausted)
            IS DISTINCT FROM (add_step.step_type, add_step.max_attempts, add_step.base_delay, add_step.timeout,
-                             add_step.start_delay, add_step.deps_slugs) THEN
+                             add_step.start_delay, add_step.deps_slugs, add_step.if_input, add_step.if_not_input,
+                             add_step.when_unmet, add_step.when_exhausted) THEN
             RAISE EXCEPTION 'step "%" of flow "%" already exists with another definition', add_step.step_slug,
                 add_step.flow_slug USING ERRCODE = '42710',
                 HINT = 'A flow''s definition does not change: drop it with pgflow.drop_flow, or use another step_slug.';
@@ -195,11 +236,13 @@ BEGIN
     END IF;
 
     INSERT INTO pgflow.steps (flow_slug, step_slug, step_type, step_index, deps_count, opt_max_attempts,
-                              opt_base_delay, opt_timeout, opt_start_delay)
+                              opt_base_delay, opt_timeout, opt_start_delay, if_input, if_not_input, when_unmet,
+                              when_exhausted)
     VALUES (add_step.flow_slug, add_step.step_slug, add_step.step_type,
             (SELECT count(*) FROM pgflow.steps x WHERE x.flow_slug = add_step.flow_slug),
             cardinality(add_step.deps_slugs), add_step.max_attempts, add_step.base_delay, add_step.timeout,
-            add_step.start_delay)
+            add_step.start_delay, add_step.if_input, add_step.if_not_input, add_step.when_unmet,
+            add_step.when_exhausted)
     RETURNING * INTO s;
     INSERT INTO pgflow.deps (flow_slug, dep_slug, step_slug, dep_index)
     SELECT add_step.flow_slug, x.dep, add_step.step_slug, x.i - 1
@@ -207,8 +250,8 @@ BEGIN
     RETURN s;
 END
 $$;
-COMMENT ON FUNCTION pgflow.add_step(text, text, text[], integer, integer, integer, integer, text) IS
-'Add a step to a flow; returns the step row. deps_slugs: steps of the flow, already added, that must complete first (so a flow is a DAG by construction). Options left NULL inherit the flow''s; start_delay (0-31536000 s) delays the step''s tasks after it becomes ready. step_type ''map'': one task per element of an array, the run input (no dependency) or the output of its one dependency; its output is the array of its task outputs. Adding an identical step again is a no-op; a different one fails with 42710; a flow that has runs can take no new steps (55000).';
+COMMENT ON FUNCTION pgflow.add_step(text, text, text[], integer, integer, integer, integer, text, jsonb, jsonb, text, text) IS
+'Add a step to a flow; returns the step row. deps_slugs: steps of the flow, already added, that must complete (or be skipped) first (so a flow is a DAG by construction). Options left NULL inherit the flow''s; start_delay (0-31536000 s) delays the step''s tasks after it becomes ready. step_type ''map'': one task per element of an array, the run input (no dependency) or the output of its one dependency; its output is the array of its task outputs. Condition: when the step becomes ready, its input ({"run": ..., "<dep>": <output>, ...}) must contain if_input and must not contain if_not_input (JSON objects, jsonb @>); when_unmet: skip (default; dependents run without its key), skip_cascade (it and every step after it are skipped) or fail (the run fails). when_exhausted: what running out of attempts (or fail_task with retry => false) does: fail (default: the run fails), skip or skip_cascade. Adding an identical step again is a no-op; a different one fails with 42710; a flow that has runs can take no new steps (55000).';
 
 ---------------------------------------------------------------------------------------------
 -- Shapes: a whole flow as one JSON document
@@ -234,7 +277,11 @@ BEGIN
                        'max_attempts', s.opt_max_attempts,
                        'base_delay', s.opt_base_delay,
                        'timeout', s.opt_timeout,
-                       'start_delay', s.opt_start_delay))
+                       'start_delay', s.opt_start_delay,
+                       'if', s.if_input,
+                       'if_not', s.if_not_input,
+                       'when_unmet', nullif(s.when_unmet, 'skip'),
+                       'when_exhausted', nullif(s.when_exhausted, 'fail')))
                    || jsonb_build_object('deps', coalesce((
                        SELECT jsonb_agg(d.dep_slug ORDER BY d.dep_index) FROM pgflow.deps d
                         WHERE d.flow_slug = s.flow_slug AND d.step_slug = s.step_slug), '[]'::jsonb))
@@ -243,7 +290,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.get_flow_shape(text) IS
-'The whole definition of a flow as one JSON document: {"max_attempts","base_delay","timeout","steps":[{"slug","type","deps":[...], and "max_attempts","base_delay","timeout","start_delay" where the step overrides the flow}, ...]}, steps in definition order. pgflow.create_flow_from_shape accepts it back unchanged.';
+'The whole definition of a flow as one JSON document: {"max_attempts","base_delay","timeout","steps":[{"slug","type","deps":[...], and "max_attempts","base_delay","timeout","start_delay" where the step overrides the flow, and "if","if_not","when_unmet","when_exhausted" where the step has a condition or does not take the defaults}, ...]}, steps in definition order. pgflow.create_flow_from_shape accepts it back unchanged.';
 
 CREATE FUNCTION pgflow._shape_int(doc jsonb, key text, path text, nullable boolean) RETURNS integer
 LANGUAGE plpgsql IMMUTABLE
@@ -309,10 +356,11 @@ BEGIN
             RAISE EXCEPTION 'invalid flow shape: steps[%] must be an object', i USING ERRCODE = '22023';
         END IF;
         FOR k IN SELECT jsonb_object_keys(st) LOOP
-            IF k NOT IN ('slug', 'type', 'deps', 'max_attempts', 'base_delay', 'timeout', 'start_delay') THEN
+            IF k NOT IN ('slug', 'type', 'deps', 'max_attempts', 'base_delay', 'timeout', 'start_delay',
+                         'if', 'if_not', 'when_unmet', 'when_exhausted') THEN
                 RAISE EXCEPTION 'invalid flow shape: unknown key "%" in steps[%]', left(k, 64), i
                     USING ERRCODE = '22023',
-                    HINT = 'A step has the keys slug, type, deps, max_attempts, base_delay, timeout and start_delay.';
+                    HINT = 'A step has the keys slug, type, deps, max_attempts, base_delay, timeout, start_delay, if, if_not, when_unmet and when_exhausted.';
             END IF;
         END LOOP;
         IF jsonb_typeof(st -> 'slug') IS DISTINCT FROM 'string' THEN
@@ -357,13 +405,26 @@ BEGIN
         PERFORM pgflow._check_option(where_ || 'base_delay', pgflow._shape_int(st, 'base_delay', where_, true), 0, 86400, true);
         PERFORM pgflow._check_option(where_ || 'timeout', pgflow._shape_int(st, 'timeout', where_, true), 1, 86400, true);
         PERFORM pgflow._check_option(where_ || 'start_delay', pgflow._shape_int(st, 'start_delay', where_, true), 0, 31536000, true);
+        IF jsonb_typeof(st -> 'when_unmet') NOT IN ('string', 'null') OR jsonb_typeof(st -> 'when_exhausted') NOT IN ('string', 'null') THEN
+            RAISE EXCEPTION 'invalid flow shape: %when_unmet and %when_exhausted must be strings', where_, where_
+                USING ERRCODE = '22023';
+        END IF;
+        PERFORM pgflow._check_condition(nullif(st -> 'if', 'null'::jsonb), nullif(st -> 'if_not', 'null'::jsonb),
+                                        coalesce(st ->> 'when_unmet', 'skip'), coalesce(st ->> 'when_exhausted', 'fail'),
+                                        ARRAY['invalid flow shape: ' || where_ || 'if', 'invalid flow shape: ' || where_ || 'if_not',
+                                              'invalid flow shape: ' || where_ || 'when_unmet',
+                                              'invalid flow shape: ' || where_ || 'when_exhausted']);
         slugs := slugs || (st ->> 'slug');
         steps := steps || (jsonb_strip_nulls(jsonb_build_object(
             'slug', st ->> 'slug', 'type', t,
             'max_attempts', pgflow._shape_int(st, 'max_attempts', where_, true),
             'base_delay', pgflow._shape_int(st, 'base_delay', where_, true),
             'timeout', pgflow._shape_int(st, 'timeout', where_, true),
-            'start_delay', pgflow._shape_int(st, 'start_delay', where_, true)))
+            'start_delay', pgflow._shape_int(st, 'start_delay', where_, true),
+            'if', nullif(st -> 'if', 'null'::jsonb),
+            'if_not', nullif(st -> 'if_not', 'null'::jsonb),
+            'when_unmet', nullif(st ->> 'when_unmet', 'skip'),
+            'when_exhausted', nullif(st ->> 'when_exhausted', 'fail')))
             || jsonb_build_object('deps', to_jsonb(deps)));
         i := i + 1;
     END LOOP;
@@ -436,13 +497,15 @@ BEGIN
         PERFORM pgflow.add_step(create_flow_from_shape.flow_slug, st ->> 'slug',
                                 ARRAY(SELECT jsonb_array_elements_text(st -> 'deps')),
                                 (st ->> 'max_attempts')::integer, (st ->> 'base_delay')::integer,
-                                (st ->> 'timeout')::integer, (st ->> 'start_delay')::integer, st ->> 'type');
+                                (st ->> 'timeout')::integer, (st ->> 'start_delay')::integer, st ->> 'type',
+                                st -> 'if', st -> 'if_not', coalesce(st ->> 'when_unmet', 'skip'),
+                                coalesce(st ->> 'when_exhausted', 'fail'));
     END LOOP;
     RETURN true;
 END
 $$;
 COMMENT ON FUNCTION pgflow.create_flow_from_shape(text, jsonb) IS
-'Create a whole flow from one JSON document, in one step: {"max_attempts","base_delay","timeout" (optional, defaults 3, 1, 60), "steps":[{"slug", "type" ("single" or "map", default single), "deps" (default []), "max_attempts","base_delay","timeout","start_delay" (optional)}]}. Steps may be listed in any order that has no cycle. Returns true if created, false if the flow exists with the same shape; another shape fails with 42710. An invalid shape (unknown key, bad slug or option, duplicate step, unknown dependency, cycle) fails with 22023 naming the problem and creates nothing.';
+'Create a whole flow from one JSON document, in one step: {"max_attempts","base_delay","timeout" (optional, defaults 3, 1, 60), "steps":[{"slug", "type" ("single" or "map", default single), "deps" (default []), "max_attempts","base_delay","timeout","start_delay", "if","if_not","when_unmet","when_exhausted" (optional; as add_step''s if_input, if_not_input, when_unmet and when_exhausted)}]}. Steps may be listed in any order that has no cycle. Returns true if created, false if the flow exists with the same shape; another shape fails with 42710. An invalid shape (unknown key, bad slug or option, duplicate step, unknown dependency, cycle) fails with 22023 naming the problem and creates nothing.';
 
 CREATE FUNCTION pgflow.drop_flow(flow_slug text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER

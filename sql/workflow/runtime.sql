@@ -108,13 +108,80 @@ BEGIN
 END
 $$;
 
+-- Step st of run r cannot start (the caller holds the run lock): a map over a non-array, or a
+-- condition not met with when_unmet fail. Its state becomes failed with err, and the run fails.
+CREATE FUNCTION pgflow._fail_step_start(r pgflow.runs, q pgflow.queues, st pgflow.steps, err text) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    now_ timestamptz := clock_timestamp();
+BEGIN
+    PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
+    INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, failed_at, error_message)
+    VALUES (r.flow_slug, r.run_id, st.step_slug, 'failed', 0, now_, err)
+    ON CONFLICT (run_id, step_slug) DO UPDATE
+       SET status = 'failed', remaining_deps = 0, failed_at = now_, error_message = err;
+    PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
+END
+$$;
+
+-- Skip step st of run r (the caller holds the run lock) for `reason` (condition, exhausted,
+-- no_input; the event says it), keeping `why` on its state; with cascade, every step after it
+-- that has not started is skipped too (reason cascade). A skipped step counts as finished for
+-- its dependents, which run without its key in their input, and for its run, which completes
+-- when every step has completed or been skipped. Returns false if the run failed meanwhile.
+CREATE FUNCTION pgflow._skip_step(r pgflow.runs, q pgflow.queues, st pgflow.steps, cascade boolean,
+                                  reason text, why text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    now_ timestamptz := clock_timestamp();
+    s text;
+BEGIN
+    INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, skipped_at, error_message)
+    VALUES (r.flow_slug, r.run_id, st.step_slug, 'skipped', 0, now_, why)
+    ON CONFLICT (run_id, step_slug) DO UPDATE
+       SET status = 'skipped', remaining_deps = 0, skipped_at = now_, error_message = why;
+    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+        'event', 'step_skipped', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug,
+        'reason', reason));
+    IF cascade THEN
+        FOR s IN
+            WITH RECURSIVE after_it AS (
+                SELECT d.step_slug FROM pgflow.deps d WHERE d.flow_slug = r.flow_slug AND d.dep_slug = st.step_slug
+                UNION
+                SELECT d.step_slug FROM pgflow.deps d JOIN after_it a ON d.dep_slug = a.step_slug
+                 WHERE d.flow_slug = r.flow_slug
+            )
+            UPDATE pgflow.step_states ss
+               SET status = 'skipped', remaining_deps = 0, skipped_at = now_,
+                   error_message = format('skipped with step "%s"', st.step_slug)
+              FROM after_it
+             WHERE ss.run_id = r.run_id AND ss.step_slug = after_it.step_slug AND ss.status = 'created'
+            RETURNING ss.step_slug
+        LOOP
+            PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+                'event', 'step_skipped', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', s,
+                'reason', 'cascade'));
+        END LOOP;
+    END IF;
+    RETURN pgflow._step_completed(r.run_id, q.queue_id, st.step_slug);
+END
+$$;
+
 -- Start step st of run r (all its deps completed; the caller holds the run lock): set its state
 -- to started and queue its tasks, one for a single step, one per array element for a map step.
 -- A task's message has the priority of its step's step_index: tasks of later steps are served
 -- before those of earlier ones, so runs under way finish before new runs start (fewer runs in
 -- flight, shorter run latency, and a small set of pages touched per task).
--- A map over an empty array completes at once with []; over a non-array it fails the run.
--- Returns false if the run failed.
+-- A map over an empty array completes at once with []; over a non-array it fails the run; over
+-- the output of a skipped step it is skipped. A step with a condition is tested first, on the
+-- input its task would get (pgflow._step_input): unmet, it is skipped (when_unmet skip or
+-- skip_cascade) or fails the run (fail). Returns false if the run failed.
 CREATE FUNCTION pgflow._start_step(r pgflow.runs, q pgflow.queues, st pgflow.steps) RETURNS boolean
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -127,8 +194,18 @@ DECLARE
     n integer;
     dep text;
     dep_type text;
-    err text;
+    inp jsonb;
 BEGIN
+    IF st.if_input IS NOT NULL OR st.if_not_input IS NOT NULL THEN
+        inp := pgflow._step_input(r.run_id, r.flow_slug, st.step_slug);
+        IF NOT (coalesce(inp @> st.if_input, true) AND NOT coalesce(inp @> st.if_not_input, false)) THEN
+            IF st.when_unmet = 'fail' THEN
+                PERFORM pgflow._fail_step_start(r, q, st, format('the condition of step "%s" is not met', st.step_slug));
+                RETURN false;
+            END IF;
+            RETURN pgflow._skip_step(r, q, st, st.when_unmet = 'skip_cascade', 'condition', 'its condition is not met');
+        END IF;
+    END IF;
     IF st.step_type = 'single' THEN
         PERFORM pgflow._start_single_step(r.run_id, r.flow_slug, q.queue_id, q.msg_seq, st.step_slug,
                                           st.step_index, coalesce(st.opt_start_delay, 0), st.deps_count = 0);
@@ -143,17 +220,17 @@ BEGIN
           FROM pgflow.deps d JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
          WHERE d.flow_slug = st.flow_slug AND d.step_slug = st.step_slug;
         arr := pgflow._step_output(r.run_id, dep, dep_type);
+        IF arr IS NULL AND EXISTS (SELECT 1 FROM pgflow.step_states ss
+                                    WHERE ss.run_id = r.run_id AND ss.step_slug = dep AND ss.status = 'skipped') THEN
+            RETURN pgflow._skip_step(r, q, st, false, 'no_input',
+                                     format('step "%s", whose output it maps over, was skipped', dep));
+        END IF;
     END IF;
     IF jsonb_typeof(arr) IS DISTINCT FROM 'array' THEN
-        err := format('map step "%s" needs an array to map over, but %s is a JSON %s',
-                      st.step_slug, CASE WHEN dep IS NULL THEN 'the run input' ELSE format('the output of step "%s"', dep) END,
-                      coalesce(jsonb_typeof(arr), 'null'));
-        PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
-        INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, failed_at, error_message)
-        VALUES (r.flow_slug, r.run_id, st.step_slug, 'failed', 0, now_, err)
-        ON CONFLICT (run_id, step_slug) DO UPDATE
-           SET status = 'failed', remaining_deps = 0, failed_at = now_, error_message = err;
-        PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
+        PERFORM pgflow._fail_step_start(r, q, st, format(
+            'map step "%s" needs an array to map over, but %s is a JSON %s',
+            st.step_slug, CASE WHEN dep IS NULL THEN 'the run input' ELSE format('the output of step "%s"', dep) END,
+            coalesce(jsonb_typeof(arr), 'null')));
         RETURN false;
     END IF;
     n := jsonb_array_length(arr);
@@ -206,10 +283,10 @@ CREATE FUNCTION pgflow._start_single_step(run_id uuid, flow_slug text, queue_id 
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'pgflow_start_single_step';
 
--- Step step_slug of run run_id has just completed (its state says so; the caller holds the run
--- lock): start the dependents whose deps are now all complete, in step_index order, and
--- complete the run when a leaf completes and no step is left. Returns false if the run failed
--- meanwhile (a map over a non-array). In Rust (src/workflow/), where complete_task calls it
+-- Step step_slug of run run_id has just completed or been skipped (its state says so; the caller
+-- holds the run lock): start the dependents whose deps are now all finished, in step_index
+-- order, and complete the run when no step is left. Returns false if the run failed meanwhile
+-- (a map over a non-array, a condition with when_unmet fail). In Rust (src/workflow/), where complete_task calls it
 -- directly; declared for _start_step above.
 CREATE FUNCTION pgflow._step_completed(run_id uuid, queue_id bigint, step_slug text) RETURNS boolean
 LANGUAGE c VOLATILE
@@ -277,6 +354,48 @@ COMMENT ON FUNCTION pgflow.start_flow(text, jsonb, uuid) IS
 -- Claiming tasks
 ---------------------------------------------------------------------------------------------
 
+-- Task task_index of step st ran out of attempts, or failed with retry => false (the caller
+-- holds the run lock and has deleted the task's message): the one home of what follows, for
+-- fail_task and a timed-out last attempt. The task fails; then, as the step's when_exhausted
+-- says, the step and the run fail (fail: the run's other tasks are no longer handed out), or
+-- the step is skipped (skip, skip_cascade: its other tasks are cancelled, and the run goes
+-- on). Returns the outcome: failed or step_skipped.
+CREATE FUNCTION pgflow._task_exhausted(r pgflow.runs, q pgflow.queues, st pgflow.steps, task_index integer,
+                                       attempts integer, err text, reason text) RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    now_ timestamptz := clock_timestamp();
+    ids bigint[];
+BEGIN
+    UPDATE pgflow.step_tasks t SET status = 'failed', error_message = err, failed_at = now_, attempts_count = attempts
+     WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_exhausted.task_index;
+    PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, task_index, attempts, false, reason);
+    IF st.when_exhausted = 'fail' THEN
+        PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
+        UPDATE pgflow.step_states s SET status = 'failed', failed_at = now_, error_message = err
+         WHERE s.run_id = r.run_id AND s.step_slug = st.step_slug;
+        PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
+        RETURN 'failed';
+    END IF;
+    -- the step's other tasks (a map step's): their messages, in msg_id order, then the tasks
+    ids := ARRAY(SELECT t.message_id FROM pgflow.step_tasks t
+                  WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.status IN ('queued', 'started')
+                  ORDER BY t.message_id);
+    IF cardinality(ids) > 0 THEN
+        PERFORM 1 FROM pgflow.messages m
+         WHERE m.queue_id = q.queue_id AND m.msg_id = ANY (ids) ORDER BY m.msg_id FOR UPDATE;
+        DELETE FROM pgflow.messages m WHERE m.queue_id = q.queue_id AND m.msg_id = ANY (ids);
+        UPDATE pgflow.step_tasks t SET status = 'cancelled'
+         WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.status IN ('queued', 'started');
+    END IF;
+    PERFORM pgflow._skip_step(r, q, st, st.when_exhausted = 'skip_cascade', 'exhausted', err);
+    RETURN 'step_skipped';
+END
+$$;
+
 -- The last allowed attempt of a task timed out (its message came back after max_attempts
 -- deliveries): fail the task, its step and its run. The caller holds the message lock, so the
 -- run lock is only tried: if busy, the message is looked at again a second later.
@@ -308,13 +427,8 @@ BEGIN
     END IF;
     err := format('timed out: not completed within %s s on its last attempt (%s of %s)',
                   coalesce(st.opt_timeout, f.opt_timeout), read_ct - 1, coalesce(st.opt_max_attempts, f.opt_max_attempts));
-    PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
-    UPDATE pgflow.step_states SET status = 'failed', failed_at = now_, error_message = err
-     WHERE run_id = r.run_id AND step_slug = st.step_slug;
-    UPDATE pgflow.step_tasks t SET status = 'failed', failed_at = now_, error_message = err, attempts_count = read_ct - 1
-     WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_timed_out.task_index;
-    PERFORM pgflow._emit_task_failed(r.run_id, f.flow_slug, st.step_slug, task_index, read_ct - 1, false, 'timeout');
-    PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
+    DELETE FROM pgflow.messages m WHERE m.queue_id = q.queue_id AND m.msg_id = _task_timed_out.msg_id;
+    PERFORM pgflow._task_exhausted(r, q, st, task_index, read_ct - 1, err, 'timeout');
 END
 $$;
 
@@ -516,8 +630,7 @@ BEGIN
         RETURN 'retrying';
     END IF;
     -- Out of attempts, or a permanent error (retry => false): the task's message (only the
-    -- caller's delivery, when it names its worker_id), the run's other messages, the step
-    -- state, the task; then the run fails.
+    -- caller's delivery, when it names its worker_id), then what when_exhausted says.
     DELETE FROM pgflow.messages m
      WHERE m.queue_id = q.queue_id AND m.msg_id = t.message_id
        AND (fail_task.worker_id IS NULL OR m.read_ct = t.attempts_count);
@@ -525,19 +638,12 @@ BEGIN
         RETURN pgflow._end_task_recheck(fail_task.run_id, fail_task.step_slug, fail_task.task_index,
                                         fail_task.worker_id, t.attempts_count);
     END IF;
-    PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
-    UPDATE pgflow.step_states s SET status = 'failed', failed_at = now_, error_message = err
-     WHERE s.run_id = fail_task.run_id AND s.step_slug = fail_task.step_slug;
-    UPDATE pgflow.step_tasks x SET status = 'failed', error_message = err, failed_at = now_
-     WHERE x.run_id = fail_task.run_id AND x.step_slug = fail_task.step_slug AND x.task_index = fail_task.task_index;
-    PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, fail_task.task_index, t.attempts_count, false,
-                                     CASE WHEN fail_task.retry THEN 'error' ELSE 'permanent' END);
-    PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, fail_task.error_message);
-    RETURN 'failed';
+    RETURN pgflow._task_exhausted(r, q, st, fail_task.task_index, t.attempts_count, err,
+                                  CASE WHEN fail_task.retry THEN 'error' ELSE 'permanent' END);
 END
 $$;
 COMMENT ON FUNCTION pgflow.fail_task(uuid, text, integer, text, uuid, boolean) IS
-'Report a failed attempt of a started task. Returns retrying (the task is queued again and becomes claimable after base_delay * 2^(attempt-1) seconds, capped at 86400) or failed (it was the last of max_attempts, or retry => false said no retry can fix it: the task, its step and its run fail, and the run''s other queued tasks are no longer handed out); or, changing nothing, the no-op outcomes of complete_task (already_completed, already_failed, not_started, run_failed, run_cancelled, stale). The error is kept on the task, truncated to 2000 characters.';
+'Report a failed attempt of a started task. Returns retrying (the task is queued again and becomes claimable after base_delay * 2^(attempt-1) seconds, capped at 86400) or failed (it was the last of max_attempts, or retry => false said no retry can fix it: the task, its step and its run fail, and the run''s other queued tasks are no longer handed out) or step_skipped (the same, for a step whose when_exhausted is skip or skip_cascade: the task fails, its step is skipped, its other tasks are cancelled, and the run goes on); or, changing nothing, the no-op outcomes of complete_task (already_completed, already_failed, not_started, run_failed, run_cancelled, step_skipped, stale). The error is kept on the task, truncated to 2000 characters.';
 
 -- Cancel a run: its queued and started tasks, its steps not yet finished and the run itself
 -- become cancelled, and the run's messages are removed, under the run lock (a complete_task or
@@ -628,7 +734,7 @@ BEGIN
       FROM pgflow.step_tasks t
       JOIN pgflow.step_states ss ON ss.run_id = t.run_id AND ss.step_slug = t.step_slug
       JOIN pgflow.steps s ON s.flow_slug = r.flow_slug AND s.step_slug = t.step_slug
-     WHERE t.run_id = r.run_id AND t.status <> 'completed' AND ss.status <> 'completed';
+     WHERE t.run_id = r.run_id AND t.status <> 'completed' AND ss.status NOT IN ('completed', 'skipped');
     UPDATE pgflow.runs x SET status = 'started', failed_at = NULL, cancelled_at = NULL WHERE x.run_id = r.run_id;
     r.status := 'started';
     FOR st IN
@@ -636,7 +742,7 @@ BEGIN
                EXISTS (SELECT 1 FROM pgflow.step_tasks t WHERE t.run_id = r.run_id AND t.step_slug = s.step_slug) AS has_tasks
           FROM pgflow.step_states ss
           JOIN pgflow.steps s ON s.flow_slug = r.flow_slug AND s.step_slug = ss.step_slug
-         WHERE ss.run_id = r.run_id AND ss.status <> 'completed'
+         WHERE ss.run_id = r.run_id AND ss.status NOT IN ('completed', 'skipped')
          ORDER BY s.step_index
     LOOP
         IF st.state_status = 'failed' AND NOT st.has_tasks THEN
@@ -729,7 +835,7 @@ BEGIN
                    'remaining_deps', ss.remaining_deps, 'remaining_tasks', ss.remaining_tasks,
                    'initial_tasks', ss.initial_tasks, 'error_message', ss.error_message,
                    'created_at', ss.created_at, 'started_at', ss.started_at,
-                   'completed_at', ss.completed_at, 'failed_at', ss.failed_at,
+                   'completed_at', ss.completed_at, 'failed_at', ss.failed_at, 'skipped_at', ss.skipped_at,
                    'tasks', (SELECT jsonb_build_object(
                                  'queued', count(*) FILTER (WHERE t.status = 'queued'),
                                  'started', count(*) FILTER (WHERE t.status = 'started'),

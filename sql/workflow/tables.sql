@@ -38,6 +38,13 @@ CREATE TABLE pgflow.steps (
     opt_timeout       integer,
     opt_start_delay   integer,
     created_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- the step's condition: its input must contain if_input and must not contain if_not_input
+    -- (jsonb @>); when_unmet says what an unmet condition does, when_exhausted what running
+    -- out of attempts does
+    if_input          jsonb,
+    if_not_input      jsonb,
+    when_unmet        text NOT NULL DEFAULT 'skip',
+    when_exhausted    text NOT NULL DEFAULT 'fail',
     PRIMARY KEY (flow_slug, step_slug),
     UNIQUE (flow_slug, step_index),
     CONSTRAINT steps_slug_allowed CHECK (step_slug ~ '^[A-Za-z0-9_]{1,48}$'),
@@ -46,9 +53,11 @@ CREATE TABLE pgflow.steps (
     CONSTRAINT steps_max_attempts_range CHECK (opt_max_attempts BETWEEN 1 AND 100),
     CONSTRAINT steps_base_delay_range CHECK (opt_base_delay BETWEEN 0 AND 86400),
     CONSTRAINT steps_timeout_range CHECK (opt_timeout BETWEEN 1 AND 86400),
-    CONSTRAINT steps_start_delay_range CHECK (opt_start_delay BETWEEN 0 AND 31536000)
+    CONSTRAINT steps_start_delay_range CHECK (opt_start_delay BETWEEN 0 AND 31536000),
+    CONSTRAINT steps_when_unmet_allowed CHECK (when_unmet IN ('skip', 'skip_cascade', 'fail')),
+    CONSTRAINT steps_when_exhausted_allowed CHECK (when_exhausted IN ('fail', 'skip', 'skip_cascade'))
 );
-COMMENT ON TABLE pgflow.steps IS 'pgflow: the steps of each flow, in definition order, with their type and option overrides.';
+COMMENT ON TABLE pgflow.steps IS 'pgflow: the steps of each flow, in definition order, with their type, option overrides and condition.';
 
 CREATE TABLE pgflow.deps (
     flow_slug   text NOT NULL,
@@ -95,10 +104,11 @@ CREATE TABLE pgflow.step_states (
     started_at       timestamptz,
     completed_at     timestamptz,
     failed_at        timestamptz,
+    skipped_at       timestamptz,
     PRIMARY KEY (run_id, step_slug),
-    CONSTRAINT step_states_status_allowed CHECK (status IN ('created', 'started', 'completed', 'failed', 'cancelled'))
+    CONSTRAINT step_states_status_allowed CHECK (status IN ('created', 'started', 'completed', 'failed', 'cancelled', 'skipped'))
 ) WITH (fillfactor = 60);
-COMMENT ON TABLE pgflow.step_states IS 'pgflow: state of each step of each run: created (waiting for deps), started (tasks queued), completed, failed or cancelled (its run was cancelled before it finished).';
+COMMENT ON TABLE pgflow.step_states IS 'pgflow: state of each step of each run: created (waiting for deps), started (tasks queued), completed, failed, cancelled (its run was cancelled before it finished) or skipped (its condition was not met, it ran out of attempts with when_exhausted skip, or a step it depends on was skipped with skip_cascade).';
 
 CREATE TABLE pgflow.step_tasks (
     flow_slug       text NOT NULL,

@@ -27,7 +27,7 @@ use crate::pg::{
 use crate::queue::{check_ids, check_lease, check_poll};
 use crate::v1;
 use pgrx::pg_sys::{self, Datum, FunctionCallInfo, Oid};
-use pgrx::prelude::{pg_extern, search_path};
+use pgrx::prelude::{pg_extern, search_path, Spi};
 use pgrx::PgSqlErrorCode;
 use serde_json::{json, Value};
 
@@ -51,6 +51,32 @@ enum Stmt {
     DecrementDeps,
     CompleteRun,
     RunAndQueue,
+    StepInput,
+    DependentState,
+}
+
+/// The input of a step's task (a map task gets its array element instead), the one place it is
+/// built: `{"run": <run input>, "<dep>": <its output>, ...}`, where a skipped dependency (whose
+/// output is SQL NULL: a completed step's never is) leaves no key. `$run_input` is the run's
+/// input, `$run`, `$flow` and `$step` the parameters naming the run, its flow and the step.
+/// Used by [`Stmt::StartTask`] and [`Stmt::StepInput`] (a step's condition).
+macro_rules! step_input {
+    ($run_input:literal, $run:literal, $flow:literal, $step:literal) => {
+        concat!(
+            "jsonb_build_object('run', ", $run_input, ") || coalesce((
+                 SELECT jsonb_object_agg(d.dep_slug, o.output) FILTER (WHERE o.output IS NOT NULL)
+                   FROM pgflow.deps d
+                   JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
+                   LEFT JOIN pgflow.step_states ss
+                          ON s.step_type = 'map' AND ss.run_id = ", $run, " AND ss.step_slug = d.dep_slug
+                   LEFT JOIN pgflow.step_tasks tt
+                          ON s.step_type = 'single' AND tt.run_id = ", $run, "
+                         AND tt.step_slug = d.dep_slug AND tt.task_index = 0
+                  CROSS JOIN LATERAL (SELECT CASE WHEN s.step_type = 'map' THEN ss.output ELSE tt.output END
+                                                 AS output) o
+                  WHERE d.flow_slug = ", $flow, " AND d.step_slug = ", $step, "), '{}'::jsonb)"
+        )
+    };
 }
 
 /// The task a claimed message's body names: run_id, step_slug and task_index, each NULL where
@@ -162,7 +188,8 @@ impl Statement for Stmt {
             // its input ({"run": ..., "<dep>": <output>, ...}, or the element of a map task)
             // and whether it was started. No row: the task cannot start (see NotStartable).
             Stmt::StartTask => (
-                "WITH cur AS (
+                concat!(
+                    "WITH cur AS (
                      SELECT t.status AS old_status, r.input AS run_input, s.step_type, s.deps_count,
                             coalesce(s.opt_timeout, $9) AS timeout
                        FROM pgflow.step_tasks t
@@ -183,20 +210,13 @@ impl Statement for Stmt {
                  SELECT cur.old_status, cur.timeout,
                         CASE WHEN cur.step_type = 'map' THEN $8 -> 'input'
                              WHEN cur.deps_count = 0 THEN jsonb_build_object('run', cur.run_input)
-                             ELSE jsonb_build_object('run', cur.run_input) || coalesce((
-                                  SELECT jsonb_object_agg(d.dep_slug,
-                                             CASE WHEN s.step_type = 'map' THEN ss.output ELSE tt.output END)
-                                    FROM pgflow.deps d
-                                    JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
-                                    LEFT JOIN pgflow.step_states ss
-                                           ON s.step_type = 'map' AND ss.run_id = $1 AND ss.step_slug = d.dep_slug
-                                    LEFT JOIN pgflow.step_tasks tt
-                                           ON s.step_type = 'single' AND tt.run_id = $1
-                                          AND tt.step_slug = d.dep_slug AND tt.task_index = 0
-                                   WHERE d.flow_slug = $6 AND d.step_slug = $2), '{}'::jsonb)
+                             ELSE ",
+                step_input!("cur.run_input", "$1", "$6", "$2"),
+                "
                         END,
                         (SELECT count(*) FROM started)
-                   FROM cur",
+                   FROM cur"
+                ),
                 &[UUID, TEXT, INT4, INT4, UUID, TEXT, INT4, JSONB, INT4],
             ),
             // $1 flow_slug, $2 queue_id, $3 msg_id, $4 read_ct, $5-$7 the task the message
@@ -265,12 +285,16 @@ impl Statement for Stmt {
                 &[UUID, TEXT],
             ),
             // $1 flow_slug, $2 step_slug, $3 run_id: the steps depending on a step
+            // The dependents still waiting (a skip_cascade has skipped the others), and whether
+            // each has a condition (read through to_jsonb, so that the statement also runs on a
+            // database still at 0.1.0, whose steps have none).
             Stmt::Dependents => (
-                "SELECT s.step_slug, s.step_type, s.step_index, coalesce(s.opt_start_delay, 0), ss.remaining_deps
+                "SELECT s.step_slug, s.step_type, s.step_index, coalesce(s.opt_start_delay, 0), ss.remaining_deps,
+                        (to_jsonb(s) ->> 'if_input') IS NOT NULL OR (to_jsonb(s) ->> 'if_not_input') IS NOT NULL
                    FROM pgflow.deps d
                    JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.step_slug
                    JOIN pgflow.step_states ss ON ss.run_id = $3 AND ss.step_slug = d.step_slug
-                  WHERE d.flow_slug = $1 AND d.dep_slug = $2
+                  WHERE d.flow_slug = $1 AND d.dep_slug = $2 AND ss.status = 'created'
                   ORDER BY s.step_index",
                 &[TEXT, TEXT, UUID],
             ),
@@ -317,20 +341,26 @@ impl Statement for Stmt {
                   WHERE run_id = $1 AND step_slug = $2",
                 &[UUID, TEXT],
             ),
-            // $1 run_id: complete the run if every step has completed, with output
-            // {<leaf step>: <its output>, ...}; returns its flow and duration.
+            // $1 run_id: complete the run if every step of its flow has completed or been
+            // skipped (a root step not yet started has no state: a run whose first root was
+            // skipped or mapped over [] is not complete), with output {<leaf step>: <its output>,
+            // ...} of the leaves that completed; returns its flow and duration.
             Stmt::CompleteRun => (
                 "UPDATE pgflow.runs r
                     SET status = 'completed', completed_at = clock_timestamp(),
                         output = coalesce((
                             SELECT jsonb_object_agg(s.step_slug, pgflow._step_output(r.run_id, s.step_slug, s.step_type))
                               FROM pgflow.steps s
-                             WHERE s.flow_slug = r.flow_slug
+                              JOIN pgflow.step_states ss ON ss.run_id = r.run_id AND ss.step_slug = s.step_slug
+                             WHERE s.flow_slug = r.flow_slug AND ss.status = 'completed'
                                AND NOT EXISTS (SELECT 1 FROM pgflow.deps d
                                                 WHERE d.flow_slug = s.flow_slug AND d.dep_slug = s.step_slug)),
                             '{}'::jsonb)
                   WHERE r.run_id = $1 AND r.status = 'started'
-                    AND NOT EXISTS (SELECT 1 FROM pgflow.step_states s WHERE s.run_id = $1 AND s.status <> 'completed')
+                    AND NOT EXISTS (SELECT 1 FROM pgflow.steps s
+                                      LEFT JOIN pgflow.step_states ss ON ss.run_id = $1 AND ss.step_slug = s.step_slug
+                                     WHERE s.flow_slug = r.flow_slug
+                                       AND (ss.status IS NULL OR ss.status NOT IN ('completed', 'skipped')))
                  RETURNING r.flow_slug, round(extract(epoch FROM clock_timestamp() - r.started_at) * 1000)::bigint",
                 &[UUID],
             ),
@@ -338,6 +368,21 @@ impl Statement for Stmt {
                 "SELECT r.flow_slug, q.msg_seq::oid FROM pgflow.runs r JOIN pgflow.queues q ON q.queue_id = $2
                   WHERE r.run_id = $1",
                 &[UUID, INT8],
+            ),
+            // $1 run_id, $2 step_slug: a dependent's state as it is now
+            Stmt::DependentState => (
+                "SELECT status = 'created', remaining_deps FROM pgflow.step_states
+                  WHERE run_id = $1 AND step_slug = $2",
+                &[UUID, TEXT],
+            ),
+            // $1 run_id, $2 flow_slug, $3 step_slug: the input the step's task would get
+            Stmt::StepInput => (
+                concat!(
+                    "SELECT ",
+                    step_input!("r.input", "$1", "$2", "$3"),
+                    " FROM pgflow.runs r WHERE r.run_id = $1"
+                ),
+                &[UUID, TEXT, TEXT],
             ),
         }
     }
@@ -372,6 +417,8 @@ pub(crate) fn task_outcome(
         (Some("cancelled"), _) => Some("run_cancelled"),
         (_, Some("completed")) => Some("already_completed"),
         (_, Some("failed")) => Some("already_failed"),
+        // in a run under way, a task is cancelled only when its step was skipped
+        (_, Some("cancelled")) => Some("step_skipped"),
         (_, Some("queued")) => Some("not_started"),
         _ if stale => Some("stale"),
         _ => None,
@@ -396,6 +443,27 @@ fn task_outcome_sql(
         last_worker_id.as_ref().map(|u| u.as_bytes().as_slice()),
         delivery_gone.unwrap_or(false),
     )
+}
+
+/// Internal `pgflow._step_input(run_id, flow_slug, step_slug)`: the input the step's task would
+/// get now ([`step_input`]), for `pgflow._start_step` to test a step's condition on.
+#[pg_extern(stable, name = "_step_input")]
+#[search_path(pg_catalog, pg_temp)]
+fn step_input_sql(run_id: pgrx::Uuid, flow_slug: &str, step_slug: &str) -> Option<pgrx::JsonB> {
+    let (sql, _) = Stmt::StepInput.sql();
+    crate::pg::as_raised(|| {
+        Spi::get_one_with_args::<pgrx::JsonB>(
+            sql,
+            &[run_id.into(), flow_slug.into(), step_slug.into()],
+        )
+    })
+    .unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
+            format!("the input of step \"{step_slug}\" could not be built: {e}"),
+            None,
+        )
+    })
 }
 
 /// Announce a workflow event as `pgflow._emit` does, as the setting pgflow.workflow_events
@@ -902,10 +970,10 @@ unsafe fn complete_task(fcinfo: FunctionCallInfo) -> String {
 // Completed steps
 // ---------------------------------------------------------------------------------------------
 
-/// Step `step_slug` of run `run_id` has just completed (its state says so; the caller holds
-/// the run lock): start the dependents whose deps are now all complete, in step_index order,
-/// and complete the run when a leaf completes and no step is left. Returns false if the run
-/// failed meanwhile (a map over a non-array).
+/// Step `step_slug` of run `run_id` has just completed or been skipped (its state says so; the
+/// caller holds the run lock): start the dependents whose deps are now all finished, in
+/// step_index order, and complete the run when no step is left. Returns false if the run
+/// failed meanwhile (a map over a non-array, a condition with when_unmet fail).
 unsafe fn step_completed(
     run_id: Datum,
     flow_slug: &str,
@@ -922,19 +990,32 @@ unsafe fn step_completed(
             Stmt::Dependents,
             &[Some(flow_datum), Some(step_slug), Some(run_id)],
         );
-        // (step_slug, single, step_index, start delay, remaining_deps)
+        // (step_slug, single without a condition, step_index, start delay, remaining_deps)
         let dependents: Vec<(Datum, bool, i32, i32, i64)> = (0..n)
             .map(|row| {
                 (
                     column(row, 1).unwrap_or(Datum::from(0)),
-                    text_column(row, 2).as_deref() == Some("single"),
+                    text_column(row, 2).as_deref() == Some("single")
+                        && column(row, 6).is_some_and(|c| c.value() == 0),
                     int_column(row, 3).unwrap_or(0) as i32,
                     int_column(row, 4).unwrap_or(0) as i32,
                     int_column(row, 5).unwrap_or(0),
                 )
             })
             .collect();
+        // Starting a map step or a step with a condition may finish steps at once (a map over
+        // [], a skipped step), which counts down the deps of the dependents after it in this
+        // list: from then on each is read again before it is counted down or started.
+        let mut nested = false;
         for &(dep, single, step_index, delay, remaining_deps) in &dependents {
+            let mut remaining_deps = remaining_deps;
+            if nested {
+                run(Stmt::DependentState, &[Some(run_id), Some(dep)]);
+                if column(0, 1).is_none_or(|waiting| waiting.value() == 0) {
+                    continue;
+                }
+                remaining_deps = int_column(0, 2).unwrap_or(0);
+            }
             if remaining_deps != 1 {
                 run(Stmt::DecrementDeps, &[Some(run_id), Some(dep)]);
             } else if single {
@@ -950,6 +1031,8 @@ unsafe fn step_completed(
                 };
                 step.start();
             } else {
+                // a map step, or a step with a condition: pgflow._start_step
+                nested = true;
                 run(
                     Stmt::StartStep,
                     &[Some(run_id), Some(Datum::from(queue_id)), Some(dep)],

@@ -46,14 +46,16 @@ def claim(conn, flow, qty):
 
 @pytest.fixture
 def example(conn):
-    """The documented example: fetch -> items (map) -> summarize, and fetch -> notify (after a
-    delay); a run with fetch completed, two of three items done, notify waiting for its delay."""
+    """The documented example: fetch -> items (map) -> summarize, fetch -> notify (after a
+    delay), and fetch -> audit (only when the run input asks for it); a run with fetch
+    completed, two of three items done, notify waiting for its delay, audit skipped."""
     conn.execute("SELECT pgflow.drop_flow(%s)", (EXAMPLE_FLOW,))
     conn.execute("SELECT pgflow.purge_dlq(%s)", (EXAMPLE_FLOW,))
     shape = {"steps": [{"slug": "fetch"},
                        {"slug": "items", "type": "map", "deps": ["fetch"]},
                        {"slug": "summarize", "deps": ["items"]},
-                       {"slug": "notify", "deps": ["fetch"], "start_delay": 300}]}
+                       {"slug": "notify", "deps": ["fetch"], "start_delay": 300},
+                       {"slug": "audit", "deps": ["fetch"], "if": {"run": {"audit": True}}}]}
     conn.execute("SELECT pgflow.create_flow_from_shape(%s, %s)", (EXAMPLE_FLOW, Jsonb(shape)))
     conn.execute("SELECT pgflow.start_flow(%s, '{}', %s)", (EXAMPLE_FLOW, EXAMPLE_RUN))
     assert claim(conn, EXAMPLE_FLOW, 1) == [(EXAMPLE_RUN, "fetch", 0)]
@@ -73,11 +75,13 @@ def test_the_documented_example_renders_and_matches_the_docs(conn, example, tmp_
     assert flow.splitlines()[:4] == ["---", f'title: "flow {example}"', "---", "flowchart TD"]
     assert '    s1[["items<br/>map"]]:::map' in flow
     assert '    s3["notify<br/>starts after 300 s"]:::step' in flow
-    assert {"    s0 --> s1", "    s1 --> s2", "    s0 --> s3"} <= set(flow.splitlines())
+    assert '    s4{{"audit<br/>if condition"}}:::step' in flow
+    assert {"    s0 --> s1", "    s1 --> s2", "    s0 --> s3", "    s0 --> s4"} <= set(flow.splitlines())
     assert f'title: "run {EXAMPLE_RUN} of {example}: started"' in run
     assert '    s0["fetch<br/>completed"]:::completed' in run
     assert '    s1[["items<br/>map<br/>started: 2/3 tasks done"]]:::started' in run
     assert '    s2["summarize<br/>created"]:::created' in run
+    assert '    s4{{"audit<br/>if condition<br/>skipped"}}:::skipped' in run
     svgs = {name: render(text, tmp_path, name) for name, text in
             (("example-flow", flow), ("example-run", run))}
     assert "items" in svgs["example-flow"] and "2/3 tasks done" in svgs["example-run"]

@@ -132,6 +132,8 @@ def test_retention_bad_input_changes_nothing(conn, make_queue, seq_flow):
         ("SELECT pgflow.prune_archive('1 hour', 'bad name; drop table x')", None, "22023"),
         ("SELECT pgflow.prune_runs(NULL)", None, "22004"),
         ("SELECT pgflow.prune_runs('-1 day')", None, "22023"),
+        ("SELECT pgflow.prune_runs('178000000 years')", None, "22023"),
+        ("SELECT pgflow.prune_archive('1001 years')", None, "22023"),
         ("SELECT pgflow.prune_runs('1 hour', NULL, -5)", None, "22023"),
         ("SELECT pgflow.prune_runs('1 hour', %s)", (unique_name("nope"),), "42704"),
         ("SELECT pgflow.prune_runs('1 hour', '')", None, "22023"),

@@ -7,10 +7,14 @@ The flow, `crash_flow` (max_attempts 10, no retry delay, task timeout 2 s):
     root (single, outputs [1, 2, 3]) --> fan (map: x -> 10 x) --+
         \\--------------------------> left (single) ------------+--> join (sum of fan's outputs)
 
-so a finished run's output is {"join": 60}. A starter thread starts runs with explicit run
+and a leaf `audit` (deps root) with the condition {"run": {"audit": true}}, skipped in the runs
+whose input says otherwise: a finished run's output is {"join": 60}, plus {"audit": "A"} where
+the input asked for the audit. A starter thread starts runs with explicit run
 ids, logged once start_flow's COMMIT returned; worker threads claim tasks with
 poll_for_tasks, fail 10% of their attempts (retried at once) and complete the rest, logging a
-completion once complete_task's COMMIT returned "completed".
+completion once complete_task's COMMIT returned "completed". A steering thread cancels runs
+under way (cancel_run) and retries cancelled ones (retry_run) meanwhile; after the restart,
+every run left cancelled or failed is retried before the workers finish them all.
 """
 
 import random
@@ -41,6 +45,8 @@ def define(cluster):
         conn.execute("SELECT pgflow.add_step(%s, 'fan', ARRAY['root'], step_type => 'map')", (FLOW,))
         conn.execute("SELECT pgflow.add_step(%s, 'left', ARRAY['root'])", (FLOW,))
         conn.execute("SELECT pgflow.add_step(%s, 'join', ARRAY['fan', 'left'])", (FLOW,))
+        conn.execute("""SELECT pgflow.add_step(%s, 'audit', ARRAY['root'], if_input => '{"run": {"audit": true}}')""",
+                     (FLOW,))
 
 
 def output_of(step, task_input):
@@ -50,6 +56,8 @@ def output_of(step, task_input):
         return task_input * 10
     if step == "left":
         return "L"
+    if step == "audit":
+        return "A"
     return sum(task_input["fan"])
 
 
@@ -63,6 +71,8 @@ class Load:
         self.uncertain = set()       # run ids whose start_flow got no answer
         self.completed = set()       # (run_id, step, index) whose complete_task committed "completed"
         self.failures = 0
+        self.cancels = 0
+        self.retries = 0
         self.killed = threading.Event()  # set just before the SIGKILL
         self.errors = []                 # client errors before the kill
 
@@ -74,12 +84,14 @@ class Load:
     def threads(self, stop):
         return ([threading.Thread(target=self.starter, args=(stop, random.Random(self.rng.random())))]
                 + [threading.Thread(target=self.worker, args=(stop, random.Random(self.rng.random()), 0.1))
-                   for _ in range(2)])
+                   for _ in range(2)]
+                + [threading.Thread(target=self.steerer, args=(stop, random.Random(self.rng.random())))])
 
     def summary(self):
         with self.lock:
             return (f"{len(self.started)} runs started, {len(self.uncertain)} uncertain, "
-                    f"{len(self.completed)} task completions, {self.failures} simulated task failures")
+                    f"{len(self.completed)} task completions, {self.failures} simulated task failures, "
+                    f"{self.cancels} runs cancelled, {self.retries} retried")
 
     def starter(self, stop, rng):
         try:
@@ -90,7 +102,8 @@ class Load:
             while not stop.is_set():
                 run_id = uuid.UUID(int=rng.getrandbits(128))
                 try:
-                    conn.execute("SELECT pgflow.start_flow(%s, %s, %s)", (FLOW, Jsonb({"cycle": self.cycle}), run_id))
+                    conn.execute("SELECT pgflow.start_flow(%s, %s, %s)",
+                                 (FLOW, Jsonb({"cycle": self.cycle, "audit": rng.random() < 0.5}), run_id))
                 except psycopg.Error as e:
                     self.error("starter", e)
                     with self.lock:
@@ -99,6 +112,34 @@ class Load:
                 with self.lock:
                     self.started.add(run_id)
                 time.sleep(0.02 + rng.random() * 0.03)
+
+    def steerer(self, stop, rng):
+        try:
+            conn = self.cluster.connect()
+        except psycopg.Error:
+            return
+        with conn:
+            while not stop.is_set():
+                time.sleep(0.05 + rng.random() * 0.1)
+                try:
+                    # a run under way is cancelled, a cancelled or failed one retried
+                    row = conn.execute("SELECT run_id, status FROM pgflow.runs WHERE flow_slug = %s "
+                                       "AND status <> 'completed' ORDER BY random() LIMIT 1", (FLOW,)).fetchone()
+                    if row is None:
+                        continue
+                    run_id, status = row
+                    if status == "started":
+                        outcome = conn.execute("SELECT pgflow.cancel_run(%s, 'steered')", (run_id,)).fetchone()[0]
+                        counter = "cancels" if outcome == "cancelled" else None
+                    else:
+                        outcome = conn.execute("SELECT pgflow.retry_run(%s)", (run_id,)).fetchone()[0]
+                        counter = "retries" if outcome == "retried" else None
+                except psycopg.Error as e:
+                    self.error("steerer", e)
+                    return
+                if counter:
+                    with self.lock:
+                        setattr(self, counter, getattr(self, counter) + 1)
 
     def work_once(self, conn, worker_id, rng, p_fail):
         tasks = conn.execute(
@@ -168,13 +209,13 @@ class Load:
                 SELECT s.run_id, s.step_slug, s.status, s.remaining_deps,
                        (SELECT count(*) FROM pgflow.deps d
                           JOIN pgflow.step_states ds ON ds.run_id = s.run_id AND ds.step_slug = d.dep_slug
-                         WHERE d.flow_slug = s.flow_slug AND d.step_slug = s.step_slug AND ds.status <> 'completed')
+                         WHERE d.flow_slug = s.flow_slug AND d.step_slug = s.step_slug AND ds.status NOT IN ('completed', 'skipped'))
                   FROM pgflow.step_states s JOIN pgflow.runs r USING (run_id)
                  WHERE s.run_id = ANY(%(ids)s) AND r.status = 'started'
                    AND ((s.status = 'created' AND s.remaining_deps <> (
                             SELECT count(*) FROM pgflow.deps d
                               JOIN pgflow.step_states ds ON ds.run_id = s.run_id AND ds.step_slug = d.dep_slug
-                             WHERE d.flow_slug = s.flow_slug AND d.step_slug = s.step_slug AND ds.status <> 'completed'))
+                             WHERE d.flow_slug = s.flow_slug AND d.step_slug = s.step_slug AND ds.status NOT IN ('completed', 'skipped')))
                         OR (s.status = 'created' AND s.remaining_deps = 0)
                         OR (s.status <> 'created' AND s.remaining_deps <> 0))""", {"ids": ids}).fetchall()
             res.check(f"{label}: remaining_deps equal the unfinished dependencies, and no ready step is left unstarted",
@@ -193,13 +234,13 @@ class Load:
 
             bad_runs = conn.execute("""
                 SELECT r.run_id, r.status,
-                       (SELECT count(*) FROM pgflow.step_states s WHERE s.run_id = r.run_id AND s.status <> 'completed')
+                       (SELECT count(*) FROM pgflow.step_states s WHERE s.run_id = r.run_id AND s.status NOT IN ('completed', 'skipped'))
                   FROM pgflow.runs r
                  WHERE r.run_id = ANY(%(ids)s)
                    AND (r.status = 'completed') <> NOT EXISTS (
-                        SELECT 1 FROM pgflow.step_states s WHERE s.run_id = r.run_id AND s.status <> 'completed')
+                        SELECT 1 FROM pgflow.step_states s WHERE s.run_id = r.run_id AND s.status NOT IN ('completed', 'skipped'))
                 """, {"ids": ids}).fetchall()
-            res.check(f"{label}: a run is completed exactly when all its steps are", not bad_runs,
+            res.check(f"{label}: a run is completed exactly when all its steps are (or were skipped)", not bad_runs,
                       f"{len(bad_runs)} runs, e.g. {bad_runs[:3]}")
 
             not_done = [k for k in done if conn.execute(
@@ -215,6 +256,8 @@ class Load:
         worker_id = uuid.uuid4()
         t_end = time.time() + deadline_s
         with self.cluster.connect() as conn:
+            conn.execute("SELECT pgflow.retry_run(run_id) FROM pgflow.runs "
+                         "WHERE run_id = ANY(%s) AND status IN ('cancelled', 'failed')", (ids,))
             while time.time() < t_end:
                 if self.work_once(conn, worker_id, rng, 0.0) == 0:
                     left = conn.execute("SELECT count(*) FROM pgflow.runs WHERE run_id = ANY(%s) AND status = 'started'",
@@ -222,10 +265,13 @@ class Load:
                     if left == 0:
                         break
                     time.sleep(0.2)
-            rows = conn.execute("SELECT status, output, count(*) FROM pgflow.runs WHERE run_id = ANY(%s) "
-                                "GROUP BY status, output", (ids,)).fetchall()
-        summary = {(s, str(o)): n for s, o, n in rows}
-        wrong = {k: n for k, n in summary.items() if k != ("completed", str({"join": 60}))}
+            rows = conn.execute("SELECT status, output = CASE WHEN input @> '{\"audit\": true}' "
+                                "THEN '{\"join\": 60, \"audit\": \"A\"}'::jsonb ELSE '{\"join\": 60}' END, "
+                                "input @> '{\"audit\": true}', count(*) FROM pgflow.runs WHERE run_id = ANY(%s) "
+                                "GROUP BY 1, 2, 3", (ids,)).fetchall()
+        summary = {(s, ok, audited): n for s, ok, audited, n in rows}
+        wrong = {k: n for k, n in summary.items() if k[:2] != ("completed", True)}
         res.check(f"{label}: every run interrupted by the crash finished once workers returned, "
-                  f"with output {{'join': 60}} ({sum(summary.values())} runs)", not wrong, f"{wrong}")
+                  f"with output {{'join': 60}} and the audit where asked for ({sum(summary.values())} runs, "
+                  f"{sum(n for k, n in summary.items() if k[2])} audited)", not wrong, f"{wrong}")
         self.check_counters(res, f"{label} after finishing")

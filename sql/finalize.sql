@@ -17,6 +17,8 @@ SELECT pg_catalog.pg_extension_config_dump('pgflow.runs', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.step_states', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.step_tasks', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.run_retries', '');
+SELECT pg_catalog.pg_extension_config_dump('pgflow.signals', '');
+SELECT pg_catalog.pg_extension_config_dump('pgflow.signal_waits', '');
 SELECT pg_catalog.pg_extension_config_dump('pgflow.schedules', '');
 
 -- Privileges: nothing for PUBLIC. Three roles, granted separately to applications:
@@ -56,8 +58,9 @@ BEGIN
     GRANT USAGE ON SCHEMA pgflow TO pgflow_producer, pgflow_consumer, pgflow_admin;
     GRANT pgflow_producer, pgflow_consumer TO pgflow_admin;
     GRANT SELECT ON ALL TABLES IN SCHEMA pgflow TO pgflow_admin;
-    -- the figures every role may count (get_queue_stats, get_queue_health, metrics)
-    GRANT SELECT ON pgflow.queue_health TO pgflow_producer, pgflow_consumer;
+    -- the figures every role may count (get_queue_stats, get_queue_health, metrics), and what
+    -- runs wait for (identifiers and times only)
+    GRANT SELECT ON pgflow.queue_health, pgflow.waiting_signals TO pgflow_producer, pgflow_consumer;
     FOR f IN
         SELECT p.oid::regprocedure::text AS sig, p.proname::text AS name
           FROM pg_catalog.pg_proc p
@@ -67,7 +70,7 @@ BEGIN
         CONTINUE WHEN f.name LIKE '\_%';
         roles := ARRAY['pgflow_admin'];
         IF f.name IN ('send', 'send_batch', 'send_with_notify', 'publish', 'publish_batch',
-                      'queue_channel', 'flow_channel', 'start_flow', 'cancel_run', 'retry_run', 'get_queue_stats',
+                      'queue_channel', 'flow_channel', 'start_flow', 'cancel_run', 'retry_run', 'signal', 'get_queue_stats',
                       'get_queue_health', 'metrics', 'wakeups_enabled', 'flow_mermaid',
                       'run_mermaid') THEN
             roles := roles || 'pgflow_producer'::text;

@@ -425,6 +425,9 @@ BEGIN
      WHERE r.flow_slug = drop_flow.flow_slug AND s.run_id = r.run_id;
     DELETE FROM pgflow.run_retries rr USING pgflow.runs r
      WHERE r.flow_slug = drop_flow.flow_slug AND rr.run_id = r.run_id;
+    DELETE FROM pgflow.signals sg USING pgflow.runs r
+     WHERE r.flow_slug = drop_flow.flow_slug AND sg.run_id = r.run_id;
+    DELETE FROM pgflow.signal_waits w WHERE w.flow_slug = drop_flow.flow_slug;
     DELETE FROM pgflow.runs WHERE flow_slug = drop_flow.flow_slug;
     DELETE FROM pgflow.deps WHERE flow_slug = drop_flow.flow_slug;
     DELETE FROM pgflow.steps WHERE flow_slug = drop_flow.flow_slug;
@@ -435,7 +438,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.drop_flow(text) IS
-'Drop a flow with its steps, all its runs, their step states, tasks and retry history, and its queue (with the queue''s messages). Returns false if there is no such flow.';
+'Drop a flow with its steps, all its runs, their step states, tasks, signals and retry history, and its queue (with the queue''s messages). Returns false if there is no such flow.';
 
 -- Workflow event payloads carry identifiers, never user data (any role that can connect can
 -- LISTEN): no run input in workflow_started, no error text in task_failed and workflow_failed
@@ -449,6 +452,7 @@ AS $$
 #variable_conflict use_column
 BEGIN
     UPDATE pgflow.runs SET status = 'failed', failed_at = clock_timestamp() WHERE run_id = r.run_id;
+    DELETE FROM pgflow.signal_waits w WHERE w.run_id = r.run_id;
     PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
         'event', 'workflow_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug,
         'failed_step', failed_step));
@@ -589,13 +593,19 @@ BEGIN
     END LOOP;
     PERFORM pgflow._check_option('max_attempts', add_step.max_attempts, 1, 100, true);
     PERFORM pgflow._check_option('base_delay', add_step.base_delay, 0, 86400, true);
-    PERFORM pgflow._check_option('timeout', add_step.timeout, 1, 86400, true);
+    -- a signal step's timeout bounds a wait for a person or a system: up to a year
+    PERFORM pgflow._check_option('timeout', add_step.timeout, 1,
+                                 CASE WHEN add_step.step_type = 'signal' THEN 31536000 ELSE 86400 END, true);
     PERFORM pgflow._check_option('start_delay', add_step.start_delay, 0, 31536000, true);
     IF add_step.step_type IS NULL THEN
         RAISE EXCEPTION 'step_type must not be null' USING ERRCODE = '22004';
-    ELSIF add_step.step_type NOT IN ('single', 'map') THEN
-        RAISE EXCEPTION 'step_type must be ''single'' or ''map'', not "%"', left(add_step.step_type, 64)
+    ELSIF add_step.step_type NOT IN ('single', 'map', 'signal') THEN
+        RAISE EXCEPTION 'step_type must be ''single'', ''map'' or ''signal'', not "%"', left(add_step.step_type, 64)
             USING ERRCODE = '22023';
+    ELSIF add_step.step_type = 'signal' AND num_nonnulls(add_step.max_attempts, add_step.base_delay, add_step.start_delay) > 0 THEN
+        RAISE EXCEPTION 'signal step "%" takes no max_attempts, base_delay or start_delay: it has no tasks', add_step.step_slug
+            USING ERRCODE = '22023',
+            HINT = 'A signal step waits for pgflow.signal; its timeout (optional) bounds the wait.';
     ELSIF add_step.step_type = 'map' AND cardinality(add_step.deps_slugs) > 1 THEN
         RAISE EXCEPTION 'map step "%" has % dependencies; a map step has at most one', add_step.step_slug,
             cardinality(add_step.deps_slugs) USING ERRCODE = '22023',
@@ -658,7 +668,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.add_step(text, text, text[], integer, integer, integer, integer, text, jsonb, jsonb, text, text) IS
-'Add a step to a flow; returns the step row. deps_slugs: steps of the flow, already added, that must complete (or be skipped) first (so a flow is a DAG by construction). Options left NULL inherit the flow''s; start_delay (0-31536000 s) delays the step''s tasks after it becomes ready. step_type ''map'': one task per element of an array, the run input (no dependency) or the output of its one dependency; its output is the array of its task outputs. Condition: when the step becomes ready, its input ({"run": ..., "<dep>": <output>, ...}) must contain if_input and must not contain if_not_input (JSON objects, jsonb @>); when_unmet: skip (default; dependents run without its key), skip_cascade (it and every step after it are skipped) or fail (the run fails). when_exhausted: what running out of attempts (or fail_task with retry => false) does: fail (default: the run fails), skip or skip_cascade. Adding an identical step again is a no-op; a different one fails with 42710; a flow that has runs can take no new steps (55000).';
+'Add a step to a flow; returns the step row. deps_slugs: steps of the flow, already added, that must complete (or be skipped) first (so a flow is a DAG by construction). Options left NULL inherit the flow''s; start_delay (0-31536000 s) delays the step''s tasks after it becomes ready. step_type ''map'': one task per element of an array, the run input (no dependency) or the output of its one dependency; its output is the array of its task outputs. step_type ''signal'': no task; once ready it waits for pgflow.signal, whose payload is its output; timeout (optional, not inherited) bounds the wait, after which when_exhausted applies. Condition: when the step becomes ready, its input ({"run": ..., "<dep>": <output>, ...}) must contain if_input and must not contain if_not_input (JSON objects, jsonb @>); when_unmet: skip (default; dependents run without its key), skip_cascade (it and every step after it are skipped) or fail (the run fails). when_exhausted: what running out of attempts (or fail_task with retry => false) does: fail (default: the run fails), skip or skip_cascade. Adding an identical step again is a no-op; a different one fails with 42710; a flow that has runs can take no new steps (55000).';
 
 -- Every attempt leaves its entry in a message's errors: a delivery whose lease ran out gets
 -- "visibility timeout expired" when the message is claimed again (the claim of src/queue/,
@@ -773,7 +783,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.create_flow_from_shape(text, jsonb) IS
-'Create a whole flow from one JSON document, in one step: {"max_attempts","base_delay","timeout" (optional, defaults 3, 1, 60), "steps":[{"slug", "type" ("single" or "map", default single), "deps" (default []), "max_attempts","base_delay","timeout","start_delay", "if","if_not","when_unmet","when_exhausted" (optional; as add_step''s if_input, if_not_input, when_unmet and when_exhausted)}]}. Steps may be listed in any order that has no cycle. Returns true if created, false if the flow exists with the same shape; another shape fails with 42710. An invalid shape (unknown key, bad slug or option, duplicate step, unknown dependency, cycle) fails with 22023 naming the problem and creates nothing.';
+'Create a whole flow from one JSON document, in one step: {"max_attempts","base_delay","timeout" (optional, defaults 3, 1, 60), "steps":[{"slug", "type" ("single", "map" or "signal", default single), "deps" (default []), "max_attempts","base_delay","timeout","start_delay", "if","if_not","when_unmet","when_exhausted" (optional; as add_step''s if_input, if_not_input, when_unmet and when_exhausted)}]}. Steps may be listed in any order that has no cycle. Returns true if created, false if the flow exists with the same shape; another shape fails with 42710. An invalid shape (unknown key, bad slug or option, duplicate step, unknown dependency, cycle) fails with 22023 naming the problem and creates nothing.';
 
 -- Waiting without a snapshot: a procedure that commits between its looks.
 CREATE PROCEDURE pgflow.wait_for_messages(queue_name text, max_poll_seconds integer DEFAULT 5,
@@ -1117,6 +1127,9 @@ BEGIN
             END IF;
             RETURN pgflow._skip_step(r, q, st, st.when_unmet = 'skip_cascade', 'condition', 'its condition is not met');
         END IF;
+    END IF;
+    IF st.step_type = 'signal' THEN
+        RETURN pgflow._start_signal_step(r, q, st);
     END IF;
     IF st.step_type = 'single' THEN
         PERFORM pgflow._start_single_step(r.run_id, r.flow_slug, q.queue_id, q.msg_seq, st.step_slug,
@@ -1679,7 +1692,7 @@ ALTER TABLE pgflow.runs
 ALTER TABLE pgflow.step_states
     ADD COLUMN skipped_at timestamptz,
     DROP CONSTRAINT step_states_status_allowed,
-    ADD CONSTRAINT step_states_status_allowed CHECK (status IN ('created', 'started', 'completed', 'failed', 'cancelled', 'skipped'));
+    ADD CONSTRAINT step_states_status_allowed CHECK (status IN ('created', 'started', 'completed', 'failed', 'cancelled', 'skipped', 'waiting'));
 -- Conditions and skips: a step's condition and what an unmet one, or running out of
 -- attempts, does; step states may be skipped (step_states.skipped_at).
 ALTER TABLE pgflow.steps
@@ -1690,11 +1703,53 @@ ALTER TABLE pgflow.steps
     ADD CONSTRAINT steps_when_unmet_allowed CHECK (when_unmet IN ('skip', 'skip_cascade', 'fail')),
     ADD CONSTRAINT steps_when_exhausted_allowed CHECK (when_exhausted IN ('fail', 'skip', 'skip_cascade'));
 COMMENT ON TABLE pgflow.steps IS 'pgflow: the steps of each flow, in definition order, with their type, option overrides and condition.';
+-- Signal steps: a third step type, whose timeout bounds a wait of up to a year; step states
+-- may be waiting; the signals received and the waits under way.
+ALTER TABLE pgflow.steps
+    DROP CONSTRAINT steps_type_allowed,
+    ADD CONSTRAINT steps_type_allowed CHECK (step_type IN ('single', 'map', 'signal')),
+    DROP CONSTRAINT steps_map_deps,
+    ADD CONSTRAINT steps_map_deps CHECK (step_type <> 'map' OR deps_count <= 1),
+    DROP CONSTRAINT steps_timeout_range,
+    ADD CONSTRAINT steps_timeout_range CHECK (opt_timeout BETWEEN 1 AND CASE WHEN step_type = 'signal' THEN 31536000 ELSE 86400 END);
+-- Signals: the payload pgflow.signal gave a signal step of a run, kept from its arrival (also
+-- before the step is ready) and applied when the step is ready (applied_at).
+CREATE TABLE pgflow.signals (
+    run_id       uuid NOT NULL,
+    step_slug    text NOT NULL,
+    payload      jsonb NOT NULL,
+    received_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    applied_at   timestamptz,
+    PRIMARY KEY (run_id, step_slug)
+);
+COMMENT ON TABLE pgflow.signals IS 'pgflow: the signal received for each signal step of a run (at most one), and when it was applied.';
+
+-- The signal steps waiting now, one row each from the moment a step starts waiting until its
+-- signal, its timeout or the end of its run: what pgflow.waiting_signals shows and what the
+-- maintenance pass looks through for timeouts (deadline), without an index on step_states.
+CREATE TABLE pgflow.signal_waits (
+    run_id         uuid NOT NULL,
+    step_slug      text NOT NULL,
+    flow_slug      text NOT NULL,
+    waiting_since  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    deadline       timestamptz,
+    PRIMARY KEY (run_id, step_slug)
+);
+CREATE INDEX signal_waits_deadline ON pgflow.signal_waits (deadline) WHERE deadline IS NOT NULL;
+COMMENT ON TABLE pgflow.signal_waits IS 'pgflow: the signal steps waiting for their signal, with the time their timeout ends.';
+
+CREATE VIEW pgflow.waiting_signals AS
+    SELECT w.flow_slug, w.run_id, w.step_slug, w.waiting_since, w.deadline
+      FROM pgflow.signal_waits w;
+COMMENT ON VIEW pgflow.waiting_signals IS 'pgflow: what each run waits for: its signal steps waiting for pgflow.signal, since when, and until when (deadline, NULL: no timeout).';
+
+SELECT pg_catalog.pg_extension_config_dump('pgflow.signals', '');
+SELECT pg_catalog.pg_extension_config_dump('pgflow.signal_waits', '');
 ALTER TABLE pgflow.step_tasks
     DROP CONSTRAINT step_tasks_status_allowed,
     ADD CONSTRAINT step_tasks_status_allowed CHECK (status IN ('queued', 'started', 'completed', 'failed', 'cancelled'));
 COMMENT ON TABLE pgflow.runs IS 'pgflow: one row per flow run: status started, completed, failed or cancelled; output {<leaf step>: <its output>} once completed.';
-COMMENT ON TABLE pgflow.step_states IS 'pgflow: state of each step of each run: created (waiting for deps), started (tasks queued), completed, failed, cancelled (its run was cancelled before it finished) or skipped (its condition was not met, it ran out of attempts with when_exhausted skip, or a step it depends on was skipped with skip_cascade).';
+COMMENT ON TABLE pgflow.step_states IS 'pgflow: state of each step of each run: created (waiting for deps), started (tasks queued), completed, failed, cancelled (its run was cancelled before it finished) or skipped (its condition was not met, it ran out of attempts with when_exhausted skip, or a step it depends on was skipped with skip_cascade); a signal step is waiting while it waits for its signal.';
 COMMENT ON TABLE pgflow.step_tasks IS 'pgflow: one row per task (one per single step, one per array element of a map step): queued, started, completed, failed or cancelled, with attempts, output and last error.';
 CREATE FUNCTION pgflow.cancel_run(run_id uuid, reason text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -1725,7 +1780,8 @@ BEGIN
     UPDATE pgflow.step_tasks t SET status = 'cancelled'
      WHERE t.run_id = r.run_id AND t.status IN ('queued', 'started');
     UPDATE pgflow.step_states s SET status = 'cancelled', error_message = why
-     WHERE s.run_id = r.run_id AND s.status IN ('created', 'started');
+     WHERE s.run_id = r.run_id AND s.status IN ('created', 'started', 'waiting');
+    DELETE FROM pgflow.signal_waits w WHERE w.run_id = r.run_id;
     UPDATE pgflow.runs x SET status = 'cancelled', cancelled_at = clock_timestamp() WHERE x.run_id = r.run_id;
     PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
         'event', 'workflow_cancelled', 'run_id', r.run_id, 'flow_slug', r.flow_slug));
@@ -1807,9 +1863,10 @@ BEGIN
          WHERE ss.run_id = r.run_id AND ss.status NOT IN ('completed', 'skipped')
          ORDER BY s.step_index
     LOOP
-        IF st.state_status = 'failed' AND NOT st.has_tasks THEN
-            -- a map step that failed before it had tasks: start it again (a root step's state
-            -- is created by the start)
+        IF NOT st.has_tasks AND (st.state_status = 'failed'
+                                 OR st.step_type = 'signal' AND st.state_started_at IS NOT NULL) THEN
+            -- a map step that failed before it had tasks, or a signal step that was waiting:
+            -- start it again (a root step's state is created by the start)
             IF st.deps_count = 0 THEN
                 DELETE FROM pgflow.step_states ss WHERE ss.run_id = r.run_id AND ss.step_slug = st.step_slug;
             ELSE
@@ -1895,6 +1952,12 @@ BEGIN
                    'initial_tasks', ss.initial_tasks, 'error_message', ss.error_message,
                    'created_at', ss.created_at, 'started_at', ss.started_at,
                    'completed_at', ss.completed_at, 'failed_at', ss.failed_at, 'skipped_at', ss.skipped_at,
+                   'signal', CASE WHEN s.step_type = 'signal' THEN (
+                       SELECT jsonb_build_object('received_at', sg.received_at, 'applied_at', sg.applied_at,
+                                                 'deadline', w.deadline)
+                         FROM (SELECT 1) one
+                         LEFT JOIN pgflow.signals sg ON sg.run_id = r.run_id AND sg.step_slug = s.step_slug
+                         LEFT JOIN pgflow.signal_waits w ON w.run_id = r.run_id AND w.step_slug = s.step_slug) END,
                    'tasks', (SELECT jsonb_build_object(
                                  'queued', count(*) FILTER (WHERE t.status = 'queued'),
                                  'started', count(*) FILTER (WHERE t.status = 'started'),
@@ -1953,11 +2016,12 @@ BEGIN
     DELETE FROM pgflow.step_tasks t WHERE t.run_id = ANY (ids);
     DELETE FROM pgflow.step_states s WHERE s.run_id = ANY (ids);
     DELETE FROM pgflow.run_retries rr WHERE rr.run_id = ANY (ids);
+    DELETE FROM pgflow.signals sg WHERE sg.run_id = ANY (ids);
     RETURN n;
 END
 $$;
 COMMENT ON FUNCTION pgflow.prune_runs(interval, text, integer) IS
-'Delete workflow runs that completed, failed or were cancelled more than older_than ago, with their step states, tasks and retry history, of one flow or (flow_slug NULL) of all; at most max_rows runs (NULL: no limit). Runs still under way are never touched. Returns how many runs were deleted. A late complete_task or fail_task for a deleted run gets 42704, and its run_id can be started again. pgflow.run_retention has the maintenance worker do this once a minute.';
+'Delete workflow runs that completed, failed or were cancelled more than older_than ago, with their step states, tasks, signals and retry history, of one flow or (flow_slug NULL) of all; at most max_rows runs (NULL: no limit). Runs still under way are never touched. Returns how many runs were deleted. A late complete_task or fail_task for a deleted run gets 42704, and its run_id can be started again. pgflow.run_retention has the maintenance worker do this once a minute.';
 
 -- The cron rule (src/schedules.rs).
 CREATE FUNCTION pgflow."_cron_next"(
@@ -2171,6 +2235,7 @@ AS $$
 DECLARE
     due_queues integer := 0;
     fired integer := 0;
+    expired integer := 0;
     r record;
 BEGIN
     -- Delayed messages and retries that came due: wake blocked readers of their queues, and
@@ -2199,11 +2264,17 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pgflow maintenance: firing schedules failed: SQLSTATE %', SQLSTATE;
     END;
-    RETURN jsonb_build_object('due_queues', due_queues, 'schedules_fired', fired);
+    -- Signal steps whose wait ran out (sql/workflow/runtime.sql).
+    BEGIN
+        expired := pgflow._expire_signal_waits();
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pgflow maintenance: ending signal waits failed: SQLSTATE %', SQLSTATE;
+    END;
+    RETURN jsonb_build_object('due_queues', due_queues, 'schedules_fired', fired, 'signal_timeouts', expired);
 END
 $$;
 COMMENT ON FUNCTION pgflow.run_maintenance() IS
-'One maintenance pass: announces delayed messages and retries that came due (wakes pgflow.read_with_poll, notifies message_due on channels of queues with notify on) and fires the schedules that came due. Run every pgflow.maintenance_interval_ms by the pgflow maintenance worker when pgflow is preloaded; safe to call by hand. Returns what it did.';
+'One maintenance pass: announces delayed messages and retries that came due (wakes pgflow.read_with_poll, notifies message_due on channels of queues with notify on) , fires the schedules that came due, and ends the waits of signal steps whose timeout ran out (when_exhausted applies). Run every pgflow.maintenance_interval_ms by the pgflow maintenance worker when pgflow is preloaded; safe to call by hand. Returns what it did.';
 
 -- Diagrams: a flow, or a run of it, as a Mermaid flowchart (https://mermaid.js.org), for
 -- documentation, dashboards and psql (paste the text into any Mermaid renderer). Nodes are
@@ -2235,8 +2306,8 @@ BEGIN
           FROM pgflow.steps s WHERE s.flow_slug = _mermaid.flow_slug ORDER BY s.step_index
     LOOP
         label := st.step_slug;
-        IF st.step_type = 'map' THEN
-            label := label || '<br/>map';
+        IF st.step_type <> 'single' THEN
+            label := label || '<br/>' || st.step_type;
         END IF;
         IF st.conditional THEN
             label := label || '<br/>if condition';
@@ -2245,7 +2316,7 @@ BEGIN
             label := label || format('<br/>starts after %s s', st.opt_start_delay);
         END IF;
         IF run IS NULL THEN
-            status := CASE WHEN st.step_type = 'map' THEN 'map' ELSE 'step' END;
+            status := CASE WHEN st.step_type = 'single' THEN 'step' ELSE st.step_type END;
         ELSE
             SELECT e INTO state FROM jsonb_array_elements(run->'steps') e WHERE e->>'step_slug' = st.step_slug;
             status := coalesce(state->>'status', 'created');
@@ -2257,11 +2328,14 @@ BEGIN
                 label := label || format(', %s attempts', state->'tasks'->>'attempts');
             END IF;
         END IF;
-        -- shapes: a map step is a subroutine box, a step with a condition a hexagon
+        -- shapes: a map step is a subroutine box, a signal step a flag, a step with a condition
+        -- a hexagon
         lines := lines || format('    s%s%s"%s"%s:::%s', st.step_index,
-                                 CASE WHEN st.step_type = 'map' THEN '[[' WHEN st.conditional THEN '{{' ELSE '[' END,
+                                 CASE WHEN st.step_type = 'map' THEN '[[' WHEN st.step_type = 'signal' THEN '>'
+                                      WHEN st.conditional THEN '{{' ELSE '[' END,
                                  label,
-                                 CASE WHEN st.step_type = 'map' THEN ']]' WHEN st.conditional THEN '}}' ELSE ']' END,
+                                 CASE WHEN st.step_type = 'map' THEN ']]' WHEN st.step_type = 'signal' THEN ']'
+                                      WHEN st.conditional THEN '}}' ELSE ']' END,
                                  status);
     END LOOP;
     lines := lines || ARRAY(
@@ -2279,7 +2353,9 @@ BEGIN
         '    classDef completed fill:#dcfce7,stroke:#16a34a,color:#14532d',
         '    classDef failed fill:#fee2e2,stroke:#dc2626,color:#7f1d1d',
         '    classDef cancelled fill:#e5e7eb,stroke:#4b5563,color:#374151,stroke-dasharray:4 3',
-        '    classDef skipped fill:#fefce8,stroke:#ca8a04,color:#713f12,stroke-dasharray:2 2'];
+        '    classDef skipped fill:#fefce8,stroke:#ca8a04,color:#713f12,stroke-dasharray:2 2',
+        '    classDef signal fill:#fdf4ff,stroke:#a21caf,color:#4a044e',
+        '    classDef waiting fill:#fae8ff,stroke:#a21caf,color:#4a044e,stroke-width:3px'];
     RETURN array_to_string(lines, E'\n') || E'\n';
 END
 $$;
@@ -2293,7 +2369,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.flow_mermaid(text) IS
-'The flow as a Mermaid flowchart (text): one node per step (map steps drawn as subroutines and marked "map", steps with a condition as hexagons marked "if condition", start delays noted), one edge per dependency. Render it with any Mermaid renderer.';
+'The flow as a Mermaid flowchart (text): one node per step (map steps drawn as subroutines marked "map", signal steps as flags marked "signal", steps with a condition as hexagons marked "if condition", start delays noted), one edge per dependency. Render it with any Mermaid renderer.';
 
 CREATE FUNCTION pgflow.run_mermaid(run_id uuid) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -2307,7 +2383,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.run_mermaid(uuid) IS
-'A run as a Mermaid flowchart (text): its flow''s graph with each step coloured and labelled by its state (created, started, completed, failed, cancelled, skipped), map steps with their completed and total task counts, single steps with their attempts when more than one; the title holds the run id and status.';
+'A run as a Mermaid flowchart (text): its flow''s graph with each step coloured and labelled by its state (created, started, waiting for a signal, completed, failed, cancelled, skipped), map steps with their completed and total task counts, single steps with their attempts when more than one; the title holds the run id and status.';
 
 -- The input a step's task would get, for a step's condition (src/workflow/).
 CREATE FUNCTION pgflow."_step_input"(
@@ -2445,8 +2521,8 @@ BEGIN
             RAISE EXCEPTION 'invalid flow shape: step "%" is defined twice', st ->> 'slug' USING ERRCODE = '22023';
         END IF;
         t := coalesce(st ->> 'type', 'single');
-        IF jsonb_typeof(st -> 'type') NOT IN ('string', 'null') OR t NOT IN ('single', 'map') THEN
-            RAISE EXCEPTION 'invalid flow shape: steps[%].type must be "single" or "map"', i USING ERRCODE = '22023';
+        IF jsonb_typeof(st -> 'type') NOT IN ('string', 'null') OR t NOT IN ('single', 'map', 'signal') THEN
+            RAISE EXCEPTION 'invalid flow shape: steps[%].type must be "single", "map" or "signal"', i USING ERRCODE = '22023';
         END IF;
         IF st -> 'deps' IS NULL OR st -> 'deps' = 'null'::jsonb THEN
             deps := '{}';
@@ -2473,7 +2549,8 @@ BEGIN
         END IF;
         PERFORM pgflow._check_option(where_ || 'max_attempts', pgflow._shape_int(st, 'max_attempts', where_, true), 1, 100, true);
         PERFORM pgflow._check_option(where_ || 'base_delay', pgflow._shape_int(st, 'base_delay', where_, true), 0, 86400, true);
-        PERFORM pgflow._check_option(where_ || 'timeout', pgflow._shape_int(st, 'timeout', where_, true), 1, 86400, true);
+        PERFORM pgflow._check_option(where_ || 'timeout', pgflow._shape_int(st, 'timeout', where_, true), 1,
+                                     CASE WHEN t = 'signal' THEN 31536000 ELSE 86400 END, true);
         PERFORM pgflow._check_option(where_ || 'start_delay', pgflow._shape_int(st, 'start_delay', where_, true), 0, 31536000, true);
         IF jsonb_typeof(st -> 'when_unmet') NOT IN ('string', 'null') OR jsonb_typeof(st -> 'when_exhausted') NOT IN ('string', 'null') THEN
             RAISE EXCEPTION 'invalid flow shape: %when_unmet and %when_exhausted must be strings', where_, where_
@@ -2605,9 +2682,11 @@ DECLARE
     now_ timestamptz := clock_timestamp();
     ids bigint[];
 BEGIN
-    UPDATE pgflow.step_tasks t SET status = 'failed', error_message = err, failed_at = now_, attempts_count = attempts
-     WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_exhausted.task_index;
-    PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, task_index, attempts, false, reason);
+    IF task_index IS NOT NULL THEN
+        UPDATE pgflow.step_tasks t SET status = 'failed', error_message = err, failed_at = now_, attempts_count = attempts
+         WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_exhausted.task_index;
+        PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, task_index, attempts, false, reason);
+    END IF;
     IF st.when_exhausted = 'fail' THEN
         PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
         UPDATE pgflow.step_states s SET status = 'failed', failed_at = now_, error_message = err
@@ -2651,6 +2730,159 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION pgflow._step_output(run_id uuid, step_slug text, step_type text) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    o jsonb;
+BEGIN
+    IF step_type <> 'single' THEN
+        SELECT s.output INTO o FROM pgflow.step_states s
+         WHERE s.run_id = _step_output.run_id AND s.step_slug = _step_output.step_slug;
+    ELSE
+        SELECT t.output INTO o FROM pgflow.step_tasks t
+         WHERE t.run_id = _step_output.run_id AND t.step_slug = _step_output.step_slug AND t.task_index = 0;
+    END IF;
+    RETURN o;
+END
+$$;
+
+CREATE FUNCTION pgflow._start_signal_step(r pgflow.runs, q pgflow.queues, st pgflow.steps) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    now_ timestamptz := clock_timestamp();
+    payload jsonb;
+BEGIN
+    INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, remaining_tasks,
+                                    initial_tasks, created_at, started_at)
+    VALUES (r.flow_slug, r.run_id, st.step_slug, 'waiting', 0, 0, 0, now_, now_)
+    ON CONFLICT (run_id, step_slug) DO UPDATE
+       SET status = 'waiting', remaining_deps = 0, remaining_tasks = 0, initial_tasks = 0, started_at = now_,
+           failed_at = NULL, error_message = NULL;
+    SELECT s.payload INTO payload FROM pgflow.signals s WHERE s.run_id = r.run_id AND s.step_slug = st.step_slug;
+    IF FOUND THEN
+        RETURN pgflow._apply_signal(r, q, st, payload);
+    END IF;
+    INSERT INTO pgflow.signal_waits (run_id, step_slug, flow_slug, waiting_since, deadline)
+    VALUES (r.run_id, st.step_slug, r.flow_slug, now_,
+            now_ + make_interval(secs => st.opt_timeout))
+    ON CONFLICT (run_id, step_slug) DO UPDATE SET waiting_since = excluded.waiting_since, deadline = excluded.deadline;
+    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+        'event', 'step_waiting', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug));
+    RETURN true;
+END
+$$;
+
+CREATE FUNCTION pgflow._apply_signal(r pgflow.runs, q pgflow.queues, st pgflow.steps, payload jsonb) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    now_ timestamptz := clock_timestamp();
+BEGIN
+    UPDATE pgflow.step_states ss SET status = 'completed', output = payload, completed_at = now_
+     WHERE ss.run_id = r.run_id AND ss.step_slug = st.step_slug;
+    UPDATE pgflow.signals s SET applied_at = now_ WHERE s.run_id = r.run_id AND s.step_slug = st.step_slug;
+    DELETE FROM pgflow.signal_waits w WHERE w.run_id = r.run_id AND w.step_slug = st.step_slug;
+    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+        'event', 'step_signalled', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug));
+    RETURN pgflow._step_completed(r.run_id, q.queue_id, st.step_slug);
+END
+$$;
+
+CREATE FUNCTION pgflow.signal(run_id uuid, step_slug text, payload jsonb) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r pgflow.runs;
+    q pgflow.queues;
+    st pgflow.steps;
+    state text;
+BEGIN
+    IF signal.run_id IS NULL THEN
+        RAISE EXCEPTION 'run_id must not be null' USING ERRCODE = '22004';
+    ELSIF signal.step_slug IS NULL THEN
+        RAISE EXCEPTION 'step_slug must not be null' USING ERRCODE = '22004';
+    ELSIF signal.payload IS NULL THEN
+        RAISE EXCEPTION 'payload must not be null' USING ERRCODE = '22004',
+            HINT = 'Pass JSON null (''null''::jsonb) for a signal without a payload.';
+    END IF;
+    PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = signal.run_id;
+    PERFORM pgflow._lock_run(signal.run_id, true);
+    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = signal.run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'run % does not exist', signal.run_id USING ERRCODE = '42704',
+            HINT = 'Pass the run_id returned by pgflow.start_flow.';
+    END IF;
+    SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = r.flow_slug AND s.step_slug = signal.step_slug;
+    IF NOT FOUND THEN
+        PERFORM pgflow._check_name(signal.step_slug, 'step_slug');
+        RAISE EXCEPTION 'flow "%" of run % has no step "%"', r.flow_slug, signal.run_id, signal.step_slug
+            USING ERRCODE = '42704';
+    ELSIF st.step_type <> 'signal' THEN
+        RAISE EXCEPTION 'step_slug "%" names a % step of flow "%", not a signal step', signal.step_slug,
+            st.step_type, r.flow_slug USING ERRCODE = '22023',
+            HINT = 'Signal the steps added with step_type => ''signal''; a worker completes the others with complete_task.';
+    END IF;
+    IF r.status <> 'started' THEN
+        RETURN 'run_' || r.status;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pgflow.signals s WHERE s.run_id = r.run_id AND s.step_slug = st.step_slug) THEN
+        RETURN 'already_signalled';
+    END IF;
+    SELECT ss.status INTO state FROM pgflow.step_states ss WHERE ss.run_id = r.run_id AND ss.step_slug = st.step_slug;
+    IF state IN ('skipped', 'failed', 'cancelled', 'completed') THEN
+        RETURN 'step_' || state;
+    END IF;
+    INSERT INTO pgflow.signals (run_id, step_slug, payload) VALUES (r.run_id, st.step_slug, signal.payload);
+    IF state = 'waiting' THEN
+        SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
+        PERFORM pgflow._apply_signal(r, q, st, signal.payload);
+        RETURN 'signalled';
+    END IF;
+    RETURN 'stored';
+END
+$$;
+COMMENT ON FUNCTION pgflow.signal(uuid, text, jsonb) IS
+'Signal a signal step of a run (an approval, a webhook, a person''s decision): a waiting step completes with payload (any JSON value, not SQL NULL) as its output, and the steps after it go on. Returns signalled; stored (the step is not ready yet: it completes with this payload when it becomes ready); or, changing nothing, already_signalled (one signal per step), run_completed, run_failed, run_cancelled, step_skipped. Unknown run or step: 42704; a step that is not a signal step: 22023.';
+
+CREATE FUNCTION pgflow._expire_signal_waits() RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    w record;
+    r pgflow.runs;
+    q pgflow.queues;
+    st pgflow.steps;
+    n integer := 0;
+BEGIN
+    FOR w IN SELECT * FROM pgflow.signal_waits x WHERE x.deadline <= clock_timestamp() ORDER BY x.deadline LIMIT 1000 LOOP
+        PERFORM pgflow._lock_flow(w.flow_slug, false);
+        CONTINUE WHEN NOT pgflow._lock_run(w.run_id, false);
+        -- still waiting, now that the run is ours
+        DELETE FROM pgflow.signal_waits x
+         WHERE x.run_id = w.run_id AND x.step_slug = w.step_slug AND x.deadline <= clock_timestamp();
+        CONTINUE WHEN NOT FOUND;
+        SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = w.run_id;
+        SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
+        SELECT * INTO st FROM pgflow.steps x WHERE x.flow_slug = r.flow_slug AND x.step_slug = w.step_slug;
+        PERFORM pgflow._task_exhausted(r, q, st, NULL, NULL,
+                                       format('no signal within its timeout of %s s', st.opt_timeout), 'timeout');
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule
 -- and every upgrade script ends by applying it.
@@ -2671,8 +2903,9 @@ BEGIN
     GRANT USAGE ON SCHEMA pgflow TO pgflow_producer, pgflow_consumer, pgflow_admin;
     GRANT pgflow_producer, pgflow_consumer TO pgflow_admin;
     GRANT SELECT ON ALL TABLES IN SCHEMA pgflow TO pgflow_admin;
-    -- the figures every role may count (get_queue_stats, get_queue_health, metrics)
-    GRANT SELECT ON pgflow.queue_health TO pgflow_producer, pgflow_consumer;
+    -- the figures every role may count (get_queue_stats, get_queue_health, metrics), and what
+    -- runs wait for (identifiers and times only)
+    GRANT SELECT ON pgflow.queue_health, pgflow.waiting_signals TO pgflow_producer, pgflow_consumer;
     FOR f IN
         SELECT p.oid::regprocedure::text AS sig, p.proname::text AS name
           FROM pg_catalog.pg_proc p
@@ -2682,7 +2915,7 @@ BEGIN
         CONTINUE WHEN f.name LIKE '\_%';
         roles := ARRAY['pgflow_admin'];
         IF f.name IN ('send', 'send_batch', 'send_with_notify', 'publish', 'publish_batch',
-                      'queue_channel', 'flow_channel', 'start_flow', 'cancel_run', 'retry_run', 'get_queue_stats',
+                      'queue_channel', 'flow_channel', 'start_flow', 'cancel_run', 'retry_run', 'signal', 'get_queue_stats',
                       'get_queue_health', 'metrics', 'wakeups_enabled', 'flow_mermaid',
                       'run_mermaid') THEN
             roles := roles || 'pgflow_producer'::text;

@@ -90,11 +90,12 @@ BEGIN
     DELETE FROM pgflow.step_tasks t WHERE t.run_id = ANY (ids);
     DELETE FROM pgflow.step_states s WHERE s.run_id = ANY (ids);
     DELETE FROM pgflow.run_retries rr WHERE rr.run_id = ANY (ids);
+    DELETE FROM pgflow.signals sg WHERE sg.run_id = ANY (ids);
     RETURN n;
 END
 $$;
 COMMENT ON FUNCTION pgflow.prune_runs(interval, text, integer) IS
-'Delete workflow runs that completed, failed or were cancelled more than older_than ago, with their step states, tasks and retry history, of one flow or (flow_slug NULL) of all; at most max_rows runs (NULL: no limit). Runs still under way are never touched. Returns how many runs were deleted. A late complete_task or fail_task for a deleted run gets 42704, and its run_id can be started again. pgflow.run_retention has the maintenance worker do this once a minute.';
+'Delete workflow runs that completed, failed or were cancelled more than older_than ago, with their step states, tasks, signals and retry history, of one flow or (flow_slug NULL) of all; at most max_rows runs (NULL: no limit). Runs still under way are never touched. Returns how many runs were deleted. A late complete_task or fail_task for a deleted run gets 42704, and its run_id can be started again. pgflow.run_retention has the maintenance worker do this once a minute.';
 
 CREATE FUNCTION pgflow.apply_retention() RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER

@@ -9,6 +9,7 @@ AS $$
 DECLARE
     due_queues integer := 0;
     fired integer := 0;
+    expired integer := 0;
     r record;
 BEGIN
     -- Delayed messages and retries that came due: wake blocked readers of their queues, and
@@ -37,8 +38,14 @@ BEGIN
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pgflow maintenance: firing schedules failed: SQLSTATE %', SQLSTATE;
     END;
-    RETURN jsonb_build_object('due_queues', due_queues, 'schedules_fired', fired);
+    -- Signal steps whose wait ran out (sql/workflow/runtime.sql).
+    BEGIN
+        expired := pgflow._expire_signal_waits();
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pgflow maintenance: ending signal waits failed: SQLSTATE %', SQLSTATE;
+    END;
+    RETURN jsonb_build_object('due_queues', due_queues, 'schedules_fired', fired, 'signal_timeouts', expired);
 END
 $$;
 COMMENT ON FUNCTION pgflow.run_maintenance() IS
-'One maintenance pass: announces delayed messages and retries that came due (wakes pgflow.read_with_poll, notifies message_due on channels of queues with notify on) and fires the schedules that came due. Run every pgflow.maintenance_interval_ms by the pgflow maintenance worker when pgflow is preloaded; safe to call by hand. Returns what it did.';
+'One maintenance pass: announces delayed messages and retries that came due (wakes pgflow.read_with_poll, notifies message_due on channels of queues with notify on) , fires the schedules that came due, and ends the waits of signal steps whose timeout ran out (when_exhausted applies). Run every pgflow.maintenance_interval_ms by the pgflow maintenance worker when pgflow is preloaded; safe to call by hand. Returns what it did.';

@@ -28,8 +28,8 @@ BEGIN
           FROM pgflow.steps s WHERE s.flow_slug = _mermaid.flow_slug ORDER BY s.step_index
     LOOP
         label := st.step_slug;
-        IF st.step_type = 'map' THEN
-            label := label || '<br/>map';
+        IF st.step_type <> 'single' THEN
+            label := label || '<br/>' || st.step_type;
         END IF;
         IF st.conditional THEN
             label := label || '<br/>if condition';
@@ -38,7 +38,7 @@ BEGIN
             label := label || format('<br/>starts after %s s', st.opt_start_delay);
         END IF;
         IF run IS NULL THEN
-            status := CASE WHEN st.step_type = 'map' THEN 'map' ELSE 'step' END;
+            status := CASE WHEN st.step_type = 'single' THEN 'step' ELSE st.step_type END;
         ELSE
             SELECT e INTO state FROM jsonb_array_elements(run->'steps') e WHERE e->>'step_slug' = st.step_slug;
             status := coalesce(state->>'status', 'created');
@@ -50,11 +50,14 @@ BEGIN
                 label := label || format(', %s attempts', state->'tasks'->>'attempts');
             END IF;
         END IF;
-        -- shapes: a map step is a subroutine box, a step with a condition a hexagon
+        -- shapes: a map step is a subroutine box, a signal step a flag, a step with a condition
+        -- a hexagon
         lines := lines || format('    s%s%s"%s"%s:::%s', st.step_index,
-                                 CASE WHEN st.step_type = 'map' THEN '[[' WHEN st.conditional THEN '{{' ELSE '[' END,
+                                 CASE WHEN st.step_type = 'map' THEN '[[' WHEN st.step_type = 'signal' THEN '>'
+                                      WHEN st.conditional THEN '{{' ELSE '[' END,
                                  label,
-                                 CASE WHEN st.step_type = 'map' THEN ']]' WHEN st.conditional THEN '}}' ELSE ']' END,
+                                 CASE WHEN st.step_type = 'map' THEN ']]' WHEN st.step_type = 'signal' THEN ']'
+                                      WHEN st.conditional THEN '}}' ELSE ']' END,
                                  status);
     END LOOP;
     lines := lines || ARRAY(
@@ -72,7 +75,9 @@ BEGIN
         '    classDef completed fill:#dcfce7,stroke:#16a34a,color:#14532d',
         '    classDef failed fill:#fee2e2,stroke:#dc2626,color:#7f1d1d',
         '    classDef cancelled fill:#e5e7eb,stroke:#4b5563,color:#374151,stroke-dasharray:4 3',
-        '    classDef skipped fill:#fefce8,stroke:#ca8a04,color:#713f12,stroke-dasharray:2 2'];
+        '    classDef skipped fill:#fefce8,stroke:#ca8a04,color:#713f12,stroke-dasharray:2 2',
+        '    classDef signal fill:#fdf4ff,stroke:#a21caf,color:#4a044e',
+        '    classDef waiting fill:#fae8ff,stroke:#a21caf,color:#4a044e,stroke-width:3px'];
     RETURN array_to_string(lines, E'\n') || E'\n';
 END
 $$;
@@ -86,7 +91,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.flow_mermaid(text) IS
-'The flow as a Mermaid flowchart (text): one node per step (map steps drawn as subroutines and marked "map", steps with a condition as hexagons marked "if condition", start delays noted), one edge per dependency. Render it with any Mermaid renderer.';
+'The flow as a Mermaid flowchart (text): one node per step (map steps drawn as subroutines marked "map", signal steps as flags marked "signal", steps with a condition as hexagons marked "if condition", start delays noted), one edge per dependency. Render it with any Mermaid renderer.';
 
 CREATE FUNCTION pgflow.run_mermaid(run_id uuid) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -100,4 +105,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.run_mermaid(uuid) IS
-'A run as a Mermaid flowchart (text): its flow''s graph with each step coloured and labelled by its state (created, started, completed, failed, cancelled, skipped), map steps with their completed and total task counts, single steps with their attempts when more than one; the title holds the run id and status.';
+'A run as a Mermaid flowchart (text): its flow''s graph with each step coloured and labelled by its state (created, started, waiting for a signal, completed, failed, cancelled, skipped), map steps with their completed and total task counts, single steps with their attempts when more than one; the title holds the run id and status.';

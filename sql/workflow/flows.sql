@@ -182,13 +182,19 @@ BEGIN
     END LOOP;
     PERFORM pgflow._check_option('max_attempts', add_step.max_attempts, 1, 100, true);
     PERFORM pgflow._check_option('base_delay', add_step.base_delay, 0, 86400, true);
-    PERFORM pgflow._check_option('timeout', add_step.timeout, 1, 86400, true);
+    -- a signal step's timeout bounds a wait for a person or a system: up to a year
+    PERFORM pgflow._check_option('timeout', add_step.timeout, 1,
+                                 CASE WHEN add_step.step_type = 'signal' THEN 31536000 ELSE 86400 END, true);
     PERFORM pgflow._check_option('start_delay', add_step.start_delay, 0, 31536000, true);
     IF add_step.step_type IS NULL THEN
         RAISE EXCEPTION 'step_type must not be null' USING ERRCODE = '22004';
-    ELSIF add_step.step_type NOT IN ('single', 'map') THEN
-        RAISE EXCEPTION 'step_type must be ''single'' or ''map'', not "%"', left(add_step.step_type, 64)
+    ELSIF add_step.step_type NOT IN ('single', 'map', 'signal') THEN
+        RAISE EXCEPTION 'step_type must be ''single'', ''map'' or ''signal'', not "%"', left(add_step.step_type, 64)
             USING ERRCODE = '22023';
+    ELSIF add_step.step_type = 'signal' AND num_nonnulls(add_step.max_attempts, add_step.base_delay, add_step.start_delay) > 0 THEN
+        RAISE EXCEPTION 'signal step "%" takes no max_attempts, base_delay or start_delay: it has no tasks', add_step.step_slug
+            USING ERRCODE = '22023',
+            HINT = 'A signal step waits for pgflow.signal; its timeout (optional) bounds the wait.';
     ELSIF add_step.step_type = 'map' AND cardinality(add_step.deps_slugs) > 1 THEN
         RAISE EXCEPTION 'map step "%" has % dependencies; a map step has at most one', add_step.step_slug,
             cardinality(add_step.deps_slugs) USING ERRCODE = '22023',
@@ -251,7 +257,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.add_step(text, text, text[], integer, integer, integer, integer, text, jsonb, jsonb, text, text) IS
-'Add a step to a flow; returns the step row. deps_slugs: steps of the flow, already added, that must complete (or be skipped) first (so a flow is a DAG by construction). Options left NULL inherit the flow''s; start_delay (0-31536000 s) delays the step''s tasks after it becomes ready. step_type ''map'': one task per element of an array, the run input (no dependency) or the output of its one dependency; its output is the array of its task outputs. Condition: when the step becomes ready, its input ({"run": ..., "<dep>": <output>, ...}) must contain if_input and must not contain if_not_input (JSON objects, jsonb @>); when_unmet: skip (default; dependents run without its key), skip_cascade (it and every step after it are skipped) or fail (the run fails). when_exhausted: what running out of attempts (or fail_task with retry => false) does: fail (default: the run fails), skip or skip_cascade. Adding an identical step again is a no-op; a different one fails with 42710; a flow that has runs can take no new steps (55000).';
+'Add a step to a flow; returns the step row. deps_slugs: steps of the flow, already added, that must complete (or be skipped) first (so a flow is a DAG by construction). Options left NULL inherit the flow''s; start_delay (0-31536000 s) delays the step''s tasks after it becomes ready. step_type ''map'': one task per element of an array, the run input (no dependency) or the output of its one dependency; its output is the array of its task outputs. step_type ''signal'': no task; once ready it waits for pgflow.signal, whose payload is its output; timeout (optional, not inherited) bounds the wait, after which when_exhausted applies. Condition: when the step becomes ready, its input ({"run": ..., "<dep>": <output>, ...}) must contain if_input and must not contain if_not_input (JSON objects, jsonb @>); when_unmet: skip (default; dependents run without its key), skip_cascade (it and every step after it are skipped) or fail (the run fails). when_exhausted: what running out of attempts (or fail_task with retry => false) does: fail (default: the run fails), skip or skip_cascade. Adding an identical step again is a no-op; a different one fails with 42710; a flow that has runs can take no new steps (55000).';
 
 ---------------------------------------------------------------------------------------------
 -- Shapes: a whole flow as one JSON document
@@ -375,8 +381,8 @@ BEGIN
             RAISE EXCEPTION 'invalid flow shape: step "%" is defined twice', st ->> 'slug' USING ERRCODE = '22023';
         END IF;
         t := coalesce(st ->> 'type', 'single');
-        IF jsonb_typeof(st -> 'type') NOT IN ('string', 'null') OR t NOT IN ('single', 'map') THEN
-            RAISE EXCEPTION 'invalid flow shape: steps[%].type must be "single" or "map"', i USING ERRCODE = '22023';
+        IF jsonb_typeof(st -> 'type') NOT IN ('string', 'null') OR t NOT IN ('single', 'map', 'signal') THEN
+            RAISE EXCEPTION 'invalid flow shape: steps[%].type must be "single", "map" or "signal"', i USING ERRCODE = '22023';
         END IF;
         IF st -> 'deps' IS NULL OR st -> 'deps' = 'null'::jsonb THEN
             deps := '{}';
@@ -403,7 +409,8 @@ BEGIN
         END IF;
         PERFORM pgflow._check_option(where_ || 'max_attempts', pgflow._shape_int(st, 'max_attempts', where_, true), 1, 100, true);
         PERFORM pgflow._check_option(where_ || 'base_delay', pgflow._shape_int(st, 'base_delay', where_, true), 0, 86400, true);
-        PERFORM pgflow._check_option(where_ || 'timeout', pgflow._shape_int(st, 'timeout', where_, true), 1, 86400, true);
+        PERFORM pgflow._check_option(where_ || 'timeout', pgflow._shape_int(st, 'timeout', where_, true), 1,
+                                     CASE WHEN t = 'signal' THEN 31536000 ELSE 86400 END, true);
         PERFORM pgflow._check_option(where_ || 'start_delay', pgflow._shape_int(st, 'start_delay', where_, true), 0, 31536000, true);
         IF jsonb_typeof(st -> 'when_unmet') NOT IN ('string', 'null') OR jsonb_typeof(st -> 'when_exhausted') NOT IN ('string', 'null') THEN
             RAISE EXCEPTION 'invalid flow shape: %when_unmet and %when_exhausted must be strings', where_, where_
@@ -505,7 +512,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.create_flow_from_shape(text, jsonb) IS
-'Create a whole flow from one JSON document, in one step: {"max_attempts","base_delay","timeout" (optional, defaults 3, 1, 60), "steps":[{"slug", "type" ("single" or "map", default single), "deps" (default []), "max_attempts","base_delay","timeout","start_delay", "if","if_not","when_unmet","when_exhausted" (optional; as add_step''s if_input, if_not_input, when_unmet and when_exhausted)}]}. Steps may be listed in any order that has no cycle. Returns true if created, false if the flow exists with the same shape; another shape fails with 42710. An invalid shape (unknown key, bad slug or option, duplicate step, unknown dependency, cycle) fails with 22023 naming the problem and creates nothing.';
+'Create a whole flow from one JSON document, in one step: {"max_attempts","base_delay","timeout" (optional, defaults 3, 1, 60), "steps":[{"slug", "type" ("single", "map" or "signal", default single), "deps" (default []), "max_attempts","base_delay","timeout","start_delay", "if","if_not","when_unmet","when_exhausted" (optional; as add_step''s if_input, if_not_input, when_unmet and when_exhausted)}]}. Steps may be listed in any order that has no cycle. Returns true if created, false if the flow exists with the same shape; another shape fails with 42710. An invalid shape (unknown key, bad slug or option, duplicate step, unknown dependency, cycle) fails with 22023 naming the problem and creates nothing.';
 
 CREATE FUNCTION pgflow.drop_flow(flow_slug text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -531,6 +538,9 @@ BEGIN
      WHERE r.flow_slug = drop_flow.flow_slug AND s.run_id = r.run_id;
     DELETE FROM pgflow.run_retries rr USING pgflow.runs r
      WHERE r.flow_slug = drop_flow.flow_slug AND rr.run_id = r.run_id;
+    DELETE FROM pgflow.signals sg USING pgflow.runs r
+     WHERE r.flow_slug = drop_flow.flow_slug AND sg.run_id = r.run_id;
+    DELETE FROM pgflow.signal_waits w WHERE w.flow_slug = drop_flow.flow_slug;
     DELETE FROM pgflow.runs WHERE flow_slug = drop_flow.flow_slug;
     DELETE FROM pgflow.deps WHERE flow_slug = drop_flow.flow_slug;
     DELETE FROM pgflow.steps WHERE flow_slug = drop_flow.flow_slug;
@@ -541,4 +551,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgflow.drop_flow(text) IS
-'Drop a flow with its steps, all its runs, their step states, tasks and retry history, and its queue (with the queue''s messages). Returns false if there is no such flow.';
+'Drop a flow with its steps, all its runs, their step states, tasks, signals and retry history, and its queue (with the queue''s messages). Returns false if there is no such flow.';

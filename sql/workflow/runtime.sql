@@ -52,7 +52,8 @@ $$;
 -- pgflow.flows as pgflow.workflow_events allows; it is in Rust (src/workflow/), the one place
 -- that rule lives, shared with the task path.
 
--- The output of a completed step of a run: a single step's task output, a map step's array.
+-- The output of a completed step of a run: a single step's task output, a map step's array, a
+-- signal step's payload.
 CREATE FUNCTION pgflow._step_output(run_id uuid, step_slug text, step_type text) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -61,7 +62,7 @@ AS $$
 DECLARE
     o jsonb;
 BEGIN
-    IF step_type = 'map' THEN
+    IF step_type <> 'single' THEN
         SELECT s.output INTO o FROM pgflow.step_states s
          WHERE s.run_id = _step_output.run_id AND s.step_slug = _step_output.step_slug;
     ELSE
@@ -102,6 +103,7 @@ AS $$
 #variable_conflict use_column
 BEGIN
     UPDATE pgflow.runs SET status = 'failed', failed_at = clock_timestamp() WHERE run_id = r.run_id;
+    DELETE FROM pgflow.signal_waits w WHERE w.run_id = r.run_id;
     PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
         'event', 'workflow_failed', 'run_id', r.run_id, 'flow_slug', r.flow_slug,
         'failed_step', failed_step));
@@ -173,6 +175,57 @@ BEGIN
 END
 $$;
 
+-- Signal step st of run r is ready (the caller holds the run lock): it completes at once with
+-- the signal that came before, or waits for one (pgflow.signal_waits, until its timeout).
+CREATE FUNCTION pgflow._start_signal_step(r pgflow.runs, q pgflow.queues, st pgflow.steps) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    now_ timestamptz := clock_timestamp();
+    payload jsonb;
+BEGIN
+    INSERT INTO pgflow.step_states (flow_slug, run_id, step_slug, status, remaining_deps, remaining_tasks,
+                                    initial_tasks, created_at, started_at)
+    VALUES (r.flow_slug, r.run_id, st.step_slug, 'waiting', 0, 0, 0, now_, now_)
+    ON CONFLICT (run_id, step_slug) DO UPDATE
+       SET status = 'waiting', remaining_deps = 0, remaining_tasks = 0, initial_tasks = 0, started_at = now_,
+           failed_at = NULL, error_message = NULL;
+    SELECT s.payload INTO payload FROM pgflow.signals s WHERE s.run_id = r.run_id AND s.step_slug = st.step_slug;
+    IF FOUND THEN
+        RETURN pgflow._apply_signal(r, q, st, payload);
+    END IF;
+    INSERT INTO pgflow.signal_waits (run_id, step_slug, flow_slug, waiting_since, deadline)
+    VALUES (r.run_id, st.step_slug, r.flow_slug, now_,
+            now_ + make_interval(secs => st.opt_timeout))
+    ON CONFLICT (run_id, step_slug) DO UPDATE SET waiting_since = excluded.waiting_since, deadline = excluded.deadline;
+    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+        'event', 'step_waiting', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug));
+    RETURN true;
+END
+$$;
+
+-- The waiting signal step st of run r completes with the signal's payload (the caller holds the
+-- run lock), and the steps after it go on. Returns false if the run failed meanwhile.
+CREATE FUNCTION pgflow._apply_signal(r pgflow.runs, q pgflow.queues, st pgflow.steps, payload jsonb) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    now_ timestamptz := clock_timestamp();
+BEGIN
+    UPDATE pgflow.step_states ss SET status = 'completed', output = payload, completed_at = now_
+     WHERE ss.run_id = r.run_id AND ss.step_slug = st.step_slug;
+    UPDATE pgflow.signals s SET applied_at = now_ WHERE s.run_id = r.run_id AND s.step_slug = st.step_slug;
+    DELETE FROM pgflow.signal_waits w WHERE w.run_id = r.run_id AND w.step_slug = st.step_slug;
+    PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
+        'event', 'step_signalled', 'run_id', r.run_id, 'flow_slug', r.flow_slug, 'step_slug', st.step_slug));
+    RETURN pgflow._step_completed(r.run_id, q.queue_id, st.step_slug);
+END
+$$;
+
 -- Start step st of run r (all its deps completed; the caller holds the run lock): set its state
 -- to started and queue its tasks, one for a single step, one per array element for a map step.
 -- A task's message has the priority of its step's step_index: tasks of later steps are served
@@ -205,6 +258,9 @@ BEGIN
             END IF;
             RETURN pgflow._skip_step(r, q, st, st.when_unmet = 'skip_cascade', 'condition', 'its condition is not met');
         END IF;
+    END IF;
+    IF st.step_type = 'signal' THEN
+        RETURN pgflow._start_signal_step(r, q, st);
     END IF;
     IF st.step_type = 'single' THEN
         PERFORM pgflow._start_single_step(r.run_id, r.flow_slug, q.queue_id, q.msg_seq, st.step_slug,
@@ -355,8 +411,9 @@ COMMENT ON FUNCTION pgflow.start_flow(text, jsonb, uuid) IS
 ---------------------------------------------------------------------------------------------
 
 -- Task task_index of step st ran out of attempts, or failed with retry => false (the caller
--- holds the run lock and has deleted the task's message): the one home of what follows, for
--- fail_task and a timed-out last attempt. The task fails; then, as the step's when_exhausted
+-- holds the run lock and has deleted the task's message), or (task_index NULL) signal step st
+-- waited out its timeout: the one home of what follows, for fail_task, a timed-out last
+-- attempt and a signal's timeout. The task fails; then, as the step's when_exhausted
 -- says, the step and the run fail (fail: the run's other tasks are no longer handed out), or
 -- the step is skipped (skip, skip_cascade: its other tasks are cancelled, and the run goes
 -- on). Returns the outcome: failed or step_skipped.
@@ -370,9 +427,11 @@ DECLARE
     now_ timestamptz := clock_timestamp();
     ids bigint[];
 BEGIN
-    UPDATE pgflow.step_tasks t SET status = 'failed', error_message = err, failed_at = now_, attempts_count = attempts
-     WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_exhausted.task_index;
-    PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, task_index, attempts, false, reason);
+    IF task_index IS NOT NULL THEN
+        UPDATE pgflow.step_tasks t SET status = 'failed', error_message = err, failed_at = now_, attempts_count = attempts
+         WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = _task_exhausted.task_index;
+        PERFORM pgflow._emit_task_failed(r.run_id, r.flow_slug, st.step_slug, task_index, attempts, false, reason);
+    END IF;
     IF st.when_exhausted = 'fail' THEN
         PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id);
         UPDATE pgflow.step_states s SET status = 'failed', failed_at = now_, error_message = err
@@ -678,7 +737,8 @@ BEGIN
     UPDATE pgflow.step_tasks t SET status = 'cancelled'
      WHERE t.run_id = r.run_id AND t.status IN ('queued', 'started');
     UPDATE pgflow.step_states s SET status = 'cancelled', error_message = why
-     WHERE s.run_id = r.run_id AND s.status IN ('created', 'started');
+     WHERE s.run_id = r.run_id AND s.status IN ('created', 'started', 'waiting');
+    DELETE FROM pgflow.signal_waits w WHERE w.run_id = r.run_id;
     UPDATE pgflow.runs x SET status = 'cancelled', cancelled_at = clock_timestamp() WHERE x.run_id = r.run_id;
     PERFORM pgflow._emit(r.flow_slug, jsonb_build_object(
         'event', 'workflow_cancelled', 'run_id', r.run_id, 'flow_slug', r.flow_slug));
@@ -745,9 +805,10 @@ BEGIN
          WHERE ss.run_id = r.run_id AND ss.status NOT IN ('completed', 'skipped')
          ORDER BY s.step_index
     LOOP
-        IF st.state_status = 'failed' AND NOT st.has_tasks THEN
-            -- a map step that failed before it had tasks: start it again (a root step's state
-            -- is created by the start)
+        IF NOT st.has_tasks AND (st.state_status = 'failed'
+                                 OR st.step_type = 'signal' AND st.state_started_at IS NOT NULL) THEN
+            -- a map step that failed before it had tasks, or a signal step that was waiting:
+            -- start it again (a root step's state is created by the start)
             IF st.deps_count = 0 THEN
                 DELETE FROM pgflow.step_states ss WHERE ss.run_id = r.run_id AND ss.step_slug = st.step_slug;
             ELSE
@@ -808,6 +869,100 @@ $$;
 COMMENT ON FUNCTION pgflow.retry_run(uuid) IS
 'Carry on a failed or cancelled run from where it stopped, under the same run_id: completed steps and tasks keep their outputs; its failed, cancelled and unfinished tasks are queued again with fresh attempts (visible at once); steps that never started start when their dependencies complete. The tasks started again, with their attempts and last errors, are recorded in pgflow.run_retries (get_run_with_states shows them under "retries"). Returns retried (or failed, when a map step started again fails the run at once: its input is still not an array); for a run under way or completed, changing nothing, already_started or already_completed. Unknown run: 42704.';
 
+-- Signal a signal step of a run (under the flow and run locks, as complete_task): a waiting
+-- step completes with the payload as its output and the run goes on; a step not yet ready
+-- keeps the signal and completes with it when it becomes ready. One signal per step: another
+-- changes nothing and says so.
+CREATE FUNCTION pgflow.signal(run_id uuid, step_slug text, payload jsonb) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r pgflow.runs;
+    q pgflow.queues;
+    st pgflow.steps;
+    state text;
+BEGIN
+    IF signal.run_id IS NULL THEN
+        RAISE EXCEPTION 'run_id must not be null' USING ERRCODE = '22004';
+    ELSIF signal.step_slug IS NULL THEN
+        RAISE EXCEPTION 'step_slug must not be null' USING ERRCODE = '22004';
+    ELSIF signal.payload IS NULL THEN
+        RAISE EXCEPTION 'payload must not be null' USING ERRCODE = '22004',
+            HINT = 'Pass JSON null (''null''::jsonb) for a signal without a payload.';
+    END IF;
+    PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = signal.run_id;
+    PERFORM pgflow._lock_run(signal.run_id, true);
+    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = signal.run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'run % does not exist', signal.run_id USING ERRCODE = '42704',
+            HINT = 'Pass the run_id returned by pgflow.start_flow.';
+    END IF;
+    SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = r.flow_slug AND s.step_slug = signal.step_slug;
+    IF NOT FOUND THEN
+        PERFORM pgflow._check_name(signal.step_slug, 'step_slug');
+        RAISE EXCEPTION 'flow "%" of run % has no step "%"', r.flow_slug, signal.run_id, signal.step_slug
+            USING ERRCODE = '42704';
+    ELSIF st.step_type <> 'signal' THEN
+        RAISE EXCEPTION 'step_slug "%" names a % step of flow "%", not a signal step', signal.step_slug,
+            st.step_type, r.flow_slug USING ERRCODE = '22023',
+            HINT = 'Signal the steps added with step_type => ''signal''; a worker completes the others with complete_task.';
+    END IF;
+    IF r.status <> 'started' THEN
+        RETURN 'run_' || r.status;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pgflow.signals s WHERE s.run_id = r.run_id AND s.step_slug = st.step_slug) THEN
+        RETURN 'already_signalled';
+    END IF;
+    SELECT ss.status INTO state FROM pgflow.step_states ss WHERE ss.run_id = r.run_id AND ss.step_slug = st.step_slug;
+    IF state IN ('skipped', 'failed', 'cancelled', 'completed') THEN
+        RETURN 'step_' || state;
+    END IF;
+    INSERT INTO pgflow.signals (run_id, step_slug, payload) VALUES (r.run_id, st.step_slug, signal.payload);
+    IF state = 'waiting' THEN
+        SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
+        PERFORM pgflow._apply_signal(r, q, st, signal.payload);
+        RETURN 'signalled';
+    END IF;
+    RETURN 'stored';
+END
+$$;
+COMMENT ON FUNCTION pgflow.signal(uuid, text, jsonb) IS
+'Signal a signal step of a run (an approval, a webhook, a person''s decision): a waiting step completes with payload (any JSON value, not SQL NULL) as its output, and the steps after it go on. Returns signalled; stored (the step is not ready yet: it completes with this payload when it becomes ready); or, changing nothing, already_signalled (one signal per step), run_completed, run_failed, run_cancelled, step_skipped. Unknown run or step: 42704; a step that is not a signal step: 22023.';
+
+-- Signal steps whose timeout ran out: what their when_exhausted says (the run fails, or the
+-- step is skipped), for the maintenance pass. Each under its flow and run locks; a run busy
+-- now is looked at on the next pass. At most 1000 per pass. Returns how many ended.
+CREATE FUNCTION pgflow._expire_signal_waits() RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    w record;
+    r pgflow.runs;
+    q pgflow.queues;
+    st pgflow.steps;
+    n integer := 0;
+BEGIN
+    FOR w IN SELECT * FROM pgflow.signal_waits x WHERE x.deadline <= clock_timestamp() ORDER BY x.deadline LIMIT 1000 LOOP
+        PERFORM pgflow._lock_flow(w.flow_slug, false);
+        CONTINUE WHEN NOT pgflow._lock_run(w.run_id, false);
+        -- still waiting, now that the run is ours
+        DELETE FROM pgflow.signal_waits x
+         WHERE x.run_id = w.run_id AND x.step_slug = w.step_slug AND x.deadline <= clock_timestamp();
+        CONTINUE WHEN NOT FOUND;
+        SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = w.run_id;
+        SELECT * INTO q FROM pgflow.queues x WHERE x.queue_name = r.flow_slug;
+        SELECT * INTO st FROM pgflow.steps x WHERE x.flow_slug = r.flow_slug AND x.step_slug = w.step_slug;
+        PERFORM pgflow._task_exhausted(r, q, st, NULL, NULL,
+                                       format('no signal within its timeout of %s s', st.opt_timeout), 'timeout');
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
 ---------------------------------------------------------------------------------------------
 -- Inspection
 ---------------------------------------------------------------------------------------------
@@ -836,6 +991,12 @@ BEGIN
                    'initial_tasks', ss.initial_tasks, 'error_message', ss.error_message,
                    'created_at', ss.created_at, 'started_at', ss.started_at,
                    'completed_at', ss.completed_at, 'failed_at', ss.failed_at, 'skipped_at', ss.skipped_at,
+                   'signal', CASE WHEN s.step_type = 'signal' THEN (
+                       SELECT jsonb_build_object('received_at', sg.received_at, 'applied_at', sg.applied_at,
+                                                 'deadline', w.deadline)
+                         FROM (SELECT 1) one
+                         LEFT JOIN pgflow.signals sg ON sg.run_id = r.run_id AND sg.step_slug = s.step_slug
+                         LEFT JOIN pgflow.signal_waits w ON w.run_id = r.run_id AND w.step_slug = s.step_slug) END,
                    'tasks', (SELECT jsonb_build_object(
                                  'queued', count(*) FILTER (WHERE t.status = 'queued'),
                                  'started', count(*) FILTER (WHERE t.status = 'started'),

@@ -48,11 +48,11 @@ CREATE TABLE pgflow.steps (
     PRIMARY KEY (flow_slug, step_slug),
     UNIQUE (flow_slug, step_index),
     CONSTRAINT steps_slug_allowed CHECK (step_slug ~ '^[A-Za-z0-9_]{1,48}$'),
-    CONSTRAINT steps_type_allowed CHECK (step_type IN ('single', 'map')),
-    CONSTRAINT steps_map_deps CHECK (step_type = 'single' OR deps_count <= 1),
+    CONSTRAINT steps_type_allowed CHECK (step_type IN ('single', 'map', 'signal')),
+    CONSTRAINT steps_map_deps CHECK (step_type <> 'map' OR deps_count <= 1),
     CONSTRAINT steps_max_attempts_range CHECK (opt_max_attempts BETWEEN 1 AND 100),
     CONSTRAINT steps_base_delay_range CHECK (opt_base_delay BETWEEN 0 AND 86400),
-    CONSTRAINT steps_timeout_range CHECK (opt_timeout BETWEEN 1 AND 86400),
+    CONSTRAINT steps_timeout_range CHECK (opt_timeout BETWEEN 1 AND CASE WHEN step_type = 'signal' THEN 31536000 ELSE 86400 END),
     CONSTRAINT steps_start_delay_range CHECK (opt_start_delay BETWEEN 0 AND 31536000),
     CONSTRAINT steps_when_unmet_allowed CHECK (when_unmet IN ('skip', 'skip_cascade', 'fail')),
     CONSTRAINT steps_when_exhausted_allowed CHECK (when_exhausted IN ('fail', 'skip', 'skip_cascade'))
@@ -106,9 +106,9 @@ CREATE TABLE pgflow.step_states (
     failed_at        timestamptz,
     skipped_at       timestamptz,
     PRIMARY KEY (run_id, step_slug),
-    CONSTRAINT step_states_status_allowed CHECK (status IN ('created', 'started', 'completed', 'failed', 'cancelled', 'skipped'))
+    CONSTRAINT step_states_status_allowed CHECK (status IN ('created', 'started', 'completed', 'failed', 'cancelled', 'skipped', 'waiting'))
 ) WITH (fillfactor = 60);
-COMMENT ON TABLE pgflow.step_states IS 'pgflow: state of each step of each run: created (waiting for deps), started (tasks queued), completed, failed, cancelled (its run was cancelled before it finished) or skipped (its condition was not met, it ran out of attempts with when_exhausted skip, or a step it depends on was skipped with skip_cascade).';
+COMMENT ON TABLE pgflow.step_states IS 'pgflow: state of each step of each run: created (waiting for deps), started (tasks queued), completed, failed, cancelled (its run was cancelled before it finished) or skipped (its condition was not met, it ran out of attempts with when_exhausted skip, or a step it depends on was skipped with skip_cascade); a signal step is waiting while it waits for its signal.';
 
 CREATE TABLE pgflow.step_tasks (
     flow_slug       text NOT NULL,
@@ -142,6 +142,37 @@ CREATE TABLE pgflow.run_retries (
     PRIMARY KEY (run_id, retry_no)
 );
 COMMENT ON TABLE pgflow.run_retries IS 'pgflow: one row per retry_run of a run: its status before, and the tasks started again with their attempts and last errors.';
+
+-- Signals: the payload pgflow.signal gave a signal step of a run, kept from its arrival (also
+-- before the step is ready) and applied when the step is ready (applied_at).
+CREATE TABLE pgflow.signals (
+    run_id       uuid NOT NULL,
+    step_slug    text NOT NULL,
+    payload      jsonb NOT NULL,
+    received_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    applied_at   timestamptz,
+    PRIMARY KEY (run_id, step_slug)
+);
+COMMENT ON TABLE pgflow.signals IS 'pgflow: the signal received for each signal step of a run (at most one), and when it was applied.';
+
+-- The signal steps waiting now, one row each from the moment a step starts waiting until its
+-- signal, its timeout or the end of its run: what pgflow.waiting_signals shows and what the
+-- maintenance pass looks through for timeouts (deadline), without an index on step_states.
+CREATE TABLE pgflow.signal_waits (
+    run_id         uuid NOT NULL,
+    step_slug      text NOT NULL,
+    flow_slug      text NOT NULL,
+    waiting_since  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    deadline       timestamptz,
+    PRIMARY KEY (run_id, step_slug)
+);
+CREATE INDEX signal_waits_deadline ON pgflow.signal_waits (deadline) WHERE deadline IS NOT NULL;
+COMMENT ON TABLE pgflow.signal_waits IS 'pgflow: the signal steps waiting for their signal, with the time their timeout ends.';
+
+CREATE VIEW pgflow.waiting_signals AS
+    SELECT w.flow_slug, w.run_id, w.step_slug, w.waiting_since, w.deadline
+      FROM pgflow.signal_waits w;
+COMMENT ON VIEW pgflow.waiting_signals IS 'pgflow: what each run waits for: its signal steps waiting for pgflow.signal, since when, and until when (deadline, NULL: no timeout).';
 
 CREATE TYPE pgflow.step_task_record AS (
     flow_slug   text,

@@ -56,7 +56,8 @@ enum Stmt {
 }
 
 /// The input of a step's task (a map task gets its array element instead), the one place it is
-/// built: `{"run": <run input>, "<dep>": <its output>, ...}`, where a skipped dependency (whose
+/// built: `{"run": <run input>, "<dep>": <its output>, ...}` (a single step's output is its
+/// task's, a map or signal step's is on its state), where a skipped dependency (whose
 /// output is SQL NULL: a completed step's never is) leaves no key. `$run_input` is the run's
 /// input, `$run`, `$flow` and `$step` the parameters naming the run, its flow and the step.
 /// Used by [`Stmt::StartTask`] and [`Stmt::StepInput`] (a step's condition).
@@ -68,11 +69,11 @@ macro_rules! step_input {
                    FROM pgflow.deps d
                    JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
                    LEFT JOIN pgflow.step_states ss
-                          ON s.step_type = 'map' AND ss.run_id = ", $run, " AND ss.step_slug = d.dep_slug
+                          ON s.step_type <> 'single' AND ss.run_id = ", $run, " AND ss.step_slug = d.dep_slug
                    LEFT JOIN pgflow.step_tasks tt
                           ON s.step_type = 'single' AND tt.run_id = ", $run, "
                          AND tt.step_slug = d.dep_slug AND tt.task_index = 0
-                  CROSS JOIN LATERAL (SELECT CASE WHEN s.step_type = 'map' THEN ss.output ELSE tt.output END
+                  CROSS JOIN LATERAL (SELECT CASE WHEN s.step_type = 'single' THEN tt.output ELSE ss.output END
                                                  AS output) o
                   WHERE d.flow_slug = ", $flow, " AND d.step_slug = ", $step, "), '{}'::jsonb)"
         )

@@ -48,14 +48,16 @@ def claim(conn, flow, qty):
 def example(conn):
     """The documented example: fetch -> items (map) -> summarize, fetch -> notify (after a
     delay), and fetch -> audit (only when the run input asks for it); a run with fetch
-    completed, two of three items done, notify waiting for its delay, audit skipped."""
+    completed, two of three items done, notify waiting for its delay, audit skipped; approve,
+    a signal step after summarize, not yet ready."""
     conn.execute("SELECT pgflow.drop_flow(%s)", (EXAMPLE_FLOW,))
     conn.execute("SELECT pgflow.purge_dlq(%s)", (EXAMPLE_FLOW,))
     shape = {"steps": [{"slug": "fetch"},
                        {"slug": "items", "type": "map", "deps": ["fetch"]},
                        {"slug": "summarize", "deps": ["items"]},
                        {"slug": "notify", "deps": ["fetch"], "start_delay": 300},
-                       {"slug": "audit", "deps": ["fetch"], "if": {"run": {"audit": True}}}]}
+                       {"slug": "audit", "deps": ["fetch"], "if": {"run": {"audit": True}}},
+                       {"slug": "approve", "type": "signal", "deps": ["summarize"]}]}
     conn.execute("SELECT pgflow.create_flow_from_shape(%s, %s)", (EXAMPLE_FLOW, Jsonb(shape)))
     conn.execute("SELECT pgflow.start_flow(%s, '{}', %s)", (EXAMPLE_FLOW, EXAMPLE_RUN))
     assert claim(conn, EXAMPLE_FLOW, 1) == [(EXAMPLE_RUN, "fetch", 0)]
@@ -76,12 +78,14 @@ def test_the_documented_example_renders_and_matches_the_docs(conn, example, tmp_
     assert '    s1[["items<br/>map"]]:::map' in flow
     assert '    s3["notify<br/>starts after 300 s"]:::step' in flow
     assert '    s4{{"audit<br/>if condition"}}:::step' in flow
+    assert '    s5>"approve<br/>signal"]:::signal' in flow
     assert {"    s0 --> s1", "    s1 --> s2", "    s0 --> s3", "    s0 --> s4"} <= set(flow.splitlines())
     assert f'title: "run {EXAMPLE_RUN} of {example}: started"' in run
     assert '    s0["fetch<br/>completed"]:::completed' in run
     assert '    s1[["items<br/>map<br/>started: 2/3 tasks done"]]:::started' in run
     assert '    s2["summarize<br/>created"]:::created' in run
     assert '    s4{{"audit<br/>if condition<br/>skipped"}}:::skipped' in run
+    assert '    s5>"approve<br/>signal<br/>created"]:::created' in run
     svgs = {name: render(text, tmp_path, name) for name, text in
             (("example-flow", flow), ("example-run", run))}
     assert "items" in svgs["example-flow"] and "2/3 tasks done" in svgs["example-run"]
@@ -117,6 +121,11 @@ def test_every_state_and_awkward_slugs_render(conn, flows, tmp_path):
     assert '    s0["end<br/>failed, 2 attempts"]:::failed' in texts[failed]
     assert f'title: "run {failed} of {flow}: failed"' in texts[failed]
     assert ":::cancelled" in texts[cancelled]
+    # a run waiting for a signal
+    gate = flows([{"slug": "approve", "type": "signal"}])
+    waiting = conn.execute("SELECT run_id FROM pgflow.start_flow(%s, '{}')", (gate,)).fetchone()[0]
+    texts[waiting] = conn.execute("SELECT pgflow.run_mermaid(%s)", (waiting,)).fetchone()[0]
+    assert '    s0>"approve<br/>signal<br/>waiting"]:::waiting' in texts[waiting]
     assert '    s1[["subgraph<br/>map<br/>completed: 0/0 tasks done"]]:::completed' in texts[empty]
     render(conn.execute("SELECT pgflow.flow_mermaid(%s)", (flow,)).fetchone()[0], tmp_path, "flow")
     for i, text in enumerate(texts.values()):

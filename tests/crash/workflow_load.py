@@ -6,10 +6,12 @@ The flow, `crash_flow` (max_attempts 10, no retry delay, task timeout 2 s):
 
     root (single, outputs [1, 2, 3]) --> fan (map: x -> 10 x) --+
         \\--------------------------> left (single) ------------+--> join (sum of fan's outputs)
+         \\-------------------------> gate (signal) ------------+
 
 and a leaf `audit` (deps root) with the condition {"run": {"audit": true}}, skipped in the runs
 whose input says otherwise: a finished run's output is {"join": 60}, plus {"audit": "A"} where
-the input asked for the audit. A starter thread starts runs with explicit run
+the input asked for the audit. `gate` is a signal step: the steering thread signals the
+waiting gates as it goes, and every gate still waiting after the restart is signalled. A starter thread starts runs with explicit run
 ids, logged once start_flow's COMMIT returned; worker threads claim tasks with
 poll_for_tasks, fail 10% of their attempts (retried at once) and complete the rest, logging a
 completion once complete_task's COMMIT returned "completed". A steering thread cancels runs
@@ -44,7 +46,8 @@ def define(cluster):
         conn.execute("SELECT pgflow.add_step(%s, 'root')", (FLOW,))
         conn.execute("SELECT pgflow.add_step(%s, 'fan', ARRAY['root'], step_type => 'map')", (FLOW,))
         conn.execute("SELECT pgflow.add_step(%s, 'left', ARRAY['root'])", (FLOW,))
-        conn.execute("SELECT pgflow.add_step(%s, 'join', ARRAY['fan', 'left'])", (FLOW,))
+        conn.execute("SELECT pgflow.add_step(%s, 'gate', ARRAY['root'], step_type => 'signal')", (FLOW,))
+        conn.execute("SELECT pgflow.add_step(%s, 'join', ARRAY['fan', 'left', 'gate'])", (FLOW,))
         conn.execute("""SELECT pgflow.add_step(%s, 'audit', ARRAY['root'], if_input => '{"run": {"audit": true}}')""",
                      (FLOW,))
 
@@ -73,6 +76,7 @@ class Load:
         self.failures = 0
         self.cancels = 0
         self.retries = 0
+        self.signals = 0
         self.killed = threading.Event()  # set just before the SIGKILL
         self.errors = []                 # client errors before the kill
 
@@ -91,7 +95,7 @@ class Load:
         with self.lock:
             return (f"{len(self.started)} runs started, {len(self.uncertain)} uncertain, "
                     f"{len(self.completed)} task completions, {self.failures} simulated task failures, "
-                    f"{self.cancels} runs cancelled, {self.retries} retried")
+                    f"{self.cancels} runs cancelled, {self.retries} retried, {self.signals} gates signalled")
 
     def starter(self, stop, rng):
         try:
@@ -122,6 +126,12 @@ class Load:
             while not stop.is_set():
                 time.sleep(0.05 + rng.random() * 0.1)
                 try:
+                    for (run_id,) in conn.execute("SELECT run_id FROM pgflow.waiting_signals WHERE flow_slug = %s "
+                                                  "LIMIT 5", (FLOW,)).fetchall():
+                        if conn.execute("SELECT pgflow.signal(%s, 'gate', '{\"ok\": true}')",
+                                        (run_id,)).fetchone()[0] == "signalled":
+                            with self.lock:
+                                self.signals += 1
                     # a run under way is cancelled, a cancelled or failed one retried
                     row = conn.execute("SELECT run_id, status FROM pgflow.runs WHERE flow_slug = %s "
                                        "AND status <> 'completed' ORDER BY random() LIMIT 1", (FLOW,)).fetchone()
@@ -259,6 +269,8 @@ class Load:
             conn.execute("SELECT pgflow.retry_run(run_id) FROM pgflow.runs "
                          "WHERE run_id = ANY(%s) AND status IN ('cancelled', 'failed')", (ids,))
             while time.time() < t_end:
+                conn.execute("SELECT pgflow.signal(run_id, step_slug, '{\"ok\": true}') FROM pgflow.waiting_signals "
+                             "WHERE run_id = ANY(%s)", (ids,))
                 if self.work_once(conn, worker_id, rng, 0.0) == 0:
                     left = conn.execute("SELECT count(*) FROM pgflow.runs WHERE run_id = ANY(%s) AND status = 'started'",
                                         (ids,)).fetchone()[0]

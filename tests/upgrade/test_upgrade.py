@@ -316,3 +316,32 @@ def test_a_failed_upgrade_leaves_the_old_version_whole(make_db, current, old):
     c.execute("ALTER EXTENSION pgflow UPDATE")
     assert version_of(c) == current
     check_data_carries_on(c, s)
+
+
+@pytest.mark.parametrize("old", RELEASED)
+def test_an_upgraded_database_steers_its_old_runs_and_takes_the_new_features(make_db, current, old):
+    """A run started under the old release is cancelled and retried after the upgrade and
+    finishes; a new flow with a condition and a signal step runs; a schedule fires."""
+    c = make_db(old)
+    s = fill(c)
+    c.execute("ALTER EXTENSION pgflow UPDATE")
+    assert version_of(c) == current
+    assert c.execute("SELECT pgflow.cancel_run(%s)", (s["etl_run"],)).fetchone()[0] == "cancelled"
+    assert c.execute("SELECT pgflow.retry_run(%s)", (s["etl_run"],)).fetchone()[0] == "retried"
+    (run, step, idx) = c.execute("SELECT run_id, step_slug, task_index FROM pgflow.poll_for_tasks('etl', 60, 1, 0)").fetchone()
+    assert (run, step) == (s["etl_run"], "extract")
+    c.execute("SELECT pgflow.complete_task(%s, 'extract', 0, '{\"rows\": 1}')", (run,))
+    c.execute("SELECT pgflow.poll_for_tasks('etl', 60, 1, 0)")
+    c.execute("SELECT pgflow.complete_task(%s, 'load', 0, '\"done\"')", (run,))
+    assert c.execute("SELECT status FROM pgflow.runs WHERE run_id = %s", (run,)).fetchone()[0] == "completed"
+    # a flow of the new release
+    c.execute("""SELECT pgflow.create_flow_from_shape('gate', '{"steps": [
+                   {"slug": "approve", "type": "signal"},
+                   {"slug": "maybe", "deps": ["approve"], "if": {"approve": {"ok": true}}}]}')""")
+    g = c.execute("SELECT run_id FROM pgflow.start_flow('gate', '{}')").fetchone()[0]
+    assert c.execute("SELECT pgflow.signal(%s, 'approve', '{\"ok\": false}')", (g,)).fetchone()[0] == "signalled"
+    assert c.execute("SELECT status, output FROM pgflow.runs WHERE run_id = %s", (g,)).fetchone() == ("completed", {})
+    # and a schedule
+    c.execute("SELECT pgflow.create_schedule('nightly', '0 3 * * *', 'jobs', '{\"nightly\": true}')")
+    c.execute("UPDATE pgflow.schedules SET next_fire_at = now() - interval '1 minute'")
+    assert c.execute("SELECT pgflow.run_maintenance() -> 'schedules_fired'").fetchone()[0] == 1

@@ -1115,7 +1115,6 @@ DECLARE
     arr jsonb;
     n integer;
     dep text;
-    dep_type text;
     inp jsonb;
 BEGIN
     IF st.if_input IS NOT NULL OR st.if_not_input IS NOT NULL THEN
@@ -1138,18 +1137,12 @@ BEGIN
     END IF;
 
     -- A map step: the array it maps over, the run input or its one dependency's output.
-    IF st.deps_count = 0 THEN
-        arr := r.input;
-    ELSE
-        SELECT d.dep_slug, s.step_type INTO dep, dep_type
-          FROM pgflow.deps d JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
-         WHERE d.flow_slug = st.flow_slug AND d.step_slug = st.step_slug;
-        arr := pgflow._step_output(r.run_id, dep, dep_type);
-        IF arr IS NULL AND EXISTS (SELECT 1 FROM pgflow.step_states ss
-                                    WHERE ss.run_id = r.run_id AND ss.step_slug = dep AND ss.status = 'skipped') THEN
-            RETURN pgflow._skip_step(r, q, st, false, 'no_input',
-                                     format('step "%s", whose output it maps over, was skipped', dep));
-        END IF;
+    SELECT m.dep, m.arr INTO dep, arr FROM pgflow._map_array(r, st) m;
+    IF arr IS NULL AND dep IS NOT NULL
+       AND EXISTS (SELECT 1 FROM pgflow.step_states ss
+                    WHERE ss.run_id = r.run_id AND ss.step_slug = dep AND ss.status = 'skipped') THEN
+        RETURN pgflow._skip_step(r, q, st, false, 'no_input',
+                                 format('step "%s", whose output it maps over, was skipped', dep));
     END IF;
     IF jsonb_typeof(arr) IS DISTINCT FROM 'array' THEN
         PERFORM pgflow._fail_step_start(r, q, st, format(
@@ -1764,14 +1757,7 @@ BEGIN
     IF cancel_run.run_id IS NULL THEN
         RAISE EXCEPTION 'run_id must not be null' USING ERRCODE = '22004';
     END IF;
-    -- the lock order of complete_task and fail_task: the flow, then the run
-    PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = cancel_run.run_id;
-    PERFORM pgflow._lock_run(cancel_run.run_id, true);
-    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = cancel_run.run_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'run % does not exist', cancel_run.run_id USING ERRCODE = '42704',
-            HINT = 'Pass the run_id returned by pgflow.start_flow.';
-    END IF;
+    r := pgflow._steer_run(cancel_run.run_id, false);
     IF r.status <> 'started' THEN
         RETURN 'already_' || r.status;
     END IF;
@@ -1822,23 +1808,15 @@ DECLARE
     r pgflow.runs;
     q pgflow.queues;
     st record;
+    step pgflow.steps;
     arr jsonb;
-    dep text;
-    dep_type text;
     n integer;
     now_ timestamptz := clock_timestamp();
 BEGIN
     IF retry_run.run_id IS NULL THEN
         RAISE EXCEPTION 'run_id must not be null' USING ERRCODE = '22004';
     END IF;
-    -- the lock order of complete_task and fail_task: the flow, then the run
-    PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = retry_run.run_id;
-    PERFORM pgflow._lock_run(retry_run.run_id, true);
-    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = retry_run.run_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'run % does not exist', retry_run.run_id USING ERRCODE = '42704',
-            HINT = 'Pass the run_id returned by pgflow.start_flow.';
-    END IF;
+    r := pgflow._steer_run(retry_run.run_id, true);
     IF r.status NOT IN ('failed', 'cancelled') THEN
         RETURN 'already_' || r.status;
     END IF;
@@ -1856,51 +1834,44 @@ BEGIN
     UPDATE pgflow.runs x SET status = 'started', failed_at = NULL, cancelled_at = NULL WHERE x.run_id = r.run_id;
     r.status := 'started';
     FOR st IN
-        SELECT s.*, ss.status AS state_status, ss.started_at AS state_started_at,
+        SELECT s AS step, ss.status AS state_status, ss.started_at AS state_started_at,
                EXISTS (SELECT 1 FROM pgflow.step_tasks t WHERE t.run_id = r.run_id AND t.step_slug = s.step_slug) AS has_tasks
           FROM pgflow.step_states ss
           JOIN pgflow.steps s ON s.flow_slug = r.flow_slug AND s.step_slug = ss.step_slug
          WHERE ss.run_id = r.run_id AND ss.status NOT IN ('completed', 'skipped')
          ORDER BY s.step_index
     LOOP
+        step := st.step;
         IF NOT st.has_tasks AND (st.state_status = 'failed'
-                                 OR st.step_type = 'signal' AND st.state_started_at IS NOT NULL) THEN
+                                 OR step.step_type = 'signal' AND st.state_started_at IS NOT NULL) THEN
             -- a map step that failed before it had tasks, or a signal step that was waiting:
             -- start it again (a root step's state is created by the start)
-            IF st.deps_count = 0 THEN
-                DELETE FROM pgflow.step_states ss WHERE ss.run_id = r.run_id AND ss.step_slug = st.step_slug;
+            IF step.deps_count = 0 THEN
+                DELETE FROM pgflow.step_states ss WHERE ss.run_id = r.run_id AND ss.step_slug = step.step_slug;
             ELSE
                 UPDATE pgflow.step_states ss SET status = 'created', error_message = NULL, failed_at = NULL
-                 WHERE ss.run_id = r.run_id AND ss.step_slug = st.step_slug;
+                 WHERE ss.run_id = r.run_id AND ss.step_slug = step.step_slug;
             END IF;
-            IF NOT pgflow._start_step(r, q, (SELECT s FROM pgflow.steps s
-                                              WHERE s.flow_slug = st.flow_slug AND s.step_slug = st.step_slug)) THEN
+            IF NOT pgflow._start_step(r, q, step) THEN
                 RETURN 'failed';
             END IF;
         ELSIF st.state_started_at IS NULL THEN
             -- not started (cancelled before it did): it starts when its dependencies complete
             UPDATE pgflow.step_states ss SET status = 'created', error_message = NULL, failed_at = NULL
-             WHERE ss.run_id = r.run_id AND ss.step_slug = st.step_slug;
+             WHERE ss.run_id = r.run_id AND ss.step_slug = step.step_slug;
         ELSE
             arr := NULL;
-            IF st.step_type = 'map' THEN
-                IF st.deps_count = 0 THEN
-                    arr := r.input;
-                ELSE
-                    SELECT d.dep_slug, s.step_type INTO dep, dep_type
-                      FROM pgflow.deps d JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
-                     WHERE d.flow_slug = st.flow_slug AND d.step_slug = st.step_slug;
-                    arr := pgflow._step_output(r.run_id, dep, dep_type);
-                END IF;
+            IF step.step_type = 'map' THEN
+                SELECT m.arr INTO arr FROM pgflow._map_array(r, step) m;
             END IF;
             WITH todo AS (
                 SELECT t.task_index FROM pgflow.step_tasks t
-                 WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.status <> 'completed'
+                 WHERE t.run_id = r.run_id AND t.step_slug = step.step_slug AND t.status <> 'completed'
             ), m AS (
                 INSERT INTO pgflow.messages (queue_id, msg_id, vt, priority, message)
-                SELECT q.queue_id, nextval(q.msg_seq), now_, st.step_index,
-                       jsonb_build_object('run_id', r.run_id, 'step_slug', st.step_slug, 'task_index', todo.task_index)
-                       || CASE WHEN st.step_type = 'map' THEN jsonb_build_object('input', arr -> todo.task_index)
+                SELECT q.queue_id, nextval(q.msg_seq), now_, step.step_index,
+                       jsonb_build_object('run_id', r.run_id, 'step_slug', step.step_slug, 'task_index', todo.task_index)
+                       || CASE WHEN step.step_type = 'map' THEN jsonb_build_object('input', arr -> todo.task_index)
                                ELSE '{}'::jsonb END
                   FROM todo ORDER BY todo.task_index
                 RETURNING msg_id, (message ->> 'task_index')::integer AS task_index
@@ -1909,13 +1880,13 @@ BEGIN
                SET status = 'queued', message_id = m.msg_id, attempts_count = 0, error_message = NULL,
                    queued_at = now_, started_at = NULL, failed_at = NULL, last_worker_id = NULL
               FROM m
-             WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.task_index = m.task_index;
+             WHERE t.run_id = r.run_id AND t.step_slug = step.step_slug AND t.task_index = m.task_index;
             UPDATE pgflow.step_states ss
                SET status = 'started', error_message = NULL, failed_at = NULL,
                    remaining_tasks = (SELECT count(*) FROM pgflow.step_tasks t
-                                       WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug
+                                       WHERE t.run_id = r.run_id AND t.step_slug = step.step_slug
                                          AND t.status <> 'completed')
-             WHERE ss.run_id = r.run_id AND ss.step_slug = st.step_slug;
+             WHERE ss.run_id = r.run_id AND ss.step_slug = step.step_slug;
         END IF;
     END LOOP;
     PERFORM pgflow._on_commit_wake(q.queue_id);
@@ -2680,7 +2651,6 @@ AS $$
 #variable_conflict use_column
 DECLARE
     now_ timestamptz := clock_timestamp();
-    ids bigint[];
 BEGIN
     IF task_index IS NOT NULL THEN
         UPDATE pgflow.step_tasks t SET status = 'failed', error_message = err, failed_at = now_, attempts_count = attempts
@@ -2694,17 +2664,10 @@ BEGIN
         PERFORM pgflow._fail_run(r, q.queue_id, st.step_slug, err);
         RETURN 'failed';
     END IF;
-    -- the step's other tasks (a map step's): their messages, in msg_id order, then the tasks
-    ids := ARRAY(SELECT t.message_id FROM pgflow.step_tasks t
-                  WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.status IN ('queued', 'started')
-                  ORDER BY t.message_id);
-    IF cardinality(ids) > 0 THEN
-        PERFORM 1 FROM pgflow.messages m
-         WHERE m.queue_id = q.queue_id AND m.msg_id = ANY (ids) ORDER BY m.msg_id FOR UPDATE;
-        DELETE FROM pgflow.messages m WHERE m.queue_id = q.queue_id AND m.msg_id = ANY (ids);
-        UPDATE pgflow.step_tasks t SET status = 'cancelled'
-         WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.status IN ('queued', 'started');
-    END IF;
+    -- the step's other tasks (a map step's): their messages, then the tasks
+    PERFORM pgflow._drop_run_messages(r.run_id, q.queue_id, st.step_slug);
+    UPDATE pgflow.step_tasks t SET status = 'cancelled'
+     WHERE t.run_id = r.run_id AND t.step_slug = st.step_slug AND t.status IN ('queued', 'started');
     PERFORM pgflow._skip_step(r, q, st, st.when_exhausted = 'skip_cascade', 'exhausted', err);
     RETURN 'step_skipped';
 END
@@ -2815,13 +2778,7 @@ BEGIN
         RAISE EXCEPTION 'payload must not be null' USING ERRCODE = '22004',
             HINT = 'Pass JSON null (''null''::jsonb) for a signal without a payload.';
     END IF;
-    PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = signal.run_id;
-    PERFORM pgflow._lock_run(signal.run_id, true);
-    SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = signal.run_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'run % does not exist', signal.run_id USING ERRCODE = '42704',
-            HINT = 'Pass the run_id returned by pgflow.start_flow.';
-    END IF;
+    r := pgflow._steer_run(signal.run_id, false);
     SELECT * INTO st FROM pgflow.steps s WHERE s.flow_slug = r.flow_slug AND s.step_slug = signal.step_slug;
     IF NOT FOUND THEN
         PERFORM pgflow._check_name(signal.step_slug, 'step_slug');
@@ -2880,6 +2837,69 @@ BEGIN
         n := n + 1;
     END LOOP;
     RETURN n;
+END
+$$;
+
+DROP FUNCTION pgflow._drop_run_messages(uuid, bigint);
+CREATE FUNCTION pgflow._drop_run_messages(run_id uuid, queue_id bigint, step_slug text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    ids bigint[];
+BEGIN
+    ids := ARRAY(SELECT t.message_id FROM pgflow.step_tasks t
+                  WHERE t.run_id = _drop_run_messages.run_id AND t.status IN ('queued', 'started')
+                    AND (_drop_run_messages.step_slug IS NULL OR t.step_slug = _drop_run_messages.step_slug)
+                  ORDER BY t.message_id);
+    IF cardinality(ids) > 0 THEN
+        PERFORM 1 FROM pgflow.messages m
+         WHERE m.queue_id = _drop_run_messages.queue_id AND m.msg_id = ANY (ids) ORDER BY m.msg_id FOR UPDATE;
+        DELETE FROM pgflow.messages m WHERE m.queue_id = _drop_run_messages.queue_id AND m.msg_id = ANY (ids);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION pgflow._map_array(r pgflow.runs, st pgflow.steps, OUT dep text, OUT arr jsonb)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    dep_type text;
+BEGIN
+    IF st.deps_count = 0 THEN
+        arr := r.input;
+        RETURN;
+    END IF;
+    SELECT d.dep_slug, s.step_type INTO dep, dep_type
+      FROM pgflow.deps d JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.dep_slug
+     WHERE d.flow_slug = st.flow_slug AND d.step_slug = st.step_slug;
+    arr := pgflow._step_output(r.run_id, dep, dep_type);
+END
+$$;
+
+CREATE FUNCTION pgflow._steer_run(run_id uuid, lock_row boolean) RETURNS pgflow.runs
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r pgflow.runs;
+BEGIN
+    PERFORM pgflow._lock_flow(x.flow_slug, false) FROM pgflow.runs x WHERE x.run_id = _steer_run.run_id;
+    PERFORM pgflow._lock_run(_steer_run.run_id, true);
+    IF lock_row THEN
+        SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = _steer_run.run_id FOR UPDATE;
+    ELSE
+        SELECT * INTO r FROM pgflow.runs x WHERE x.run_id = _steer_run.run_id;
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'run % does not exist', _steer_run.run_id USING ERRCODE = '42704',
+            HINT = 'Pass the run_id returned by pgflow.start_flow.';
+    END IF;
+    RETURN r;
 END
 $$;
 

@@ -291,10 +291,11 @@ impl Statement for Stmt {
             // database still at 0.1.0, whose steps have none).
             Stmt::Dependents => (
                 "SELECT s.step_slug, s.step_type, s.step_index, coalesce(s.opt_start_delay, 0), ss.remaining_deps,
-                        (to_jsonb(s) ->> 'if_input') IS NOT NULL OR (to_jsonb(s) ->> 'if_not_input') IS NOT NULL
+                        (j.step ->> 'if_input') IS NOT NULL OR (j.step ->> 'if_not_input') IS NOT NULL
                    FROM pgflow.deps d
                    JOIN pgflow.steps s ON s.flow_slug = d.flow_slug AND s.step_slug = d.step_slug
                    JOIN pgflow.step_states ss ON ss.run_id = $3 AND ss.step_slug = d.step_slug
+                  CROSS JOIN LATERAL (SELECT to_jsonb(s) AS step) j
                   WHERE d.flow_slug = $1 AND d.dep_slug = $2 AND ss.status = 'created'
                   ORDER BY s.step_index",
                 &[TEXT, TEXT, UUID],

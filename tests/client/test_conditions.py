@@ -9,11 +9,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from conftest import error_of
-from test_workflow import collect, complete, events_of, poll, run_row, start, state
-
-
-def steps_of(conn, run_id):
-    return {x["step_slug"]: x["status"] for x in state(conn, run_id)["steps"]}
+from test_workflow import collect, complete, events_of, fail, poll, run_row, start, state, steps_of
 
 
 def work(conn, flow, outputs):
@@ -28,11 +24,6 @@ def work(conn, flow, outputs):
             ran[step] = inp
             out = outputs[step]
             assert complete(conn, run_id, step, idx, out(inp) if callable(out) else out) == "completed"
-
-
-def fail_for_good(conn, run_id, step, idx=0):
-    return conn.execute("SELECT pgflow.fail_task(%s, %s, %s, 'bad request', retry => false)",
-                        (run_id, step, idx)).fetchone()[0]
 
 
 def test_an_unmet_condition_skips_the_step_and_its_dependents_run_without_its_key(conn, flows):
@@ -143,7 +134,7 @@ def test_a_permanent_error_in_a_map_task_skips_the_map_and_cancels_its_siblings(
     tasks = poll(conn, flow, qty=3)  # side first (later steps first), then two of the map's
     assert sorted((t[2], t[3]) for t in tasks) == [("m", 0), ("m", 1), ("side", 0)]
     assert complete(conn, run_id, "m", 0, "x") == "completed"
-    assert fail_for_good(conn, run_id, "m", 1) == "step_skipped"
+    assert fail(conn, run_id, "m", 1, "bad request", retry=False) == "step_skipped"
     # the sibling still queued is cancelled, its message gone; a late report says why
     assert conn.execute("SELECT status FROM pgflow.step_tasks WHERE run_id = %s AND step_slug = 'm' "
                         "ORDER BY task_index", (run_id,)).fetchall() == [("completed",), ("failed",), ("cancelled",)]
@@ -173,7 +164,7 @@ def test_retry_run_keeps_skipped_steps_skipped(conn, flows):
     flow = flows([{"slug": "opt", "if": {"run": {"x": 1}}}, {"slug": "must", "max_attempts": 1}])
     run_id = start(conn, flow, {})
     poll(conn, flow)
-    assert fail_for_good(conn, run_id, "must") == "failed"
+    assert fail(conn, run_id, "must", 0, "bad request", retry=False) == "failed"
     assert conn.execute("SELECT pgflow.retry_run(%s)", (run_id,)).fetchone()[0] == "retried"
     assert steps_of(conn, run_id) == {"opt": "skipped", "must": "started"}
     work(conn, flow, {"must": 1})

@@ -7,16 +7,11 @@ import time
 import uuid
 
 from conftest import connect, session_as, sqlstate
-from test_workflow import collect, complete, events_of, poll, run_row, start, state
+from test_workflow import collect, complete, events_of, fail, poll, run_row, start, state
 
 
 def retry(conn, run_id):
     return conn.execute("SELECT pgflow.retry_run(%s)", (run_id,)).fetchone()[0]
-
-
-def fail_for_good(conn, run_id, step, idx, error, worker=None):
-    return conn.execute("SELECT pgflow.fail_task(%s, %s, %s, %s, %s, retry => false)",
-                        (run_id, step, idx, error, worker)).fetchone()[0]
 
 
 def tasks_of(conn, run_id):
@@ -32,7 +27,7 @@ def test_a_failed_run_carries_on_and_completed_steps_are_not_run_again(conn, flo
     poll(conn, flow)
     assert complete(conn, run_id, "a", 0, "A") == "completed"
     poll(conn, flow)
-    assert fail_for_good(conn, run_id, "b", 0, "upstream 503") == "failed"
+    assert fail(conn, run_id, "b", 0, "upstream 503", retry=False) == "failed"
     assert run_row(conn, run_id)[0] == "failed"
 
     assert retry(conn, run_id) == "retried"
@@ -137,7 +132,7 @@ def test_retention_never_takes_a_run_being_retried(conn, flows):
     flow = flows([{"slug": "a"}], max_attempts=1)
     run_id = start(conn, flow, {})
     poll(conn, flow)
-    fail_for_good(conn, run_id, "a", 0, "x")
+    fail(conn, run_id, "a", 0, "x", retry=False)
     retrier = connect(autocommit=False)
     pruned = []
     try:

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from conftest import error_of, session_as
-from test_workflow import collect, complete, events_of, poll, run_row, start, state
+from test_workflow import collect, complete, events_of, poll, run_row, start, state, steps_of
 
 
 def signal(conn, run_id, step, payload):
@@ -19,10 +19,6 @@ def signal(conn, run_id, step, payload):
 def waiting(conn, run_id):
     return conn.execute("SELECT step_slug FROM pgflow.waiting_signals WHERE run_id = %s ORDER BY 1",
                         (run_id,)).fetchall()
-
-
-def steps_of(conn, run_id):
-    return {x["step_slug"]: x["status"] for x in state(conn, run_id)["steps"]}
 
 
 APPROVAL = [{"slug": "plan"}, {"slug": "approve", "type": "signal", "deps": ["plan"]},

@@ -34,9 +34,9 @@ def complete(conn, run_id, step, idx, output, worker=None):
                         (run_id, step, idx, Jsonb(output), worker)).fetchone()[0]
 
 
-def fail(conn, run_id, step, idx, error, worker=None):
-    return conn.execute("SELECT pgflow.fail_task(%s, %s, %s, %s, %s)",
-                        (run_id, step, idx, error, worker)).fetchone()[0]
+def fail(conn, run_id, step, idx, error, worker=None, retry=True):
+    return conn.execute("SELECT pgflow.fail_task(%s, %s, %s, %s, %s, %s)",
+                        (run_id, step, idx, error, worker, retry)).fetchone()[0]
 
 
 def run_row(conn, run_id):
@@ -45,6 +45,11 @@ def run_row(conn, run_id):
 
 def state(conn, run_id):
     return conn.execute("SELECT pgflow.get_run_with_states(%s)", (run_id,)).fetchone()[0]
+
+
+def steps_of(conn, run_id):
+    """{step_slug: status} of a run."""
+    return {x["step_slug"]: x["status"] for x in state(conn, run_id)["steps"]}
 
 
 def drain(conn, flow, handler, max_rounds=10000):

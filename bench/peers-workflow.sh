@@ -14,10 +14,13 @@
 # `realtime.send` (pgflow-TS broadcasts its events through Supabase Realtime there).
 #
 # Flows, the same on both sides: "seq", three single steps in a row; "map", a root step whose
-# output is a 100-element array fanned out by a map step. Worker cycles (bench/peers/*.sql):
-# pgflow `poll_for_tasks` then `complete_task` (2 statements, bench/workflow/); pgflow-TS `read_with_poll`,
-# `start_tasks`, `complete_task` (3 statements, its worker's cycle; the read is pgmq.read_with_poll with its client's 200 ms poll). Runs are started before
-# each measurement; the rate is tasks completed in the window.
+# output is a 100-element array fanned out by a map step. Worker cycles: pgflow's
+# (bench/workflow/, OURS_CYCLE) `loop` (the default), one statement and one commit per task,
+# `complete_and_poll` (falling back to `poll_for_tasks` when it claimed nothing), or `poll`,
+# `poll_for_tasks` then `complete_task` (2 statements); pgflow-TS's (bench/peers/)
+# `read_with_poll`, `start_tasks`, `complete_task` (3 statements, its worker's cycle; the read
+# is pgmq.read_with_poll with its client's 200 ms poll). Runs are started before each
+# measurement; the rate is tasks completed in the window.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"
 bench_install
@@ -29,6 +32,7 @@ ROUNDS=${ROUNDS:-2}
 WORKERS=${WORKERS:-8}
 PEER_TS_VERSION=${PEER_TS_VERSION:-0.8.1}
 PEER_PGMQ_CRATE=${PEER_PGMQ_CRATE:-0.33.7}
+OURS_CYCLE=${OURS_CYCLE:-loop}
 HERE="$REPO_ROOT/bench/peers"  # pgflow-TS's worker cycles
 FETCH="$DIR.fetch"
 
@@ -67,8 +71,13 @@ psql_ ts -c "INSERT INTO pgflow.workers (worker_id, queue_name, function_name)
 psql_ ours -c "ALTER SYSTEM SET autovacuum_naptime = '1s'" -c "SELECT pg_reload_conf()" >/dev/null
 # pgflow's worker cycles are those of bench/workflow.sh
 cp "$HERE"/*.sql "$DIR"/
-cp "$REPO_ROOT/bench/workflow/seq_worker.sql" "$DIR/ours_seq.sql"
-cp "$REPO_ROOT/bench/workflow/map_worker.sql" "$DIR/ours_map.sql"
+case $OURS_CYCLE in
+    loop) cp "$REPO_ROOT/bench/workflow/seq_loop.sql" "$DIR/ours_seq.sql"
+          cp "$REPO_ROOT/bench/workflow/map_loop.sql" "$DIR/ours_map.sql" ;;
+    poll) cp "$REPO_ROOT/bench/workflow/seq_worker.sql" "$DIR/ours_seq.sql"
+          cp "$REPO_ROOT/bench/workflow/map_worker.sql" "$DIR/ours_map.sql" ;;
+    *) echo "OURS_CYCLE is loop or poll" >&2; exit 2 ;;
+esac
 as_root chown postgres "$DIR"/*.sql
 
 define() { # define FLOW: (re)create the flow on both sides
@@ -101,13 +110,13 @@ start_runs() { # start_runs FLOW N on both sides
 pgbench_side() {
     local side=$1 flow=$2 db=$1
     as_root runuser -u postgres -- "$PGBIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -n -c "$WORKERS" -j 1 \
-        -T "$DURATION" -f "$DIR/${side}_${flow}.sql" "$db" > "$DIR/pgbench-$side-$flow.log" 2>&1 &
+        -T "$DURATION" -D held=0 -f "$DIR/${side}_${flow}.sql" "$db" > "$DIR/pgbench-$side-$flow.log" 2>&1 &
 }
 
 # measure FLOW MODE (together | ours | ts): prints "ours_rate ts_rate" (0 for a side not run)
 measure() {
     local flow=$1 mode=$2 runs b_ours b_ts a_ours a_ts t0 t1
-    runs=$([ "$flow" = seq ] && echo 12000 || echo 250)
+    runs=$([ "$flow" = seq ] && echo 20000 || echo 700)
     define "$flow"
     start_runs "$flow" "$runs"
     b_ours=$(completed ours); b_ts=$(completed ts)
@@ -149,7 +158,7 @@ PY
 }
 
 echo
-echo "pgflow against pgflow-TS $PEER_TS_VERSION (pgmq $PGMQ_VERSION): $(nproc) cores, PostgreSQL $PG_MAJOR, defaults on both sides (pgflow: workflow_events all, preloaded), $WORKERS workers per side, ${DURATION} s x $ROUNDS rounds, medians"
+echo "pgflow against pgflow-TS $PEER_TS_VERSION (pgmq $PGMQ_VERSION): $(nproc) cores, PostgreSQL $PG_MAJOR, defaults on both sides (pgflow: workflow_events all, preloaded), pgflow's worker cycle $OURS_CYCLE, $WORKERS workers per side, ${DURATION} s x $ROUNDS rounds, medians"
 echo
 echo "| flow | together: pgflow tasks/s | together: pgflow-TS tasks/s | together: ratio | alone: pgflow | alone: pgflow-TS | alone: ratio |"
 echo "|---|---:|---:|---:|---:|---:|---:|"

@@ -78,7 +78,7 @@ BEGIN
         IF f.name IN ('read', 'read_with_poll', 'wait_for_messages', 'pop', 'delete', 'archive', 'set_vt', 'nack',
                       'ack_and_read', 'queue_channel', 'flow_channel', 'get_queue_stats',
                       'get_queue_health', 'metrics',
-                      'wakeups_enabled', 'start_tasks', 'poll_for_tasks', 'complete_task',
+                      'wakeups_enabled', 'start_tasks', 'poll_for_tasks', 'complete_task', 'complete_and_poll',
                       'fail_task', 'get_run_with_states', 'flow_mermaid', 'run_mermaid') THEN
             roles := roles || 'pgflow_consumer'::text;
         END IF;

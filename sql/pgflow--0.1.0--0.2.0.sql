@@ -1919,7 +1919,13 @@ BEGIN
     RETURN to_jsonb(r) || jsonb_build_object('run', to_jsonb(r), 'steps', coalesce((
         SELECT jsonb_agg(jsonb_build_object(
                    'step_slug', s.step_slug, 'step_type', s.step_type, 'status', ss.status,
-                   'remaining_deps', ss.remaining_deps, 'remaining_tasks', ss.remaining_tasks,
+                   'remaining_deps', ss.remaining_deps,
+                   -- a started map step's state is not counted down task by task: count its tasks
+                   'remaining_tasks', CASE WHEN s.step_type = 'map' AND ss.status = 'started'
+                                           THEN (SELECT count(*)::integer FROM pgflow.step_tasks t
+                                                  WHERE t.run_id = r.run_id AND t.step_slug = s.step_slug
+                                                    AND t.status <> 'completed')
+                                           ELSE ss.remaining_tasks END,
                    'initial_tasks', ss.initial_tasks, 'error_message', ss.error_message,
                    'created_at', ss.created_at, 'started_at', ss.started_at,
                    'completed_at', ss.completed_at, 'failed_at', ss.failed_at, 'skipped_at', ss.skipped_at,
@@ -2903,6 +2909,14 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION pgflow.complete_and_poll(run_id uuid, step_slug text, task_index integer, output jsonb,
+                                         vt integer DEFAULT 30, qty integer DEFAULT 1, worker_id uuid DEFAULT NULL)
+RETURNS SETOF pgflow.step_task_record
+LANGUAGE c VOLATILE SECURITY DEFINER
+AS 'MODULE_PATHNAME', 'pgflow_complete_and_poll';
+COMMENT ON FUNCTION pgflow.complete_and_poll(uuid, text, integer, jsonb, integer, integer, uuid) IS
+'A worker''s cycle in one transaction, one commit per task: complete a task as pgflow.complete_task does (same arguments, same rules; its outcome is not returned), then claim up to qty tasks of the run''s flow as pgflow.poll_for_tasks does, without waiting: none visible, no rows (then wait in poll_for_tasks). A task started by this completion (the next step of the same run) can be among them. vt applies only to a stray message that is not a task; worker_id is checked against the completed task and recorded on the claimed ones.';
+
 -- Privileges: internal helpers are callable by no role. 0.1.0 granted EXECUTE on every
 -- function, internal helpers included, to pgflow_admin; from 0.2.0 one function holds the rule
 -- and every upgrade script ends by applying it.
@@ -2943,7 +2957,7 @@ BEGIN
         IF f.name IN ('read', 'read_with_poll', 'wait_for_messages', 'pop', 'delete', 'archive', 'set_vt', 'nack',
                       'ack_and_read', 'queue_channel', 'flow_channel', 'get_queue_stats',
                       'get_queue_health', 'metrics',
-                      'wakeups_enabled', 'start_tasks', 'poll_for_tasks', 'complete_task',
+                      'wakeups_enabled', 'start_tasks', 'poll_for_tasks', 'complete_task', 'complete_and_poll',
                       'fail_task', 'get_run_with_states', 'flow_mermaid', 'run_mermaid') THEN
             roles := roles || 'pgflow_consumer'::text;
         END IF;

@@ -24,7 +24,10 @@
 -- task rows, and never waits for a run lock (it only tries, on the rare path that needs one),
 -- so no two workers can wait on each other in a cycle. Because a run's step states change only
 -- under its run lock, sibling steps completing at once are serialised: a dependent step is
--- started exactly once, and exactly one completion completes the run.
+-- started exactly once, and exactly one completion completes the run. The exception is the
+-- completion of a map step's task: it takes the run lock shared, so a map's tasks complete at
+-- once, and a task lock and the run's finisher lock decide which one completes the step (see
+-- complete_task in src/workflow/ and docs/workflows.md, Locks).
 --
 -- Events go through pgflow._on_commit_notify: one notification per channel per transaction,
 -- sent at commit, nothing on rollback.
@@ -633,6 +636,14 @@ AS 'MODULE_PATHNAME', 'pgflow_complete_task';
 COMMENT ON FUNCTION pgflow.complete_task(uuid, text, integer, jsonb, uuid) IS
 'Complete a started task with its output (any JSON value, not SQL NULL). Returns the outcome: completed; or, changing nothing: already_completed (the first completion wins), already_failed, not_started (queued, e.g. waiting for a retry), run_failed, run_cancelled, stale (worker_id given and the task was since handed to another worker). When its step''s last task completes, the step completes (a map step with the array of its task outputs), the dependents whose deps are all complete start, and once every step is complete the run completes with output {<leaf step>: <output>, ...}. Unknown run, step or task: 42704.';
 
+CREATE FUNCTION pgflow.complete_and_poll(run_id uuid, step_slug text, task_index integer, output jsonb,
+                                         vt integer DEFAULT 30, qty integer DEFAULT 1, worker_id uuid DEFAULT NULL)
+RETURNS SETOF pgflow.step_task_record
+LANGUAGE c VOLATILE SECURITY DEFINER
+AS 'MODULE_PATHNAME', 'pgflow_complete_and_poll';
+COMMENT ON FUNCTION pgflow.complete_and_poll(uuid, text, integer, jsonb, integer, integer, uuid) IS
+'A worker''s cycle in one transaction, one commit per task: complete a task as pgflow.complete_task does (same arguments, same rules; its outcome is not returned), then claim up to qty tasks of the run''s flow as pgflow.poll_for_tasks does, without waiting: none visible, no rows (then wait in poll_for_tasks). A task started by this completion (the next step of the same run) can be among them. vt applies only to a stray message that is not a task; worker_id is checked against the completed task and recorded on the claimed ones.';
+
 CREATE FUNCTION pgflow.fail_task(run_id uuid, step_slug text, task_index integer, error_message text,
                                  worker_id uuid DEFAULT NULL, retry boolean DEFAULT true)
 RETURNS text
@@ -994,7 +1005,13 @@ BEGIN
     RETURN to_jsonb(r) || jsonb_build_object('run', to_jsonb(r), 'steps', coalesce((
         SELECT jsonb_agg(jsonb_build_object(
                    'step_slug', s.step_slug, 'step_type', s.step_type, 'status', ss.status,
-                   'remaining_deps', ss.remaining_deps, 'remaining_tasks', ss.remaining_tasks,
+                   'remaining_deps', ss.remaining_deps,
+                   -- a started map step's state is not counted down task by task: count its tasks
+                   'remaining_tasks', CASE WHEN s.step_type = 'map' AND ss.status = 'started'
+                                           THEN (SELECT count(*)::integer FROM pgflow.step_tasks t
+                                                  WHERE t.run_id = r.run_id AND t.step_slug = s.step_slug
+                                                    AND t.status <> 'completed')
+                                           ELSE ss.remaining_tasks END,
                    'initial_tasks', ss.initial_tasks, 'error_message', ss.error_message,
                    'created_at', ss.created_at, 'started_at', ss.started_at,
                    'completed_at', ss.completed_at, 'failed_at', ss.failed_at, 'skipped_at', ss.skipped_at,

@@ -35,6 +35,9 @@ use serde_json::{json, Value};
 enum Stmt {
     FlowOf,
     FlowOfRun,
+    OtherTasksLeft,
+    TasksLeft,
+    TaskLeft,
     RaiseFlow,
     ClaimTasks,
     LeaseGiven,
@@ -135,9 +138,38 @@ impl Statement for Stmt {
                   WHERE f.flow_slug = $1",
                 &[TEXT],
             ),
+            // $1 run_id, $2 step_slug, $3 task_index: the run's flow, and whether the task is
+            // one of a map step (whose completion takes the run lock shared)
             Stmt::FlowOfRun => (
-                "SELECT flow_slug FROM pgflow.runs WHERE run_id = $1",
-                &[UUID],
+                "SELECT r.flow_slug,
+                        EXISTS (SELECT 1 FROM pgflow.step_tasks t
+                                  JOIN pgflow.steps s ON s.flow_slug = r.flow_slug AND s.step_slug = t.step_slug
+                                 WHERE t.run_id = $1 AND t.step_slug = $2 AND t.task_index = $3
+                                   AND s.step_type = 'map')
+                   FROM pgflow.runs r WHERE r.run_id = $1",
+                &[UUID, TEXT, INT4],
+            ),
+            // $1 run_id, $2 step_slug, $3 task_index: the map step's other tasks not completed,
+            // the ones to be claimed last first (a task's lock is tried in that order)
+            Stmt::OtherTasksLeft => (
+                "SELECT t.task_index FROM pgflow.step_tasks t
+                  WHERE t.run_id = $1 AND t.step_slug = $2 AND t.task_index <> $3 AND t.status <> 'completed'
+                  ORDER BY t.task_index DESC
+                  LIMIT 64",
+                &[UUID, TEXT, INT4],
+            ),
+            // $1 run_id, $2 step_slug: whether a task of the map step is not completed
+            Stmt::TasksLeft => (
+                "SELECT EXISTS (SELECT 1 FROM pgflow.step_tasks t
+                                 WHERE t.run_id = $1 AND t.step_slug = $2 AND t.status <> 'completed')",
+                &[UUID, TEXT],
+            ),
+            // $1 run_id, $2 step_slug, $3 task_index: whether the task is not completed
+            Stmt::TaskLeft => (
+                "SELECT EXISTS (SELECT 1 FROM pgflow.step_tasks t
+                                 WHERE t.run_id = $1 AND t.step_slug = $2 AND t.task_index = $3
+                                   AND t.status <> 'completed')",
+                &[UUID, TEXT, INT4],
             ),
             // raises the specific error for a NULL, malformed or unknown flow slug
             Stmt::RaiseFlow => ("SELECT pgflow._flow($1)", &[TEXT]),
@@ -249,8 +281,9 @@ impl Statement for Stmt {
                 &[UUID, TEXT, INT4, UUID, INT4],
             ),
             // $1 queue_id, $2 msg_id, $3 worker_id, $4 attempt, $5 run_id, $6 step_slug,
-            // $7 task_index, $8 output, $9 single step. Message, then step state, then task
-            // (the subqueries run in that order). The message goes first: when the caller
+            // $7 task_index, $8 output, $9 single step. Message, then step state (a single
+            // step's: a map step's is not counted down task by task, see complete_task), then
+            // task (the subqueries run in that order). The message goes first: when the caller
             // names its worker_id, only the delivery it was given (read_ct = its attempt), so
             // a claim by another worker that committed while we waited makes this a no-op.
             Stmt::FinishTask => (
@@ -264,7 +297,8 @@ impl Statement for Stmt {
                             status = CASE WHEN s.remaining_tasks = 1 AND $9 THEN 'completed' ELSE s.status END,
                             completed_at = CASE WHEN s.remaining_tasks = 1 AND $9 THEN clock_timestamp()
                                                 ELSE s.completed_at END
-                      WHERE s.run_id = $5 AND s.step_slug = $6 AND ($3::uuid IS NULL OR EXISTS (SELECT 1 FROM gone))
+                      WHERE $9 AND s.run_id = $5 AND s.step_slug = $6
+                        AND ($3::uuid IS NULL OR EXISTS (SELECT 1 FROM gone))
                      RETURNING s.remaining_tasks
                  ), tt AS (
                      UPDATE pgflow.step_tasks x
@@ -279,7 +313,7 @@ impl Statement for Stmt {
             // $1 run_id, $2 step_slug: a map step's last task completed
             Stmt::MapStepOutput => (
                 "UPDATE pgflow.step_states s
-                    SET status = 'completed', completed_at = clock_timestamp(),
+                    SET status = 'completed', completed_at = clock_timestamp(), remaining_tasks = 0,
                         output = (SELECT jsonb_agg(x.output ORDER BY x.task_index) FROM pgflow.step_tasks x
                                    WHERE x.run_id = $1 AND x.step_slug = $2)
                   WHERE s.run_id = $1 AND s.step_slug = $2",
@@ -699,6 +733,35 @@ unsafe fn start_claimed(
     }
 }
 
+/// Claim up to `qty` visible tasks of flow `f` (leased `vt` seconds if a stray message) and
+/// start them, adding each to the function's result set; returns how many were started.
+unsafe fn claim(
+    fcinfo: FunctionCallInfo,
+    f: &Flow,
+    vt: i32,
+    qty: i32,
+    worker_id: Option<Datum>,
+) -> usize {
+    // SAFETY: the caller's contract is start_claimed's (a set-returning call with its result
+    // materialised, inside an SPI connection); the statement gets by-value datums of its types.
+    unsafe {
+        let n = run(
+            Stmt::ClaimTasks,
+            &[
+                Some(Datum::from(f.queue_id)),
+                Some(Datum::from(vt)),
+                Some(Datum::from(qty)),
+                Some(f.slug_datum),
+                Some(Datum::from(f.timeout)),
+            ],
+        );
+        if n == 0 {
+            return 0;
+        }
+        start_claimed(fcinfo, f, &claimed_rows(n), worker_id)
+    }
+}
+
 /// A claimed message whose task cannot start: dead-lettered, dropped or failed in PL/pgSQL.
 unsafe fn not_startable(f: &Flow, c: &Claimed) {
     // SAFETY: called inside an SPI connection (the caller's contract); the parameters are the
@@ -739,6 +802,11 @@ pub(crate) const C_FUNCTIONS: &[CFunction] = &[
         result: "text",
     },
     CFunction {
+        symbol: "pgflow_complete_and_poll",
+        signature: "pgflow.complete_and_poll(uuid,text,integer,jsonb,integer,integer,uuid)",
+        result: "SETOF pgflow.step_task_record",
+    },
+    CFunction {
         symbol: "pgflow_start_single_step",
         signature:
             "pgflow._start_single_step(uuid,text,bigint,regclass,text,integer,integer,boolean)",
@@ -774,17 +842,7 @@ pub unsafe extern "C-unwind" fn pgflow_poll_for_tasks(fcinfo: FunctionCallInfo) 
             // Taken before looking, so tasks queued by a commit between the look and the wait
             // wake us.
             let epoch = events::wake_epoch(f.queue_id);
-            let n = run(
-                Stmt::ClaimTasks,
-                &[
-                    Some(Datum::from(f.queue_id)),
-                    Some(Datum::from(vt)),
-                    Some(Datum::from(qty)),
-                    Some(f.slug_datum),
-                    Some(Datum::from(f.timeout)),
-                ],
-            );
-            if n > 0 && start_claimed(fcinfo, &f, &claimed_rows(n), worker_id) > 0 {
+            if claim(fcinfo, &f, vt, qty, worker_id) > 0 {
                 break;
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -851,24 +909,45 @@ pub unsafe extern "C-unwind" fn pgflow_complete_task(fcinfo: FunctionCallInfo) -
     unsafe {
         let outcome = {
             let _spi = SpiScope::connect();
-            complete_task(fcinfo)
+            let args = [0, 1, 2, 3, 4].map(|i| arg(fcinfo, i));
+            complete_task(args).0
         };
         text_datum(&outcome)
     }
 }
 
-unsafe fn complete_task(fcinfo: FunctionCallInfo) -> String {
-    // SAFETY: fcinfo is the valid call information of pgflow.complete_task (the caller's
-    // contract), whose arguments are read at their declared positions and types; called inside an
-    // SPI connection.
+v1!(pg_finfo_pgflow_complete_and_poll);
+/// `pgflow.complete_and_poll(run_id, step_slug, task_index, output, vt, qty, worker_id)`:
+/// complete_task, then (in the same transaction, without waiting) a claim of the flow's tasks.
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pgflow_complete_and_poll(fcinfo: FunctionCallInfo) -> Datum {
+    // SAFETY: PostgreSQL calls this V1 function with valid call information for
+    // pgflow.complete_and_poll as C_FUNCTIONS lists it (checked against pg_proc by a test), so
+    // the argument positions and types read here are those; every SPI statement runs inside the
+    // SpiScope.
     unsafe {
-        let (run_id, step_slug, task_index, worker_id) = (
-            arg(fcinfo, 0),
-            arg(fcinfo, 1),
-            arg(fcinfo, 2),
-            arg(fcinfo, 4),
-        );
-        let Some(output) = arg(fcinfo, 3) else {
+        let int = |i| arg(fcinfo, i).map(|d: Datum| d.value() as i32);
+        let (vt, qty) = check_lease(int(4), int(5));
+        let worker_id = arg(fcinfo, 6);
+        pg_sys::InitMaterializedSRF(fcinfo, 0);
+        let _spi = SpiScope::connect();
+        let args = [0, 1, 2, 3].map(|i| arg(fcinfo, i));
+        let (_, flow_slug) = complete_task([args[0], args[1], args[2], args[3], worker_id]);
+        let f = flow(Some(text_datum(&flow_slug)));
+        claim(fcinfo, &f, vt, qty, worker_id);
+        Datum::from(0)
+    }
+}
+
+/// complete_task with its arguments (run_id, step_slug, task_index, output, worker_id): the
+/// outcome, and the run's flow.
+unsafe fn complete_task(args: [Option<Datum>; 5]) -> (String, String) {
+    // SAFETY: the arguments are datums of complete_task's declared types (the caller's
+    // contract); called inside an SPI connection.
+    unsafe {
+        let [run_id, step_slug, task_index, output, worker_id] = args;
+        let Some(output) = output else {
             null_error(
                 "output",
                 Some("Pass JSON null ('null'::jsonb) for a task without output."),
@@ -882,12 +961,38 @@ unsafe fn complete_task(fcinfo: FunctionCallInfo) -> String {
         };
         // The flow lock, shared, then the run lock: a drop_flow under way finishes first, and the
         // task is then looked up afresh (gone: 42704), never used with a dropped queue's sequence.
-        if run(Stmt::FlowOfRun, &[Some(run_id)]) == 1 {
+        //
+        // A map step's tasks complete at once: their completions take the run lock shared (what
+        // else moves the run forward takes it exclusive), count nothing down, and only one of
+        // them completes the step. Each first takes its task's lock, exclusive. Then, before
+        // finishing its task, it looks for another task of the step not completed whose lock it
+        // can take shared (no completion of that task under way): that task's completion will
+        // wait for this transaction's commit and see it, so this one hands the step's completion
+        // on and is done. If there is none (every other task left is being completed or claimed
+        // right now, or none is left), it takes the run's finisher lock, finishes its task and
+        // then, looking afresh, completes the step if no task is left. Of two such last
+        // completions the second waits for the first's commit and sees its task completed. Lock
+        // order: flow, task, run, finisher; a task's lock is only ever waited for without the run
+        // lock, and the finisher lock before any row is locked.
+        let step = text_to_string(step_slug);
+        let mut map_task = false;
+        if run(
+            Stmt::FlowOfRun,
+            &[Some(run_id), Some(step_slug), Some(task_index)],
+        ) == 1
+        {
             if let Some(flow) = column(0, 1) {
                 locks::lock(Space::Flow, flow, true, true);
             }
+            map_task = column(0, 2).is_some_and(|m| m.value() != 0);
         }
-        lock_run(run_id);
+        let index = task_index.value() as i32;
+        if map_task {
+            locks::lock_task(run_id, &step, index.into(), false, true);
+            locks::lock_run_shared(run_id);
+        } else {
+            lock_run(run_id);
+        }
         if run(
             Stmt::TaskOf,
             &[Some(run_id), Some(step_slug), Some(task_index)],
@@ -917,7 +1022,11 @@ unsafe fn complete_task(fcinfo: FunctionCallInfo) -> String {
             false,
         );
         if let Some(outcome) = outcome {
-            return outcome.to_string();
+            return (outcome.to_string(), flow_slug);
+        }
+        let handed_on = map_task && !single && hand_on(run_id, step_slug, &step, index);
+        if map_task && !single && !handed_on {
+            locks::lock_finisher(run_id);
         }
         run(
             Stmt::FinishTask,
@@ -947,24 +1056,59 @@ unsafe fn complete_task(fcinfo: FunctionCallInfo) -> String {
                     Some(Datum::from(attempt)),
                 ],
             );
-            return text_column(0, 1).unwrap_or_else(|| "stale".into());
+            let outcome = text_column(0, 1).unwrap_or_else(|| "stale".into());
+            return (outcome, flow_slug);
         }
-        let step = text_to_string(step_slug);
         if task_events() {
             emit(
                 &flow_slug,
                 json!({"event": "task_completed", "run_id": uuid_string(run_id), "flow_slug": flow_slug,
-                   "step_slug": step, "task_index": task_index.value() as i32,
-                   "duration_ms": duration_ms}),
+                   "step_slug": step, "task_index": index, "duration_ms": duration_ms}),
             );
         }
-        if left_tasks == Some(0) {
+        let step_done = if single {
+            left_tasks == Some(0)
+        } else {
+            !handed_on
+                && run(Stmt::TasksLeft, &[Some(run_id), Some(step_slug)]) == 1
+                && column(0, 1).is_some_and(|left| left.value() == 0)
+        };
+        if step_done {
             if !single {
                 run(Stmt::MapStepOutput, &[Some(run_id), Some(step_slug)]);
             }
             step_completed(run_id, &flow_slug, queue_id, seq, step_slug);
         }
-        "completed".to_string()
+        ("completed".to_string(), flow_slug)
+    }
+}
+
+/// A map task's completion hands its step's completion on to another task of the step (see
+/// complete_task): true if it took, shared, the lock of a task of the step not completed, of
+/// the 64 to be claimed last, whose completion is not under way. The task is looked at again
+/// once its lock is held: a completion that committed between the list and the lock (and so
+/// no longer held it) must not be handed on to.
+unsafe fn hand_on(run_id: Datum, step_slug: Datum, step: &str, task_index: i32) -> bool {
+    // SAFETY: called inside an SPI connection (the caller's contract) with a uuid and a text
+    // datum; the statements' columns are read with bounds-checked accessors.
+    unsafe {
+        let n = run(
+            Stmt::OtherTasksLeft,
+            &[Some(run_id), Some(step_slug), Some(Datum::from(task_index))],
+        );
+        let others: Vec<i64> = (0..n).filter_map(|row| int_column(row, 1)).collect();
+        others.into_iter().any(|other| {
+            locks::lock_task(run_id, step, other, true, false)
+                && run(
+                    Stmt::TaskLeft,
+                    &[
+                        Some(run_id),
+                        Some(step_slug),
+                        Some(Datum::from(other as i32)),
+                    ],
+                ) == 1
+                && column(0, 1).is_some_and(|left| left.value() != 0)
+        })
     }
 }
 

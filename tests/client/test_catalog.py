@@ -17,6 +17,7 @@ PINNED_IN_RUST = {
     "pgflow_send", "pgflow_read", "pgflow_archive_one", "pgflow_delete_one",
     "pgflow_ack_and_read", "pgflow_messages_inserted", "pgflow_queues_changed",
     "pgflow_poll_for_tasks", "pgflow_start_tasks", "pgflow_complete_task", "pgflow_step_completed",
+    "pgflow_complete_and_poll",
     "pgflow_wait_for_messages", "pgflow_delete_many", "pgflow_archive_many",
     "pgflow_lock_queue_name", "pgflow_try_lock_queue_name", "pgflow_lock_flow", "pgflow_lock_run",
     "pgflow_start_single_step", "pgflow_pop", "pgflow_send_internal",

@@ -985,3 +985,171 @@ def test_drop_flow_removes_everything(conn):
                 + (SELECT count(*) FROM pgflow.queues WHERE queue_name = %(f)s)""",
         {"r": run_id, "f": slug}).fetchone()[0]
     assert left == 0
+
+
+# ------------------------------------------------------------------------------------------
+# complete_and_poll: a worker's cycle in one transaction
+# ------------------------------------------------------------------------------------------
+
+def complete_and_poll(conn, run_id, step, idx, output, qty=1, worker=None, vt=30):
+    return conn.execute(
+        "SELECT flow_slug, run_id, step_slug, task_index, msg_id, input "
+        "FROM pgflow.complete_and_poll(%s, %s, %s, %s, %s, %s, %s)",
+        (run_id, step, idx, Jsonb(output), vt, qty, worker)).fetchall()
+
+
+def test_complete_and_poll_completes_and_claims_the_next_step(conn, flows):
+    flow = flows(SEQ)
+    run_id = start(conn, flow, {"n": 1})
+    (t,) = poll(conn, flow)
+    (nxt,) = complete_and_poll(conn, run_id, "a", 0, "A")
+    # the step its own completion started, with the output in its input
+    assert nxt[:4] == (flow, run_id, "b", 0) and nxt[5] == {"run": {"n": 1}, "a": "A"}
+    (nxt,) = complete_and_poll(conn, run_id, "b", 0, "B")
+    assert nxt[2] == "c"
+    assert complete_and_poll(conn, run_id, "c", 0, "C") == []          # nothing left: no rows
+    assert run_row(conn, run_id) == ("completed", {"c": "C"})
+    assert complete(conn, run_id, "c", 0, "again") == "already_completed"
+
+
+def test_complete_and_poll_claims_up_to_qty_and_records_the_worker(conn, flows):
+    flow = flows([{"slug": "r"}, {"slug": "m", "type": "map", "deps": ["r"]}])
+    run_id = start(conn, flow, {})
+    w = uuid.uuid4()
+    poll(conn, flow, worker=w)
+    tasks = complete_and_poll(conn, run_id, "r", 0, [1, 2, 3, 4, 5], qty=3, worker=w)
+    assert [(x[2], x[3], x[5]) for x in tasks] == [("m", 0, 1), ("m", 1, 2), ("m", 2, 3)]
+    assert {r[0] for r in conn.execute("SELECT last_worker_id FROM pgflow.step_tasks WHERE run_id = %s "
+                                       "AND step_slug = 'm' AND status = 'started'", (run_id,))} == {w}
+    # a completion whose worker is not the task's changes nothing but still claims
+    rest = complete_and_poll(conn, run_id, "m", 0, "x", qty=5, worker=uuid.uuid4())
+    assert [x[3] for x in rest] == [3, 4]
+    assert conn.execute("SELECT status FROM pgflow.step_tasks WHERE run_id = %s AND step_slug = 'm' "
+                        "AND task_index = 0", (run_id,)).fetchone()[0] == "started"
+
+
+def test_complete_and_poll_is_one_transaction(conn, flows, make_conn):
+    flow = flows(SEQ)
+    run_id = start(conn, flow, {})
+    poll(conn, flow)
+    other = make_conn()
+    with conn.transaction(force_rollback=True):
+        assert len(complete_and_poll(conn, run_id, "a", 0, "A")) == 1
+        # not committed: another session sees neither the completion nor b
+        assert poll(other, flow) == []
+        assert other.execute("SELECT status FROM pgflow.step_tasks WHERE run_id = %s AND step_slug = 'a'",
+                             (run_id,)).fetchone()[0] == "started"
+    # rolled back: a is still started, b was never queued
+    assert steps_of(conn, run_id) == {"a": "started", "b": "created", "c": "created"}
+    assert poll(other, flow) == []
+    (b,) = complete_and_poll(conn, run_id, "a", 0, "A")
+    assert b[2] == "b"
+
+
+@pytest.mark.parametrize("args, state, needle", [
+    ((30, 0), "22023", "qty"),
+    ((-1, 1), "22023", "vt"),
+    ((None, 1), "22004", "vt"),
+    ((30, None), "22004", "qty"),
+])
+def test_complete_and_poll_bad_lease_changes_nothing(conn, flows, args, state, needle):
+    flow = flows(SEQ)
+    run_id = start(conn, flow, {})
+    poll(conn, flow)
+    before = counts(conn, flow)
+    e = error_of(conn, "SELECT * FROM pgflow.complete_and_poll(%s, 'a', 0, '1', %s, %s)", (run_id, *args))
+    assert e.sqlstate == state and needle in str(e)
+    assert counts(conn, flow) == before
+
+
+def test_complete_and_poll_bad_task_changes_nothing(conn, flows):
+    flow = flows(SEQ)
+    run_id = start(conn, flow, {})
+    poll(conn, flow)
+    before = counts(conn, flow)
+    for call, params, state, needle in [
+        ("%s, 'a', 0, NULL", (run_id,), "22004", "output"),
+        ("NULL, 'a', 0, '1'", (), "22004", "run_id"),
+        ("%s, NULL, 0, '1'", (run_id,), "22004", "step_slug"),
+        ("%s, 'a', NULL, '1'", (run_id,), "22004", "task_index"),
+        ("%s, 'a', 0, '1'", (uuid.uuid4(),), "42704", "does not exist"),
+        ("%s, 'zz', 0, '1'", (run_id,), "42704", "zz"),
+        ("%s, 'a', 7, '1'", (run_id,), "42704", "7"),
+    ]:
+        e = error_of(conn, f"SELECT * FROM pgflow.complete_and_poll({call})", params)
+        assert e.sqlstate == state and needle in str(e), (call, str(e))
+        assert counts(conn, flow) == before
+
+
+def test_eight_workers_complete_maps_at_once(conn, flows):
+    """Map tasks complete without waiting for each other: every step completes exactly once,
+    with its outputs in index order, and every run completes."""
+    flow = flows([{"slug": "r"}, {"slug": "m", "type": "map", "deps": ["r"]},
+                  {"slug": "n", "type": "map", "deps": ["r"]}, {"slug": "j", "deps": ["m", "n"]}],
+                 max_attempts=1)
+    n_runs, width = 30, 40
+    conn.execute("SELECT count(pgflow.start_flow(%s, to_jsonb(i))) FROM generate_series(1, %s) i", (flow, n_runs))
+    errors, handled, lock = [], [], threading.Lock()
+
+    def output(step, inp):
+        return list(range(width)) if step == "r" else ({"j": True} if step == "j" else inp * 10)
+
+    def worker():
+        try:
+            with connect() as c:
+                held, idle = [], 0
+                while idle < 3:
+                    if not held:
+                        held = poll(c, flow, qty=1, wait=1)
+                        if not held:
+                            idle += 1
+                            continue
+                    idle = 0
+                    _, run_id, step, idx, _, inp = held[0]
+                    with lock:
+                        handled.append((run_id, step, idx))
+                    held = complete_and_poll(c, run_id, step, idx, output(step, inp))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    per_run = 2 + 2 * width
+    unfinished = conn.execute("""SELECT s.step_slug, s.status, s.remaining_deps,
+                                        (SELECT count(*) FROM pgflow.step_tasks t WHERE t.run_id = s.run_id
+                                            AND t.step_slug = s.step_slug AND t.status = 'completed'),
+                                        (SELECT string_agg(t.status || t.task_index, ',') FROM pgflow.step_tasks t
+                                          WHERE t.run_id = s.run_id AND t.step_slug = s.step_slug AND t.status <> 'completed')
+                                   FROM pgflow.step_states s JOIN pgflow.runs r USING (run_id)
+                                  WHERE r.flow_slug = %s AND s.status <> 'completed'""", (flow,)).fetchall()
+    assert unfinished == []
+    assert len(handled) == len(set(handled)) == n_runs * per_run      # each task handed out once
+    assert conn.execute("SELECT count(*) FROM pgflow.runs WHERE flow_slug = %s AND status = 'completed'",
+                        (flow,)).fetchone()[0] == n_runs
+    expected = [i * 10 for i in range(width)]
+    rows = conn.execute("""SELECT s.step_slug, s.status, s.remaining_tasks, s.output FROM pgflow.step_states s
+                             JOIN pgflow.runs r USING (run_id)
+                            WHERE r.flow_slug = %s AND s.step_slug IN ('m', 'n')""", (flow,)).fetchall()
+    assert len(rows) == 2 * n_runs
+    assert all(r[1:] == ("completed", 0, expected) for r in rows), rows[:3]
+    # j started once per run, after both maps
+    assert conn.execute("""SELECT count(*) FROM pgflow.step_tasks t JOIN pgflow.runs r USING (run_id)
+                            WHERE r.flow_slug = %s AND t.step_slug = 'j'""", (flow,)).fetchone()[0] == n_runs
+
+
+def test_map_remaining_tasks_is_counted_live_for_a_started_step(conn, flows):
+    flow = flows([{"slug": "m", "type": "map"}])
+    run_id = start(conn, flow, [1, 2, 3])
+    poll(conn, flow)
+    complete(conn, run_id, "m", 1, "b")
+    (step,) = state(conn, run_id)["steps"]
+    assert (step["status"], step["remaining_tasks"], step["initial_tasks"]) == ("started", 2, 3)
+    complete(conn, run_id, "m", 0, "a")
+    complete(conn, run_id, "m", 2, "c")
+    (step,) = state(conn, run_id)["steps"]
+    assert (step["status"], step["remaining_tasks"]) == ("completed", 0)
+    assert run_row(conn, run_id) == ("completed", {"m": ["a", "b", "c"]})

@@ -9,12 +9,11 @@
 //! | [`Space::Queue`] (`'pgfq'`) | queue name | what uses a queue's message sequence (send, send_batch, get_queue_stats, nack, bind_topic, ...) | create_queue, drop_queue |
 //! | [`Space::Flow`] (`'pgff'`) | flow slug | what starts or ends a flow's work (start_flow, complete_task, fail_task) | create_flow, create_flow_from_shape, drop_flow |
 //! | [`Space::Run`] (`'pgfw'`) | run id as text | complete_task of a map step's task | everything else that moves a run forward (complete_task of a single step's task, fail_task, timeouts, start_flow, cancel_run, retry_run, signal) |
-//! | [`Space::Task`] (`'pgft'`) | run id, step slug, task index modulo 32 | a map task's completion handing the step's completion on to that task (tried, never waited for) | complete_task of a map step's task, from its start |
 //! | [`Space::Finisher`] (`'pgfs'`) | run id as text | | a map task's completion that may be its step's last |
 //!
-//! The lock order is flow, then task, then run, then finisher (then rows: step state, task;
-//! several in id order). How the map locks let a map step's tasks complete at once, and only
-//! one completion complete the step, is told at [`crate::workflow`]'s `complete_task`.
+//! The lock order is flow, then run, then finisher (then rows: step state, task; several in id
+//! order). How a map step's tasks complete at once, and only one completion completes the
+//! step, is told at [`crate::workflow`]'s `complete_task`.
 
 use crate::pg::{arg, text_datum, uuid_string, CFunction};
 use crate::v1;
@@ -30,8 +29,6 @@ pub enum Space {
     Flow = 1885824614,
     /// Run ids: `'pgfw'`.
     Run = 1885824631,
-    /// A task of a map step, keyed `run_id/step_slug/task_index`: `'pgft'`.
-    Task = 1885824628,
     /// Run ids, for the completion of a map step: `'pgfs'`.
     Finisher = 1885824627,
 }
@@ -120,36 +117,6 @@ pub unsafe fn lock_finisher(run_id: Datum) {
             false,
             true,
         );
-    }
-}
-
-/// Map tasks share a task lock when their indexes are equal modulo this: a transaction that
-/// completes thousands of a step's tasks holds at most this many task locks for it (the lock
-/// table is sized by max_locks_per_transaction), while the tasks that workers complete at once,
-/// neighbours in index order, have locks of their own.
-const TASK_LOCKS_PER_STEP: i64 = 32;
-
-/// The lock of map task (`run_id`, `step`, `task_index`): exclusive and waited for by its
-/// completion, shared and only tried by another task's (true if taken). Tasks whose indexes are
-/// equal modulo [`TASK_LOCKS_PER_STEP`] share it, which only makes a hand-on less likely.
-///
-/// # Safety
-/// `run_id` is a non-null uuid datum; called inside a transaction.
-pub unsafe fn lock_task(
-    run_id: Datum,
-    step: &str,
-    task_index: i64,
-    shared: bool,
-    wait: bool,
-) -> bool {
-    // SAFETY: the caller passes a uuid datum, printed by uuid_string into the text key.
-    unsafe {
-        let key = format!(
-            "{}/{step}/{}",
-            uuid_string(run_id),
-            task_index.rem_euclid(TASK_LOCKS_PER_STEP)
-        );
-        lock(Space::Task, text_datum(&key), shared, wait)
     }
 }
 

@@ -26,8 +26,9 @@
 -- under its run lock, sibling steps completing at once are serialised: a dependent step is
 -- started exactly once, and exactly one completion completes the run. The exception is the
 -- completion of a map step's task: it takes the run lock shared, so a map's tasks complete at
--- once, and a task lock and the run's finisher lock decide which one completes the step (see
--- complete_task in src/workflow/ and docs/workflows.md, Locks).
+-- once, and a hand-on (a queued task's message locked FOR KEY SHARE) or the run's finisher lock
+-- decides which one completes the step (see complete_task in src/workflow/ and
+-- docs/workflows.md, Locks).
 --
 -- Events go through pgflow._on_commit_notify: one notification per channel per transaction,
 -- sent at commit, nothing on rollback.

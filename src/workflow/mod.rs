@@ -35,9 +35,9 @@ use serde_json::{json, Value};
 enum Stmt {
     FlowOf,
     FlowOfRun,
-    OtherTasksLeft,
+    QueuedTaskLock,
+    TaskQueued,
     TasksLeft,
-    TaskLeft,
     RaiseFlow,
     ClaimTasks,
     LeaseGiven,
@@ -149,13 +149,24 @@ impl Statement for Stmt {
                    FROM pgflow.runs r WHERE r.run_id = $1",
                 &[UUID, TEXT, INT4],
             ),
-            // $1 run_id, $2 step_slug, $3 task_index: the map step's other tasks not completed,
-            // the ones to be claimed last first (a task's lock is tried in that order)
-            Stmt::OtherTasksLeft => (
+            // $1 run_id, $2 step_slug, $3 task_index, $4 queue_id: the task of the map step
+            // that is still queued and last in line to be claimed whose message no claim holds,
+            // with its message locked FOR KEY SHARE (which a claim's FOR UPDATE SKIP LOCKED passes
+            // over) until this transaction ends
+            Stmt::QueuedTaskLock => (
                 "SELECT t.task_index FROM pgflow.step_tasks t
-                  WHERE t.run_id = $1 AND t.step_slug = $2 AND t.task_index <> $3 AND t.status <> 'completed'
+                   JOIN pgflow.messages m ON m.queue_id = $4 AND m.msg_id = t.message_id
+                  WHERE t.run_id = $1 AND t.step_slug = $2 AND t.task_index <> $3 AND t.status = 'queued'
                   ORDER BY t.task_index DESC
-                  LIMIT 64",
+                  LIMIT 1
+                    FOR KEY SHARE OF m SKIP LOCKED",
+                &[UUID, TEXT, INT4, INT8],
+            ),
+            // $1 run_id, $2 step_slug, $3 task_index: whether the task is queued
+            Stmt::TaskQueued => (
+                "SELECT EXISTS (SELECT 1 FROM pgflow.step_tasks t
+                                 WHERE t.run_id = $1 AND t.step_slug = $2 AND t.task_index = $3
+                                   AND t.status = 'queued')",
                 &[UUID, TEXT, INT4],
             ),
             // $1 run_id, $2 step_slug: whether a task of the map step is not completed
@@ -163,13 +174,6 @@ impl Statement for Stmt {
                 "SELECT EXISTS (SELECT 1 FROM pgflow.step_tasks t
                                  WHERE t.run_id = $1 AND t.step_slug = $2 AND t.status <> 'completed')",
                 &[UUID, TEXT],
-            ),
-            // $1 run_id, $2 step_slug, $3 task_index: whether the task is not completed
-            Stmt::TaskLeft => (
-                "SELECT EXISTS (SELECT 1 FROM pgflow.step_tasks t
-                                 WHERE t.run_id = $1 AND t.step_slug = $2 AND t.task_index = $3
-                                   AND t.status <> 'completed')",
-                &[UUID, TEXT, INT4],
             ),
             // raises the specific error for a NULL, malformed or unknown flow slug
             Stmt::RaiseFlow => ("SELECT pgflow._flow($1)", &[TEXT]),
@@ -303,11 +307,12 @@ impl Statement for Stmt {
                  ), tt AS (
                      UPDATE pgflow.step_tasks x
                         SET status = 'completed', output = $8, completed_at = clock_timestamp()
-                      WHERE x.run_id = $5 AND x.step_slug = $6 AND x.task_index = $7
+                      WHERE x.run_id = $5 AND x.step_slug = $6 AND x.task_index = $7 AND x.status = 'started'
                         AND ($3::uuid IS NULL OR EXISTS (SELECT 1 FROM gone))
                      RETURNING round(extract(epoch FROM x.completed_at - x.started_at) * 1000)::bigint AS ms
                  )
-                 SELECT (SELECT count(*) FROM gone), (SELECT remaining_tasks FROM ss), (SELECT ms FROM tt)",
+                 SELECT (SELECT count(*) FROM gone), (SELECT remaining_tasks FROM ss), (SELECT ms FROM tt),
+                        (SELECT count(*) FROM tt)",
                 &[INT8, INT8, UUID, INT4, UUID, TEXT, INT4, JSONB, BOOL],
             ),
             // $1 run_id, $2 step_slug: a map step's last task completed
@@ -964,16 +969,16 @@ unsafe fn complete_task(args: [Option<Datum>; 5]) -> (String, String) {
         //
         // A map step's tasks complete at once: their completions take the run lock shared (what
         // else moves the run forward takes it exclusive), count nothing down, and only one of
-        // them completes the step. Each first takes its task's lock, exclusive. Then, before
-        // finishing its task, it looks for another task of the step not completed whose lock it
-        // can take shared (no completion of that task under way): that task's completion will
-        // wait for this transaction's commit and see it, so this one hands the step's completion
-        // on and is done. If there is none (every other task left is being completed or claimed
-        // right now, or none is left), it takes the run's finisher lock, finishes its task and
-        // then, looking afresh, completes the step if no task is left. Of two such last
-        // completions the second waits for the first's commit and sees its task completed. Lock
-        // order: flow, task, run, finisher; a task's lock is only ever waited for without the run
-        // lock, and the finisher lock before any row is locked.
+        // them completes the step. Before finishing its task, a completion looks for a task of
+        // the step still queued whose message no claim holds, and locks that message FOR KEY
+        // SHARE: claims pass over it until this transaction ends, so that task is claimed, and
+        // then completed, only after this commit, by a completion that sees this one. Holding
+        // that, this completion hands the step's completion on and is done. If there is none
+        // (every task left is claimed, or none is left), it takes the run's finisher lock,
+        // finishes its task and then, looking afresh, completes the step if no task is left: of
+        // two such completions the second waits for the first's commit and sees its task
+        // completed. Lock order: flow, run, finisher (before any row), rows. Two reports of one
+        // task: the second's task update finds it completed and changes nothing.
         let step = text_to_string(step_slug);
         let mut map_task = false;
         if run(
@@ -988,7 +993,6 @@ unsafe fn complete_task(args: [Option<Datum>; 5]) -> (String, String) {
         }
         let index = task_index.value() as i32;
         if map_task {
-            locks::lock_task(run_id, &step, index.into(), false, true);
             locks::lock_run_shared(run_id);
         } else {
             lock_run(run_id);
@@ -1024,7 +1028,7 @@ unsafe fn complete_task(args: [Option<Datum>; 5]) -> (String, String) {
         if let Some(outcome) = outcome {
             return (outcome.to_string(), flow_slug);
         }
-        let handed_on = map_task && !single && hand_on(run_id, step_slug, &step, index);
+        let handed_on = map_task && !single && hand_on(run_id, step_slug, index, queue_id);
         if map_task && !single && !handed_on {
             locks::lock_finisher(run_id);
         }
@@ -1045,6 +1049,10 @@ unsafe fn complete_task(args: [Option<Datum>; 5]) -> (String, String) {
         let deleted = int_column(0, 1).unwrap_or(0);
         let left_tasks = int_column(0, 2);
         let duration_ms = int_column(0, 3);
+        if int_column(0, 4) == Some(0) && worker_id.is_none() {
+            // a second report of a map task, at the same time as the first
+            return ("already_completed".to_string(), flow_slug);
+        }
         if deleted == 0 && worker_id.is_some() {
             run(
                 Stmt::EndTaskRecheck,
@@ -1084,31 +1092,45 @@ unsafe fn complete_task(args: [Option<Datum>; 5]) -> (String, String) {
 }
 
 /// A map task's completion hands its step's completion on to another task of the step (see
-/// complete_task): true if it took, shared, the lock of a task of the step not completed, of
-/// the 64 to be claimed last, whose completion is not under way. The task is looked at again
-/// once its lock is held: a completion that committed between the list and the lock (and so
-/// no longer held it) must not be handed on to.
-unsafe fn hand_on(run_id: Datum, step_slug: Datum, step: &str, task_index: i32) -> bool {
+/// complete_task): true if it locked the message of a task of the step still queued. The task
+/// is looked at again once its message is locked: a claim that committed between the look and
+/// the lock has started it, and a started task must not be handed on to. Readers blocked on the
+/// flow's queue are woken at commit, when the message can be claimed again.
+unsafe fn hand_on(run_id: Datum, step_slug: Datum, task_index: i32, queue_id: i64) -> bool {
     // SAFETY: called inside an SPI connection (the caller's contract) with a uuid and a text
     // datum; the statements' columns are read with bounds-checked accessors.
     unsafe {
-        let n = run(
-            Stmt::OtherTasksLeft,
-            &[Some(run_id), Some(step_slug), Some(Datum::from(task_index))],
-        );
-        let others: Vec<i64> = (0..n).filter_map(|row| int_column(row, 1)).collect();
-        others.into_iter().any(|other| {
-            locks::lock_task(run_id, step, other, true, false)
-                && run(
-                    Stmt::TaskLeft,
-                    &[
-                        Some(run_id),
-                        Some(step_slug),
-                        Some(Datum::from(other as i32)),
-                    ],
-                ) == 1
-                && column(0, 1).is_some_and(|left| left.value() != 0)
-        })
+        for _ in 0..8 {
+            let n = run(
+                Stmt::QueuedTaskLock,
+                &[
+                    Some(run_id),
+                    Some(step_slug),
+                    Some(Datum::from(task_index)),
+                    Some(Datum::from(queue_id)),
+                ],
+            );
+            if n == 0 {
+                return false;
+            }
+            let Some(other) = int_column(0, 1) else {
+                return false;
+            };
+            let still_queued = run(
+                Stmt::TaskQueued,
+                &[
+                    Some(run_id),
+                    Some(step_slug),
+                    Some(Datum::from(other as i32)),
+                ],
+            ) == 1
+                && column(0, 1).is_some_and(|queued| queued.value() != 0);
+            if still_queued {
+                events::wake_at_commit(queue_id);
+                return true;
+            }
+        }
+        false
     }
 }
 

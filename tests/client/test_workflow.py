@@ -1153,3 +1153,49 @@ def test_map_remaining_tasks_is_counted_live_for_a_started_step(conn, flows):
     (step,) = state(conn, run_id)["steps"]
     assert (step["status"], step["remaining_tasks"]) == ("completed", 0)
     assert run_row(conn, run_id) == ("completed", {"m": ["a", "b", "c"]})
+
+
+def test_workers_completing_batches_of_map_tasks_in_one_transaction(conn, flows):
+    """Four workers each claim ten tasks of the same map steps and complete them in one statement
+    (one transaction): no deadlock, no error, every step completed once."""
+    flow = flows([{"slug": "m", "type": "map"}, {"slug": "after", "deps": ["m"]}], max_attempts=1)
+    n_runs, width = 4, 200
+    conn.execute("SELECT count(pgflow.start_flow(%s, (SELECT jsonb_agg(x) FROM generate_series(1, %s) x))) "
+                 "FROM generate_series(1, %s)", (flow, width, n_runs))
+    errors = []
+
+    def worker():
+        try:
+            with connect() as c:
+                idle = 0
+                while idle < 3:
+                    rows = c.execute("SELECT run_id, step_slug, task_index, input "
+                                     "FROM pgflow.poll_for_tasks(%s, 30, 10, 1)", (flow,)).fetchall()
+                    if not rows:
+                        idle += 1
+                        continue
+                    idle = 0
+                    maps = [r for r in rows if r[1] == "m"]
+                    for r in rows:
+                        if r[1] == "after":
+                            assert complete(c, r[0], "after", 0, len(r[3]["m"])) == "completed"
+                    if maps:
+                        out = c.execute(
+                            "SELECT array_agg(pgflow.complete_task(x.run_id, 'm', x.idx, to_jsonb(x.v * 2))) "
+                            "FROM unnest(%s::uuid[], %s::int[], %s::int[]) x(run_id, idx, v)",
+                            ([r[0] for r in maps], [r[2] for r in maps], [r[3] for r in maps])).fetchone()[0]
+                        assert out == ["completed"] * len(maps)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    rows = conn.execute("SELECT r.status, r.output FROM pgflow.runs r WHERE r.flow_slug = %s", (flow,)).fetchall()
+    assert rows == [("completed", {"after": width})] * n_runs
+    outputs = conn.execute("""SELECT s.output FROM pgflow.step_states s JOIN pgflow.runs r USING (run_id)
+                               WHERE r.flow_slug = %s AND s.step_slug = 'm'""", (flow,)).fetchall()
+    assert outputs == [([x * 2 for x in range(1, width + 1)],)] * n_runs

@@ -76,6 +76,24 @@ def counts(conn, flow):
                   (SELECT count(*) FROM pgflow.messages), (SELECT count(*) FROM pgflow.queues)""").fetchone()
 
 
+def run_workers(body, n, timeout):
+    """Run body() in n threads at once; returns the exceptions they raised."""
+    errors = []
+
+    def guarded():
+        try:
+            body()
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return errors
+
+
 SEQ = [{"slug": "a"}, {"slug": "b", "deps": ["a"]}, {"slug": "c", "deps": ["b"]}]
 DIAMOND = [{"slug": "a"}, {"slug": "b", "deps": ["a"]}, {"slug": "c", "deps": ["a"]},
            {"slug": "d", "deps": ["b", "c"]}]
@@ -582,33 +600,25 @@ def test_eight_workers_finish_a_thousand_diamond_runs(conn, flows):
     flow = flows(DIAMOND, max_attempts=1)
     n_runs = 1000
     conn.execute("SELECT count(pgflow.start_flow(%s, to_jsonb(i))) FROM generate_series(1, %s) i", (flow, n_runs))
-    errors = []
     handled = []
     lock = threading.Lock()
 
     def worker():
-        try:
-            with connect() as c:
-                c.execute("SET pgflow.workflow_events = 'runs'")
+        with connect() as c:
+            c.execute("SET pgflow.workflow_events = 'runs'")
+            idle = 0
+            while idle < 3:
+                tasks = poll(c, flow, qty=2, wait=1)
+                if not tasks:
+                    idle += 1
+                    continue
                 idle = 0
-                while idle < 3:
-                    tasks = poll(c, flow, qty=2, wait=1)
-                    if not tasks:
-                        idle += 1
-                        continue
-                    idle = 0
-                    for _, run_id, step, idx, _, inp in tasks:
-                        out = complete(c, run_id, step, idx, {"s": step, "in": inp if step == "a" else None})
-                        with lock:
-                            handled.append((run_id, step, out))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+                for _, run_id, step, idx, _, inp in tasks:
+                    out = complete(c, run_id, step, idx, {"s": step, "in": inp if step == "a" else None})
+                    with lock:
+                        handled.append((run_id, step, out))
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = run_workers(worker, 8, 120)
     assert not errors, errors
     assert all(h[2] == "completed" for h in handled)
     assert len(handled) == 4 * n_runs
@@ -1089,34 +1099,27 @@ def test_eight_workers_complete_maps_at_once(conn, flows):
                  max_attempts=1)
     n_runs, width = 30, 40
     conn.execute("SELECT count(pgflow.start_flow(%s, to_jsonb(i))) FROM generate_series(1, %s) i", (flow, n_runs))
-    errors, handled, lock = [], [], threading.Lock()
+    handled, lock = [], threading.Lock()
 
     def output(step, inp):
         return list(range(width)) if step == "r" else ({"j": True} if step == "j" else inp * 10)
 
     def worker():
-        try:
-            with connect() as c:
-                held, idle = [], 0
-                while idle < 3:
+        with connect() as c:
+            held, idle = [], 0
+            while idle < 3:
+                if not held:
+                    held = poll(c, flow, qty=1, wait=1)
                     if not held:
-                        held = poll(c, flow, qty=1, wait=1)
-                        if not held:
-                            idle += 1
-                            continue
-                    idle = 0
-                    _, run_id, step, idx, _, inp = held[0]
-                    with lock:
-                        handled.append((run_id, step, idx))
-                    held = complete_and_poll(c, run_id, step, idx, output(step, inp))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+                        idle += 1
+                        continue
+                idle = 0
+                _, run_id, step, idx, _, inp = held[0]
+                with lock:
+                    handled.append((run_id, step, idx))
+                held = complete_and_poll(c, run_id, step, idx, output(step, inp))
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
+    errors = run_workers(worker, 8, 180)
     assert not errors, errors
     per_run = 2 + 2 * width
     unfinished = conn.execute("""SELECT s.step_slug, s.status, s.remaining_deps,
@@ -1162,37 +1165,29 @@ def test_workers_completing_batches_of_map_tasks_in_one_transaction(conn, flows)
     n_runs, width = 4, 200
     conn.execute("SELECT count(pgflow.start_flow(%s, (SELECT jsonb_agg(x) FROM generate_series(1, %s) x))) "
                  "FROM generate_series(1, %s)", (flow, width, n_runs))
-    errors = []
 
     def worker():
-        try:
-            with connect() as c:
+        with connect() as c:
+            idle = 0
+            while idle < 3:
+                rows = c.execute("SELECT run_id, step_slug, task_index, input "
+                                 "FROM pgflow.poll_for_tasks(%s, 30, 10, 1)", (flow,)).fetchall()
+                if not rows:
+                    idle += 1
+                    continue
                 idle = 0
-                while idle < 3:
-                    rows = c.execute("SELECT run_id, step_slug, task_index, input "
-                                     "FROM pgflow.poll_for_tasks(%s, 30, 10, 1)", (flow,)).fetchall()
-                    if not rows:
-                        idle += 1
-                        continue
-                    idle = 0
-                    maps = [r for r in rows if r[1] == "m"]
-                    for r in rows:
-                        if r[1] == "after":
-                            assert complete(c, r[0], "after", 0, len(r[3]["m"])) == "completed"
-                    if maps:
-                        out = c.execute(
-                            "SELECT array_agg(pgflow.complete_task(x.run_id, 'm', x.idx, to_jsonb(x.v * 2))) "
-                            "FROM unnest(%s::uuid[], %s::int[], %s::int[]) x(run_id, idx, v)",
-                            ([r[0] for r in maps], [r[2] for r in maps], [r[3] for r in maps])).fetchone()[0]
-                        assert out == ["completed"] * len(maps)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+                maps = [r for r in rows if r[1] == "m"]
+                for r in rows:
+                    if r[1] == "after":
+                        assert complete(c, r[0], "after", 0, len(r[3]["m"])) == "completed"
+                if maps:
+                    out = c.execute(
+                        "SELECT array_agg(pgflow.complete_task(x.run_id, 'm', x.idx, to_jsonb(x.v * 2))) "
+                        "FROM unnest(%s::uuid[], %s::int[], %s::int[]) x(run_id, idx, v)",
+                        ([r[0] for r in maps], [r[2] for r in maps], [r[3] for r in maps])).fetchone()[0]
+                    assert out == ["completed"] * len(maps)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
+    errors = run_workers(worker, 4, 180)
     assert not errors, errors
     rows = conn.execute("SELECT r.status, r.output FROM pgflow.runs r WHERE r.flow_slug = %s", (flow,)).fetchall()
     assert rows == [("completed", {"after": width})] * n_runs

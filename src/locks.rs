@@ -81,43 +81,16 @@ pub unsafe fn lock(space: Space, key: Datum, shared: bool, wait: bool) -> bool {
     }
 }
 
-/// The run lock of `run_id` (a uuid datum), waiting for it.
+/// The lock of `space` (the run lock, or the finisher lock of a map step's completion) keyed by
+/// `run_id` (a uuid datum), shared or exclusive, waiting for it (true) or only trying: [`lock`]
+/// with the run id printed as the key. A map task's completion takes the run lock shared: it
+/// excludes what takes it exclusive, not the completions of the run's other map tasks.
 ///
 /// # Safety
 /// `run_id` is a non-null uuid datum; called inside a transaction.
-pub unsafe fn lock_run(run_id: Datum) {
+pub unsafe fn lock_run_id(space: Space, run_id: Datum, shared: bool, wait: bool) -> bool {
     // SAFETY: the caller passes a uuid datum, printed by uuid_string into the text key.
-    unsafe {
-        lock(Space::Run, text_datum(&uuid_string(run_id)), false, true);
-    }
-}
-
-/// The run lock of `run_id` shared, as a map task's completion takes it: it excludes what
-/// takes the run lock exclusive, not the completions of the run's other map tasks.
-///
-/// # Safety
-/// `run_id` is a non-null uuid datum; called inside a transaction.
-pub unsafe fn lock_run_shared(run_id: Datum) {
-    // SAFETY: the caller passes a uuid datum, printed by uuid_string into the text key.
-    unsafe {
-        lock(Space::Run, text_datum(&uuid_string(run_id)), true, true);
-    }
-}
-
-/// The finisher lock of `run_id`, exclusive, waiting for it.
-///
-/// # Safety
-/// `run_id` is a non-null uuid datum; called inside a transaction.
-pub unsafe fn lock_finisher(run_id: Datum) {
-    // SAFETY: the caller passes a uuid datum, printed by uuid_string into the text key.
-    unsafe {
-        lock(
-            Space::Finisher,
-            text_datum(&uuid_string(run_id)),
-            false,
-            true,
-        );
-    }
+    unsafe { lock(space, text_datum(&uuid_string(run_id)), shared, wait) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -218,9 +191,8 @@ pub unsafe extern "C-unwind" fn pgflow_lock_run(fcinfo: FunctionCallInfo) -> Dat
     // C_FUNCTIONS lists them (checked against pg_proc by a test); the uuid is printed into the
     // text key.
     unsafe {
-        let got = key_and_flag(fcinfo).is_some_and(|(run_id, wait)| {
-            lock(Space::Run, text_datum(&uuid_string(run_id)), false, wait)
-        });
+        let got = key_and_flag(fcinfo)
+            .is_some_and(|(run_id, wait)| lock_run_id(Space::Run, run_id, false, wait));
         Datum::from(got)
     }
 }

@@ -393,11 +393,7 @@ pub(crate) fn add_event(channel: String, event: Value) {
 }
 
 /// Wake the blocked readers of a queue when the transaction commits.
-pub(crate) fn wake_at_commit(queue_id: i64) {
-    add_wake(queue_id);
-}
-
-fn add_wake(queue_id: i64) {
+pub(crate) fn add_wake(queue_id: i64) {
     let level = current_level();
     PENDING.with(|p| {
         p.borrow_mut()

@@ -19,7 +19,7 @@
 use crate::error::{null_error, raise};
 use crate::events;
 use crate::gucs::{WorkflowEvents, WORKFLOW_EVENTS};
-use crate::locks::{self, lock_run, Space};
+use crate::locks::{self, Space};
 use crate::pg::{
     arg, column, int_column, run, text_column, text_datum, text_to_string, uuid_string, CFunction,
     SpiScope, Statement, BOOL, INT4, INT8, INT8ARRAY, JSONB, REGCLASS, TEXT, UUID,
@@ -937,8 +937,7 @@ pub unsafe extern "C-unwind" fn pgflow_complete_and_poll(fcinfo: FunctionCallInf
         let worker_id = arg(fcinfo, 6);
         pg_sys::InitMaterializedSRF(fcinfo, 0);
         let _spi = SpiScope::connect();
-        let args = [0, 1, 2, 3].map(|i| arg(fcinfo, i));
-        let (_, flow_slug) = complete_task([args[0], args[1], args[2], args[3], worker_id]);
+        let (_, flow_slug) = complete_task([0, 1, 2, 3, 6].map(|i| arg(fcinfo, i)));
         let f = flow(Some(text_datum(&flow_slug)));
         claim(fcinfo, &f, vt, qty, worker_id);
         Datum::from(0)
@@ -979,7 +978,6 @@ unsafe fn complete_task(args: [Option<Datum>; 5]) -> (String, String) {
         // two such completions the second waits for the first's commit and sees its task
         // completed. Lock order: flow, run, finisher (before any row), rows. Two reports of one
         // task: the second's task update finds it completed and changes nothing.
-        let step = text_to_string(step_slug);
         let mut map_task = false;
         if run(
             Stmt::FlowOfRun,
@@ -992,11 +990,8 @@ unsafe fn complete_task(args: [Option<Datum>; 5]) -> (String, String) {
             map_task = column(0, 2).is_some_and(|m| m.value() != 0);
         }
         let index = task_index.value() as i32;
-        if map_task {
-            locks::lock_run_shared(run_id);
-        } else {
-            lock_run(run_id);
-        }
+        // a map task's completion takes the run lock shared
+        locks::lock_run_id(Space::Run, run_id, map_task, true);
         if run(
             Stmt::TaskOf,
             &[Some(run_id), Some(step_slug), Some(task_index)],
@@ -1030,7 +1025,7 @@ unsafe fn complete_task(args: [Option<Datum>; 5]) -> (String, String) {
         }
         let handed_on = map_task && !single && hand_on(run_id, step_slug, index, queue_id);
         if map_task && !single && !handed_on {
-            locks::lock_finisher(run_id);
+            locks::lock_run_id(Space::Finisher, run_id, false, true);
         }
         run(
             Stmt::FinishTask,
@@ -1071,7 +1066,8 @@ unsafe fn complete_task(args: [Option<Datum>; 5]) -> (String, String) {
             emit(
                 &flow_slug,
                 json!({"event": "task_completed", "run_id": uuid_string(run_id), "flow_slug": flow_slug,
-                   "step_slug": step, "task_index": index, "duration_ms": duration_ms}),
+                   "step_slug": text_to_string(step_slug), "task_index": index,
+                   "duration_ms": duration_ms}),
             );
         }
         let step_done = if single {
@@ -1126,7 +1122,7 @@ unsafe fn hand_on(run_id: Datum, step_slug: Datum, task_index: i32, queue_id: i6
             ) == 1
                 && column(0, 1).is_some_and(|queued| queued.value() != 0);
             if still_queued {
-                events::wake_at_commit(queue_id);
+                events::add_wake(queue_id);
                 return true;
             }
         }
